@@ -1,0 +1,1 @@
+"""Cluster chat server: protocol, handlers, storage, presence and relay."""

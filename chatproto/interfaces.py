@@ -1,0 +1,331 @@
+"""
+The seams of the chat server: storage, presence and relay.
+
+Every method returns a Deferred, even in the in-memory/embedded
+implementations, so that a networked implementation (MySQL, Redis) can
+replace them without touching callers.  The embedded and the cluster
+implementations pass the same contract tests (``tests/contract_*.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from zope.interface import Attribute, Interface
+
+
+# --- value types -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class User:
+    id: int
+    name: str
+    passwordHash: str
+
+
+@dataclass(frozen=True)
+class GroupMember:
+    id: int
+    name: str
+    role: str  # "creator" or "normal"
+
+
+@dataclass(frozen=True)
+class Group:
+    id: int
+    name: str
+    desc: str
+    members: tuple[GroupMember, ...] = ()
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a logged-in session lives: the server's name and the session id."""
+
+    server: str
+    session: str
+
+
+@dataclass(frozen=True)
+class ClaimResult:
+    """
+    The outcome of L{IPresence.claim}.
+
+    @ivar won: the caller's session now owns the account.
+    @ivar previous: the live session that owned it before (to be kicked when
+        C{won}), or the live owner that made the claim fail.
+    """
+
+    won: bool
+    previous: Location | None = None
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """A chat server as registered in the cluster registry."""
+
+    name: str
+    host: str
+    port: int
+    weight: int = 1
+    logins: int = 0
+    extra: dict = field(default_factory=dict, compare=False)
+
+
+# --- errors ----------------------------------------------------------------
+
+
+class StoreError(Exception):
+    """Base class of the storage errors a user may be told about."""
+
+
+class NameTaken(StoreError):
+    """A user or group with this name exists already."""
+
+
+class NoSuchUser(StoreError):
+    """No user with this id."""
+
+
+class NoSuchGroup(StoreError):
+    """No group with this id."""
+
+
+class StoreUnavailable(StoreError):
+    """The database could not be reached (after retrying)."""
+
+
+class PresenceUnavailable(Exception):
+    """The presence/relay backend (Redis) could not be reached."""
+
+
+# --- interfaces ------------------------------------------------------------
+
+
+class IChatStore(Interface):
+    """
+    Accounts, friends, groups and offline messages.
+    """
+
+    def start():
+        """
+        Connect and create or migrate the schema (idempotent).
+
+        @rtype: L{Deferred} firing with L{None}
+        """
+
+    def close():
+        """
+        Release connections.
+
+        @rtype: L{Deferred} firing with L{None}
+        """
+
+    def createUser(name, passwordHash):
+        """
+        @rtype: L{Deferred} firing with the new user's L{int} id, or failing
+            with L{NameTaken}.
+        """
+
+    def getUser(uid):
+        """
+        @rtype: L{Deferred} firing with a L{User} or L{None}.
+        """
+
+    def getNames(uids):
+        """
+        @rtype: L{Deferred} firing with a L{dict} C{{uid: name}} of the ids
+            that exist.
+        """
+
+    def addFriend(uid, friendId):
+        """
+        Make C{uid} and C{friendId} friends of each other (mutual and
+        idempotent).
+
+        @rtype: L{Deferred} firing with L{True} if the friendship is new,
+            L{False} if it existed; failing with L{NoSuchUser}.
+        """
+
+    def getFriends(uid):
+        """
+        @rtype: L{Deferred} firing with a L{list} of C{(id, name)} sorted by id.
+        """
+
+    def createGroup(name, desc, creatorId):
+        """
+        Create a group whose first member is its creator (role C{creator}).
+
+        @rtype: L{Deferred} firing with the new group's L{int} id, or failing
+            with L{NameTaken}.
+        """
+
+    def joinGroup(gid, uid):
+        """
+        Add C{uid} to group C{gid} with role C{normal} (idempotent).
+
+        @rtype: L{Deferred} firing with L{True} if newly joined; failing with
+            L{NoSuchGroup}.
+        """
+
+    def getGroupMembers(gid):
+        """
+        @rtype: L{Deferred} firing with a L{list} of L{GroupMember} sorted by
+            id; failing with L{NoSuchGroup}.
+        """
+
+    def getUserGroups(uid):
+        """
+        @rtype: L{Deferred} firing with a L{list} of L{Group} (with members)
+            that C{uid} belongs to, sorted by id.
+        """
+
+    def storeOffline(items):
+        """
+        Store messages for later delivery, in one transaction.
+
+        @param items: iterable of C{(uid, payload)} where C{payload} is the
+            JSON text of the message.
+        @rtype: L{Deferred} firing with L{None}
+        """
+
+    def takeOffline(uid, handoff):
+        """
+        Hand C{uid}'s offline messages, oldest first, to C{handoff} and delete
+        exactly the messages handed over, only once C{handoff} says they were
+        taken.
+
+        @param handoff: called in the reactor thread with a L{list} of
+            payloads; returns (or fires a Deferred with) a true value when
+            the messages were handed to the session.  When it returns false
+            or raises, nothing is deleted.
+        @rtype: L{Deferred} firing with the number of messages deleted.
+        """
+
+    def peekOffline(uid):
+        """
+        @rtype: L{Deferred} firing with the L{list} of C{uid}'s stored
+            payloads, oldest first, without deleting them.
+        """
+
+
+class IRelayReceiver(Interface):
+    """
+    The local end of a relay: the chat service that owns the sessions of
+    this server.
+    """
+
+    def deliverLocal(uids, message, store):
+        """
+        Deliver C{message} (a L{dict}) to the local sessions of C{uids}.
+        Users that are not (or no longer) here get it stored offline when
+        C{store} is true.
+
+        @return: L{list} of the uids that no local session took.
+        """
+
+    def localSessions():
+        """
+        @return: a L{list} of C{(uid, session id)} of the users logged in on
+            this server, e.g. to re-register them after the presence backend
+            lost its data.
+        """
+
+    def kickLocal(uid, session, reason):
+        """
+        Close the local session C{session} of C{uid} (if it still exists)
+        after sending it a kick notice.
+        """
+
+
+class IPresence(Interface):
+    """
+    Who is online, and on which server.  Also the registry of live servers.
+    """
+
+    serverName = Attribute("This server's name in the cluster.")
+
+    def start(loginCount):
+        """
+        Register this server.  C{loginCount} is a callable returning the
+        number of sessions logged in here (used to keep the registry exact).
+
+        @rtype: L{Deferred} firing with L{None}
+        """
+
+    def stop():
+        """
+        Deregister this server.
+
+        @rtype: L{Deferred} firing with L{None}
+        """
+
+    def claim(uid, session, replace):
+        """
+        Atomically make C{session} on this server the owner of C{uid}.
+
+        When another live session owns C{uid}: with C{replace} true the claim
+        wins and returns that session as C{previous} (the caller kicks it);
+        with C{replace} false the claim fails and returns the owner.  Two
+        concurrent claims for one account never both win with C{replace}
+        false.
+
+        @rtype: L{Deferred} firing with a L{ClaimResult}.
+        """
+
+    def release(uid, session):
+        """
+        Remove C{uid}'s presence only if it still belongs to C{session}.
+
+        @rtype: L{Deferred} firing with L{True} if it was removed.
+        """
+
+    def locate(uids):
+        """
+        @rtype: L{Deferred} firing with a L{dict} C{{uid: Location}} of the
+            users that are online on a live server.
+        """
+
+    def servers():
+        """
+        @rtype: L{Deferred} firing with a L{list} of L{ServerInfo} of the
+            live servers.
+        """
+
+
+class IRelay(Interface):
+    """
+    Delivery to users wherever they are logged in.
+    """
+
+    def start(receiver):
+        """
+        Start receiving messages for this server's sessions and hand them to
+        C{receiver} (an L{IRelayReceiver}).
+
+        @rtype: L{Deferred} firing with L{None}
+        """
+
+    def stop():
+        """
+        @rtype: L{Deferred} firing with L{None}
+        """
+
+    def deliver(uids, message, store):
+        """
+        Deliver C{message} to the sessions of C{uids} on other servers.  A
+        server that takes a message for a user who has just left stores it
+        offline itself when C{store} is true.  "Online?" and "deliver" are
+        one step: there is no check-then-act window.
+
+        @return: L{Deferred} firing with the L{list} of uids that no server
+            took (the caller stores those offline when C{store} is true).
+        """
+
+    def kick(location, uid, reason):
+        """
+        Ask the server of C{location} to close that session of C{uid}.
+
+        @rtype: L{Deferred} firing with L{True} if a server received it.
+        """

@@ -1,0 +1,237 @@
+"""
+Message ids, error numbers and request validation, free of I/O.
+
+Ids 1-10 are the muduo "ClusterChatServer" tutorial's, with its shapes kept
+where its client reads them.  Everything from 11 on is this server's addition
+(see C{docs/protocol.md}).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+# --- the tutorial's ids ----------------------------------------------------
+LOGIN_MSG = 1
+LOGIN_MSG_ACK = 2
+LOGINOUT_MSG = 3
+REG_MSG = 4
+REG_MSG_ACK = 5
+ONE_CHAT_MSG = 6
+ADD_FRIEND_MSG = 7
+CREATE_GROUP_MSG = 8
+ADD_GROUP_MSG = 9
+GROUP_CHAT_MSG = 10
+
+# --- additions -------------------------------------------------------------
+LOGINOUT_MSG_ACK = 11
+ONE_CHAT_MSG_ACK = 12
+ADD_FRIEND_MSG_ACK = 13
+CREATE_GROUP_MSG_ACK = 14
+ADD_GROUP_MSG_ACK = 15
+GROUP_CHAT_MSG_ACK = 16
+FRIEND_LIST_MSG = 17
+FRIEND_LIST_MSG_ACK = 18
+GROUP_LIST_MSG = 19
+GROUP_LIST_MSG_ACK = 20
+PING_MSG = 21
+PONG_MSG = 22
+KICK_NOTICE = 23
+FRIEND_STATE_NOTICE = 24
+FRIEND_ADDED_NOTICE = 25
+ERROR_MSG = 99
+
+# --- error numbers ---------------------------------------------------------
+OK = 0
+#: LOGIN: bad id or password; REG: name taken or invalid (the tutorial's 1).
+E_INVALID = 1
+#: LOGIN: the account is online elsewhere (--on-relogin reject).
+E_ONLINE = 2
+#: LOGIN: too many failed attempts, retry later.
+E_THROTTLED = 3
+#: LOGIN: this connection is logged in already.
+E_ALREADY_LOGGED_IN = 4
+E_BAD_JSON = 10
+E_BAD_MESSAGE = 11
+E_UNKNOWN_MSGID = 12
+E_BAD_FIELD = 13
+E_NOT_LOGGED_IN = 14
+E_LINE_TOO_LONG = 15
+E_UNKNOWN_COMMAND = 16
+E_NO_SUCH_USER = 20
+E_NO_SUCH_GROUP = 21
+E_NOT_A_MEMBER = 22
+E_NAME_TAKEN = 23
+E_SELF = 24
+E_UNAVAILABLE = 30
+E_INTERNAL = 31
+
+ERROR_TEXT = {
+    E_INVALID: "invalid",
+    E_ONLINE: "this account is online elsewhere",
+    E_THROTTLED: "too many failed logins",
+    E_ALREADY_LOGGED_IN: "already logged in; log out first",
+    E_BAD_JSON: "malformed JSON",
+    E_BAD_MESSAGE: "a message is a JSON object with an integer msgid",
+    E_UNKNOWN_MSGID: "unknown msgid",
+    E_BAD_FIELD: "missing or mistyped field",
+    E_NOT_LOGGED_IN: "log in first",
+    E_LINE_TOO_LONG: "line too long; it was discarded",
+    E_UNKNOWN_COMMAND: "unknown command; type help",
+    E_NO_SUCH_USER: "no such user",
+    E_NO_SUCH_GROUP: "no such group",
+    E_NOT_A_MEMBER: "you are not a member of this group",
+    E_NAME_TAKEN: "name taken",
+    E_SELF: "you cannot do that to yourself",
+    E_UNAVAILABLE: "service temporarily unavailable; try again",
+    E_INTERNAL: "internal error",
+}
+
+
+class RequestError(Exception):
+    """A request that cannot be carried out; becomes an error reply."""
+
+    def __init__(self, errno: int, errmsg: str | None = None) -> None:
+        self.errno = errno
+        self.errmsg = errmsg or ERROR_TEXT.get(errno, "error")
+        super().__init__(self.errno, self.errmsg)
+
+
+# --- request schema --------------------------------------------------------
+
+MAX_NAME = 32
+MAX_PASSWORD = 128
+MAX_GROUPNAME = 64
+MAX_GROUPDESC = 512
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What one request msgid needs."""
+
+    name: str
+    ack: int
+    fields: tuple[tuple[str, type, bool], ...]  # (field, type, required)
+    needsLogin: bool = True
+
+
+SPECS: dict[int, Spec] = {
+    LOGIN_MSG: Spec("login", LOGIN_MSG_ACK, (("id", int, True), ("password", str, True)), False),
+    LOGINOUT_MSG: Spec("logout", LOGINOUT_MSG_ACK, ()),
+    REG_MSG: Spec("register", REG_MSG_ACK, (("name", str, True), ("password", str, True)), False),
+    ONE_CHAT_MSG: Spec("chat", ONE_CHAT_MSG_ACK, (("toid", int, True), ("msg", str, True))),
+    ADD_FRIEND_MSG: Spec("addfriend", ADD_FRIEND_MSG_ACK, (("friendid", int, True),)),
+    CREATE_GROUP_MSG: Spec(
+        "creategroup",
+        CREATE_GROUP_MSG_ACK,
+        (("groupname", str, True), ("groupdesc", str, False)),
+    ),
+    ADD_GROUP_MSG: Spec("addgroup", ADD_GROUP_MSG_ACK, (("groupid", int, True),)),
+    GROUP_CHAT_MSG: Spec("groupchat", GROUP_CHAT_MSG_ACK, (("groupid", int, True), ("msg", str, True))),
+    FRIEND_LIST_MSG: Spec("friends", FRIEND_LIST_MSG_ACK, ()),
+    GROUP_LIST_MSG: Spec("groups", GROUP_LIST_MSG_ACK, ()),
+    PING_MSG: Spec("ping", PONG_MSG, (), False),
+}
+
+_TYPE_NAMES = {int: "an integer", str: "a string"}
+
+
+@dataclass
+class Request:
+    """A validated request, whichever dialect it came in."""
+
+    msgid: int
+    spec: Spec
+    args: dict[str, Any]
+    #: Echoed in the reply when the client sent one (any JSON scalar).
+    seq: Any = None
+
+
+def validate(msgid: Any, fields: dict[str, Any], seq: Any = None) -> Request:
+    """
+    Check C{fields} against the spec of C{msgid}.
+
+    @raise RequestError: with L{E_UNKNOWN_MSGID} or L{E_BAD_FIELD}.
+    """
+    spec = SPECS.get(msgid)
+    if spec is None:
+        raise RequestError(E_UNKNOWN_MSGID, f"unknown msgid {msgid}")
+    args = {}
+    for field, kind, required in spec.fields:
+        value = fields.get(field)
+        if value is None:
+            if required:
+                raise RequestError(E_BAD_FIELD, f"missing field {field!r}")
+            value = kind()
+        # bool is an int subclass; true/false is never an id.
+        elif type(value) is not kind:
+            raise RequestError(
+                E_BAD_FIELD, f"field {field!r} must be {_TYPE_NAMES[kind]}"
+            )
+        args[field] = value
+    return Request(msgid, spec, args, seq)
+
+
+def parseJSON(line: bytes) -> Request:
+    """
+    Parse one JSON-dialect line.
+
+    @raise RequestError: with L{E_BAD_JSON}, L{E_BAD_MESSAGE},
+        L{E_UNKNOWN_MSGID} or L{E_BAD_FIELD}.
+    """
+    try:
+        obj = json.loads(line)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RequestError(E_BAD_JSON, f"malformed JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise RequestError(E_BAD_MESSAGE)
+    msgid = obj.get("msgid")
+    if type(msgid) is not int:
+        raise RequestError(E_BAD_MESSAGE)
+    seq = obj.get("seq")
+    if isinstance(seq, (dict, list)):
+        seq = None
+    return validate(msgid, obj, seq)
+
+
+def checkName(name: str, limit: int = MAX_NAME, what: str = "name") -> str:
+    """
+    Normalise and check a user or group name.
+
+    @raise RequestError: with L{E_INVALID} and a reason.
+    """
+    name = name.strip()
+    if not name:
+        raise RequestError(E_INVALID, f"{what} must not be empty")
+    if len(name) > limit:
+        raise RequestError(E_INVALID, f"{what} is longer than {limit} characters")
+    if ":" in name or any(c < " " or c == "\x7f" for c in name):
+        raise RequestError(E_INVALID, f"{what} must not contain ':' or control characters")
+    return name
+
+
+def checkPassword(password: str) -> str:
+    if not password:
+        raise RequestError(E_INVALID, "password must not be empty")
+    if len(password) > MAX_PASSWORD:
+        raise RequestError(E_INVALID, f"password is longer than {MAX_PASSWORD} characters")
+    return password
+
+
+_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
+def encode(message: dict) -> bytes:
+    """The JSON-dialect line for C{message}, without terminator."""
+    return _encoder.encode(message).encode("utf-8")
+
+
+def error(errno: int, errmsg: str | None = None, reqmsgid: int | None = None, seq: Any = None) -> dict:
+    """An L{ERROR_MSG}."""
+    out = {"msgid": ERROR_MSG, "errno": errno, "errmsg": errmsg or ERROR_TEXT.get(errno, "error")}
+    if reqmsgid is not None:
+        out["reqmsgid"] = reqmsgid
+    if seq is not None:
+        out["seq"] = seq
+    return out

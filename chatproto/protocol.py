@@ -1,0 +1,254 @@
+"""
+The wire: one connection, two dialects.
+
+A line starting with C{{} is the JSON dialect; any other line is a text
+command.  Requests of one connection are carried out one at a time, in
+order, so a client may pipeline (log in and chat without waiting); while one
+waits on storage, later lines queue and, past a limit, reading from that
+client pauses.  An exception in one line's handler is logged and answered
+with an error, never fatal to the connection.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from twisted.internet import defer
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+from twisted.protocols.policies import TimeoutMixin
+
+from chatproto import messages as m
+from chatproto import textdialect
+from chatproto.framing import TOO_LONG, LineFramer
+from chatproto.messages import Request, RequestError, encode
+
+JSON = "json"
+TEXT = "text"
+
+#: Lines queued behind a slow request before reading from the client pauses.
+BACKLOG_PAUSE = 64
+
+
+class ChatProtocol(LineReceiver, TimeoutMixin):
+    """
+    A session: a connection and, once logged in, a user.
+
+    @ivar uid: the logged-in user's id, or None.
+    @ivar dialect: L{JSON} or L{TEXT}: the dialect of the last line
+        received, in which everything sent to this session is written.
+    """
+
+    log = Logger()
+    delimiter = b"\n"
+    MAX_LENGTH = 65536
+
+    uid: int | None = None
+    name: str | None = None
+    loggingIn: int | None = None
+    connected = False
+
+    def __init__(self, service, clock, maxLength: int = 65536, idleTimeout: float | None = 300) -> None:
+        self.service = service
+        self.callLater = clock.callLater  # TimeoutMixin's timer
+        self.MAX_LENGTH = maxLength
+        self.idleTimeout = idleTimeout
+        self.dialect = JSON
+        self.sid = service.newSessionId()
+        self.peerHost = "?"
+        self._framer = LineFramer(maxLength)
+        self._busy: defer.Deferred | None = None
+        self._backlog: deque = deque()
+        self._paused = False
+        self._held: list | None = None
+
+    # --- connection --------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.connected = True
+        peer = self.transport.getPeer()
+        self.peerHost = getattr(peer, "host", str(peer))
+        try:
+            self.transport.setTcpNoDelay(True)
+        except (AttributeError, OSError):
+            pass
+        self.setTimeout(self.idleTimeout)
+        self.service.connected(self)
+
+    def connectionLost(self, reason) -> None:
+        self.connected = False
+        self.setTimeout(None)
+        self._backlog.clear()
+        self.service.disconnected(self)
+
+    def timeoutConnection(self) -> None:
+        self.kick(f"idle for {self.idleTimeout:g} s")
+
+    def kick(self, reason: str) -> None:
+        """Tell the client why, then close the connection."""
+        if self.connected:
+            self.send({"msgid": m.KICK_NOTICE, "reason": reason}, force=True)
+            self.transport.loseConnection()
+            self.connected = False
+
+    # --- input -------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        # LineReceiver's own splitting knows one delimiter and drops the
+        # lines after an overlong one; LineFramer keeps them.
+        self.resetTimeout()
+        for line in self._framer.feed(data):
+            if not self.connected:
+                return
+            self.lineReceived(line)
+
+    def lineReceived(self, line) -> None:
+        if self._busy is not None:
+            self._backlog.append(line)
+            if len(self._backlog) >= BACKLOG_PAUSE and not self._paused:
+                self._paused = True
+                self.transport.pauseProducing()
+            return
+        self._process(line)
+
+    def lineLengthExceeded(self, line) -> None:
+        self.send(m.error(m.E_LINE_TOO_LONG, f"line longer than {self.MAX_LENGTH} bytes; it was discarded"))
+
+    def _process(self, line) -> None:
+        try:
+            result = self._dispatch(line)
+        except Exception:
+            self.log.failure("handling a line from {peer}", peer=self.peerHost)
+            self.send(m.error(m.E_INTERNAL))
+            return
+        if isinstance(result, defer.Deferred):
+            self._busy = result
+            result.addBoth(self._finished)
+
+    def _finished(self, _) -> None:
+        self._busy = None
+        while self._backlog and self._busy is None and self.connected:
+            self._process(self._backlog.popleft())
+        if self._paused and self._busy is None:
+            self._paused = False
+            if self.connected:
+                self.transport.resumeProducing()
+
+    def _dispatch(self, line):
+        if line is TOO_LONG:
+            self.lineLengthExceeded(line)
+            return None
+        if line.lstrip()[:1] == b"{":
+            self.dialect = JSON
+            try:
+                request = m.parseJSON(line)
+            except RequestError as e:
+                self.send(m.error(e.errno, e.errmsg))
+                return None
+            return self._execute(request)
+        self.dialect = TEXT
+        text = line.decode("utf-8", "replace")
+        try:
+            request = textdialect.parseText(text)
+        except RequestError as e:
+            self.send(m.error(e.errno, e.errmsg))
+            return None
+        if request == textdialect.HELP_COMMAND:
+            self.transport.write(textdialect.HELP.replace("\n", "\r\n").encode() + b"\r\n")
+            return None
+        if request == textdialect.QUIT_COMMAND:
+            return self._quit()
+        return self._execute(request)
+
+    def _execute(self, request: Request):
+        try:
+            result = self.service.handle(self, request)
+        except RequestError as e:
+            self._replyError(request, e)
+            return None
+        if isinstance(result, defer.Deferred):
+            return result.addCallbacks(
+                lambda reply: self.reply(request, reply),
+                lambda failure: self._failed(request, failure),
+            )
+        self.reply(request, result)
+        return None
+
+    def _failed(self, request: Request, failure) -> None:
+        if failure.check(RequestError):
+            self._replyError(request, failure.value)
+        else:
+            self.log.failure("request {name} from {peer}", failure, name=request.spec.name, peer=self.peerHost)
+            self._replyError(request, RequestError(m.E_INTERNAL))
+
+    def _replyError(self, request: Request, error: RequestError) -> None:
+        self.reply(request, {"msgid": request.spec.ack, "errno": error.errno, "errmsg": error.errmsg})
+
+    def _quit(self):
+        def close(_=None):
+            self.transport.loseConnection()
+
+        if self.uid is None:
+            close()
+            return None
+        d = defer.Deferred.fromCoroutine(self.service.logout(self))
+        return d.addBoth(close)
+
+    # --- output ------------------------------------------------------------
+
+    def reply(self, request: Request, message: dict | None) -> None:
+        """Send C{message} as the reply to C{request} (echoing its C{seq})."""
+        if message is None:
+            return
+        if request.seq is not None:
+            message = dict(message, seq=request.seq)
+        self.send(message, force=True)
+
+    def send(self, message: dict, line: bytes | None = None, force: bool = False) -> None:
+        """
+        Write C{message} in this session's dialect.  C{line} is its JSON
+        encoding when the caller has it already.  Messages for a session
+        that is still logging in are held until its login reply is out
+        (replies, with C{force}, are not).
+        """
+        if not self.connected:
+            return
+        if self._held is not None and not force:
+            self._held.append((message, line))
+            return
+        if self.dialect is JSON:
+            self.transport.write((line if line is not None else encode(message)) + b"\n")
+        else:
+            self.transport.writeSequence([text.encode("utf-8") + b"\r\n" for text in textdialect.render(message)])
+
+    def hold(self, uid: int) -> None:
+        """Hold messages for C{uid} until L{unhold} (the login reply is out)."""
+        if self._held is None:
+            self._held = []
+            self._heldFor = uid
+
+    def unhold(self) -> None:
+        held, self._held = self._held, None
+        for message, line in held or ():
+            self.send(message, line)
+
+    def dropHeld(self) -> tuple[int | None, list]:
+        """Stop holding; return the uid held for and what was held."""
+        held, self._held = self._held or [], None
+        return self._heldFor, held
+
+    _heldFor: int | None = None
+
+
+class ChatFactory(Factory):
+    def __init__(self, service, clock, maxLength: int = 65536, idleTimeout: float | None = 300) -> None:
+        self.service = service
+        self.clock = clock
+        self.maxLength = maxLength
+        self.idleTimeout = idleTimeout
+
+    def buildProtocol(self, addr):
+        p = ChatProtocol(self.service, self.clock, self.maxLength, self.idleTimeout)
+        p.factory = self
+        return p

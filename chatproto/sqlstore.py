@@ -1,0 +1,431 @@
+"""
+The SQL implementation of L{IChatStore}, shared by SQLite and MySQL.
+
+Each public method is C{async def} (wrapped as a Deferred) and runs a plain
+synchronous C{_..._txn} function in a database thread through the pool's
+C{runInteraction}, as Synapse's storage layer does.  SQL is written once
+with C{?} placeholders and parameterised; a L{Dialect} supplies what differs
+between databases (placeholders, DDL, errors).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from twisted.enterprise import adbapi
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from chatproto.interfaces import (
+    Group,
+    GroupMember,
+    IChatStore,
+    NameTaken,
+    NoSuchGroup,
+    NoSuchUser,
+    User,
+)
+
+
+@dataclass(frozen=True)
+class Dialect:
+    name: str
+    #: The DB-API placeholder that replaces C{?} in every statement.
+    placeholder: str
+    #: C{INSERT ...} that ignores a duplicate key.
+    insertIgnore: str
+    #: migrations[i] takes the schema from version i to version i + 1.
+    migrations: tuple[tuple[str, ...], ...]
+    #: Exception classes raised for a unique-key violation.
+    integrityErrors: tuple[type[BaseException], ...] = field(default=())
+
+
+SQLITE_MIGRATIONS = (
+    (
+        """CREATE TABLE users (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            name TEXT NOT NULL UNIQUE,
+            password TEXT NOT NULL,
+            created REAL NOT NULL)""",
+        """CREATE TABLE friends (
+            userid INTEGER NOT NULL REFERENCES users(id),
+            friendid INTEGER NOT NULL REFERENCES users(id),
+            PRIMARY KEY (userid, friendid))""",
+        """CREATE TABLE chat_groups (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            name TEXT NOT NULL UNIQUE,
+            description TEXT NOT NULL,
+            created REAL NOT NULL)""",
+        """CREATE TABLE group_members (
+            groupid INTEGER NOT NULL REFERENCES chat_groups(id),
+            userid INTEGER NOT NULL REFERENCES users(id),
+            role TEXT NOT NULL,
+            PRIMARY KEY (groupid, userid))""",
+        "CREATE INDEX group_members_user ON group_members (userid)",
+        """CREATE TABLE offline_messages (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            userid INTEGER NOT NULL,
+            payload TEXT NOT NULL,
+            created REAL NOT NULL)""",
+        "CREATE INDEX offline_messages_user ON offline_messages (userid, id)",
+    ),
+)
+
+SQLITE = Dialect(
+    name="sqlite",
+    placeholder="?",
+    insertIgnore="INSERT OR IGNORE",
+    migrations=SQLITE_MIGRATIONS,
+    integrityErrors=(sqlite3.IntegrityError,),
+)
+
+
+class ImmediatePool:
+    """
+    A pool that runs each interaction at once in the calling thread on one
+    connection.  For tests of the layers above storage (real SQL, no
+    threads); production uses L{adbapi.ConnectionPool}.
+    """
+
+    def __init__(self, connection) -> None:
+        self.connection = connection
+
+    def runInteraction(self, interaction, *args, **kw):
+        cursor = self.connection.cursor()
+        try:
+            result = interaction(cursor, *args, **kw)
+        except BaseException:
+            self.connection.rollback()
+            return defer.fail()
+        self.connection.commit()
+        return defer.succeed(result)
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+def _sqliteOpen(connection) -> None:
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute("PRAGMA synchronous=NORMAL")
+    connection.execute("PRAGMA foreign_keys=ON")
+    connection.execute("PRAGMA busy_timeout=5000")
+
+
+def sqlitePool(path: str, reactor) -> adbapi.ConnectionPool:
+    """
+    One connection in one thread: SQLite serialises writers anyway, and one
+    thread keeps transactions in the order they were asked for.
+    """
+    return adbapi.ConnectionPool(
+        "sqlite3",
+        path,
+        check_same_thread=False,
+        cp_min=1,
+        cp_max=1,
+        cp_openfun=_sqliteOpen,
+        cp_reactor=reactor,
+    )
+
+
+def _now() -> float:
+    return time.time()
+
+
+@implementer(IChatStore)
+class SQLStore:
+    """
+    @param pool: has C{runInteraction(f, *args)} returning a Deferred and
+        C{close()}; an L{adbapi.ConnectionPool} in production.
+    """
+
+    log = Logger()
+
+    def __init__(self, pool, dialect: Dialect = SQLITE) -> None:
+        self.pool = pool
+        self.dialect = dialect
+        self._sql: dict[str, str] = {}
+        # Offline messages are written by one transaction at a time, in the
+        # order they were accepted, batched under load.
+        self._offlineQueue: list[tuple[list, defer.Deferred]] = []
+        self._offlineFlushing: defer.Deferred | None = None
+
+    # --- plumbing ----------------------------------------------------------
+
+    def q(self, statement: str) -> str:
+        """C{statement} with this dialect's placeholders (cached)."""
+        sql = self._sql.get(statement)
+        if sql is None:
+            sql = statement.replace("?", self.dialect.placeholder)
+            sql = sql.replace("INSERT IGNORE", self.dialect.insertIgnore)
+            self._sql[statement] = sql
+        return sql
+
+    def run(self, name: str, txn: Callable, *args) -> defer.Deferred:
+        """Run C{txn(cursor, *args)} in a transaction.  C{name} is for logs."""
+        return self.pool.runInteraction(txn, *args)
+
+    def start(self) -> defer.Deferred:
+        return self.run("migrate", self._migrateTxn)
+
+    def close(self) -> defer.Deferred:
+        d = self._drainOffline()
+
+        def closePool(_):
+            self.pool.close()
+
+        return d.addBoth(closePool)
+
+    def _migrateTxn(self, cursor) -> int:
+        cursor.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        cursor.execute("SELECT version FROM schema_version")
+        row = cursor.fetchone()
+        version = row[0] if row else 0
+        if row is None:
+            cursor.execute(self.q("INSERT INTO schema_version (version) VALUES (?)"), (0,))
+        migrations = self.dialect.migrations
+        for target in range(version, len(migrations)):
+            for statement in migrations[target]:
+                cursor.execute(statement)
+            cursor.execute(self.q("UPDATE schema_version SET version = ?"), (target + 1,))
+            self.log.info("schema migrated to version {version}", version=target + 1)
+        return len(migrations)
+
+    # --- users -------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def createUser(self, name: str, passwordHash: str):
+        try:
+            uid = yield self.run("createUser", self._createUserTxn, name, passwordHash)
+        except self.dialect.integrityErrors:
+            raise NameTaken(name) from None
+        return uid
+
+    def _createUserTxn(self, cursor, name, passwordHash) -> int:
+        cursor.execute(
+            self.q("INSERT INTO users (name, password, created) VALUES (?, ?, ?)"),
+            (name, passwordHash, _now()),
+        )
+        return cursor.lastrowid
+
+    def getUser(self, uid: int) -> defer.Deferred:
+        return self.run("getUser", self._getUserTxn, uid)
+
+    def _getUserTxn(self, cursor, uid) -> User | None:
+        cursor.execute(self.q("SELECT id, name, password FROM users WHERE id = ?"), (uid,))
+        row = cursor.fetchone()
+        return User(row[0], row[1], row[2]) if row else None
+
+    def getNames(self, uids) -> defer.Deferred:
+        uids = sorted(set(uids))
+        if not uids:
+            return defer.succeed({})
+        return self.run("getNames", self._getNamesTxn, uids)
+
+    def _getNamesTxn(self, cursor, uids) -> dict[int, str]:
+        names = {}
+        for start in range(0, len(uids), 500):
+            chunk = uids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            cursor.execute(self.q(f"SELECT id, name FROM users WHERE id IN ({marks})"), chunk)
+            names.update((row[0], row[1]) for row in cursor.fetchall())
+        return names
+
+    # --- friends -----------------------------------------------------------
+
+    def addFriend(self, uid: int, friendId: int) -> defer.Deferred:
+        return self.run("addFriend", self._addFriendTxn, uid, friendId)
+
+    def _addFriendTxn(self, cursor, uid, friendId) -> bool:
+        cursor.execute(self.q("SELECT COUNT(*) FROM users WHERE id IN (?, ?)"), (uid, friendId))
+        if cursor.fetchone()[0] != len({uid, friendId}):
+            raise NoSuchUser(friendId)
+        insert = self.q("INSERT IGNORE INTO friends (userid, friendid) VALUES (?, ?)")
+        cursor.execute(insert, (uid, friendId))
+        new = cursor.rowcount > 0
+        cursor.execute(insert, (friendId, uid))
+        return new or cursor.rowcount > 0
+
+    def getFriends(self, uid: int) -> defer.Deferred:
+        return self.run("getFriends", self._getFriendsTxn, uid)
+
+    def _getFriendsTxn(self, cursor, uid) -> list[tuple[int, str]]:
+        cursor.execute(
+            self.q(
+                "SELECT u.id, u.name FROM friends f JOIN users u ON u.id = f.friendid"
+                " WHERE f.userid = ? ORDER BY u.id"
+            ),
+            (uid,),
+        )
+        return [(row[0], row[1]) for row in cursor.fetchall()]
+
+    # --- groups ------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def createGroup(self, name: str, desc: str, creatorId: int):
+        try:
+            gid = yield self.run("createGroup", self._createGroupTxn, name, desc, creatorId)
+        except self.dialect.integrityErrors:
+            raise NameTaken(name) from None
+        return gid
+
+    def _createGroupTxn(self, cursor, name, desc, creatorId) -> int:
+        cursor.execute(
+            self.q("INSERT INTO chat_groups (name, description, created) VALUES (?, ?, ?)"),
+            (name, desc, _now()),
+        )
+        gid = cursor.lastrowid
+        cursor.execute(
+            self.q("INSERT INTO group_members (groupid, userid, role) VALUES (?, ?, ?)"),
+            (gid, creatorId, "creator"),
+        )
+        return gid
+
+    def joinGroup(self, gid: int, uid: int) -> defer.Deferred:
+        return self.run("joinGroup", self._joinGroupTxn, gid, uid)
+
+    def _joinGroupTxn(self, cursor, gid, uid) -> bool:
+        self._getGroupTxn(cursor, gid)
+        cursor.execute(
+            self.q("INSERT IGNORE INTO group_members (groupid, userid, role) VALUES (?, ?, ?)"),
+            (gid, uid, "normal"),
+        )
+        return cursor.rowcount > 0
+
+    def getGroup(self, gid: int) -> defer.Deferred:
+        """@rtype: Deferred firing with a L{Group} (no members); fails with
+        L{NoSuchGroup}."""
+        return self.run("getGroup", self._getGroupTxn, gid)
+
+    def _getGroupTxn(self, cursor, gid) -> Group:
+        cursor.execute(self.q("SELECT id, name, description FROM chat_groups WHERE id = ?"), (gid,))
+        row = cursor.fetchone()
+        if row is None:
+            raise NoSuchGroup(gid)
+        return Group(row[0], row[1], row[2])
+
+    def getGroupMembers(self, gid: int) -> defer.Deferred:
+        return self.run("getGroupMembers", self._getGroupMembersTxn, gid)
+
+    def _getGroupMembersTxn(self, cursor, gid) -> list[GroupMember]:
+        cursor.execute(
+            self.q(
+                "SELECT u.id, u.name, m.role FROM group_members m JOIN users u ON u.id = m.userid"
+                " WHERE m.groupid = ? ORDER BY u.id"
+            ),
+            (gid,),
+        )
+        members = [GroupMember(*row) for row in cursor.fetchall()]
+        if not members:
+            # A group always has its creator, so no members means no group.
+            self._getGroupTxn(cursor, gid)
+        return members
+
+    def getUserGroups(self, uid: int) -> defer.Deferred:
+        return self.run("getUserGroups", self._getUserGroupsTxn, uid)
+
+    def _getUserGroupsTxn(self, cursor, uid) -> list[Group]:
+        cursor.execute(
+            self.q(
+                "SELECT g.id, g.name, g.description FROM chat_groups g"
+                " JOIN group_members m ON m.groupid = g.id WHERE m.userid = ? ORDER BY g.id"
+            ),
+            (uid,),
+        )
+        groups = cursor.fetchall()
+        if not groups:
+            return []
+        cursor.execute(
+            self.q(
+                "SELECT m.groupid, u.id, u.name, m.role FROM group_members m"
+                " JOIN users u ON u.id = m.userid"
+                " WHERE m.groupid IN (SELECT groupid FROM group_members WHERE userid = ?)"
+                " ORDER BY m.groupid, u.id"
+            ),
+            (uid,),
+        )
+        members: dict[int, list[GroupMember]] = {}
+        for gid, mid, name, role in cursor.fetchall():
+            members.setdefault(gid, []).append(GroupMember(mid, name, role))
+        return [Group(gid, name, desc, tuple(members.get(gid, ()))) for gid, name, desc in groups]
+
+    # --- offline messages --------------------------------------------------
+
+    def storeOffline(self, items) -> defer.Deferred:
+        items = list(items)
+        if not items:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._offlineQueue.append((items, d))
+        if self._offlineFlushing is None:
+            self._flushOffline()
+        return d
+
+    def _flushOffline(self) -> None:
+        batch, self._offlineQueue = self._offlineQueue, []
+        rows = [item for items, _ in batch for item in items]
+        if rows:
+            flushing = self.run("storeOffline", self._storeOfflineTxn, rows)
+        else:
+            flushing = defer.succeed(None)
+        self._offlineFlushing = flushing
+
+        def done(result):
+            self._offlineFlushing = None
+            for _, waiter in batch:
+                if isinstance(result, Failure):
+                    waiter.errback(result)
+                else:
+                    waiter.callback(None)
+            if self._offlineQueue:
+                self._flushOffline()
+
+        flushing.addBoth(done)
+
+    def _storeOfflineTxn(self, cursor, rows) -> None:
+        now = _now()
+        cursor.executemany(
+            self.q("INSERT INTO offline_messages (userid, payload, created) VALUES (?, ?, ?)"),
+            [(uid, payload, now) for uid, payload in rows],
+        )
+
+    def _drainOffline(self) -> defer.Deferred:
+        """Fires once every offline message accepted so far is written (or
+        failed)."""
+        if self._offlineFlushing is None:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._offlineQueue.append(([], d))
+        return d.addErrback(lambda _: None)
+
+    @defer.inlineCallbacks
+    def takeOffline(self, uid: int, handoff):
+        yield self._drainOffline()
+        rows = yield self.run("fetchOffline", self._fetchOfflineTxn, uid)
+        taken = yield defer.maybeDeferred(handoff, [payload for _, payload in rows])
+        if not (taken and rows):
+            return 0
+        # Delete exactly what was handed over: a message stored meanwhile
+        # has a larger id and stays.
+        yield self.run("deleteOffline", self._deleteOfflineTxn, uid, rows[-1][0])
+        return len(rows)
+
+    def _fetchOfflineTxn(self, cursor, uid) -> list[tuple[int, str]]:
+        cursor.execute(
+            self.q("SELECT id, payload FROM offline_messages WHERE userid = ? ORDER BY id"), (uid,)
+        )
+        return [(row[0], row[1]) for row in cursor.fetchall()]
+
+    def _deleteOfflineTxn(self, cursor, uid, lastId) -> None:
+        cursor.execute(
+            self.q("DELETE FROM offline_messages WHERE userid = ? AND id <= ?"), (uid, lastId)
+        )
+
+    def peekOffline(self, uid: int) -> defer.Deferred:
+        d = self._drainOffline()
+        d.addCallback(lambda _: self.run("fetchOffline", self._fetchOfflineTxn, uid))
+        return d.addCallback(lambda rows: [payload for _, payload in rows])
