@@ -92,6 +92,10 @@ ERROR_TEXT = {
 class RequestError(Exception):
     """A request that cannot be carried out; becomes an error reply."""
 
+    #: The msgid and seq of the request, when it could be parsed that far.
+    reqmsgid = None
+    seq = None
+
     def __init__(self, errno: int, errmsg: str | None = None) -> None:
         self.errno = errno
         self.errmsg = errmsg or ERROR_TEXT.get(errno, "error")
@@ -192,7 +196,11 @@ def parseJSON(line: bytes) -> Request:
     seq = obj.get("seq")
     if isinstance(seq, (dict, list)):
         seq = None
-    return validate(msgid, obj, seq)
+    try:
+        return validate(msgid, obj, seq)
+    except RequestError as e:
+        e.reqmsgid, e.seq = msgid, seq
+        raise
 
 
 def checkName(name: str, limit: int = MAX_NAME, what: str = "name") -> str:

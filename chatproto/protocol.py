@@ -144,7 +144,7 @@ class ChatProtocol(LineReceiver, TimeoutMixin):
             try:
                 request = m.parseJSON(line)
             except RequestError as e:
-                self.send(m.error(e.errno, e.errmsg))
+                self.send(m.error(e.errno, e.errmsg, e.reqmsgid, e.seq))
                 return None
             return self._execute(request)
         self.dialect = TEXT

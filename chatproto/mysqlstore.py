@@ -1,0 +1,326 @@
+"""
+L{IChatStore} on MariaDB/MySQL: L{SQLStore} with a MySQL L{Dialect}, through
+C{twisted.enterprise.adbapi} and PyMySQL.
+
+Surviving a database restart
+============================
+
+adbapi's C{cp_reconnect} does not re-run the query that found the
+connection dead, so it is not used.  L{MySQLStore.run} is the one place
+where transactions are retried: a failure that says the connection is gone
+(PyMySQL's C{OperationalError} or C{InterfaceError}) drops that thread's
+connection and the transaction runs again on a new one, with back-off, for
+at most C{retryFor} seconds (5 by default); then the caller gets
+L{StoreUnavailable}, which the chat service turns into an error reply
+(errno 30).  Nothing hangs, and once the database answers again the next
+request simply works.
+
+Which failures are retried
+--------------------------
+
+Every transaction runs with autocommit off and commits at its end.  A
+connection lost I{before} the commit was sent means the server rolled the
+transaction back (InnoDB discards an open transaction when its connection
+goes), so running it again cannot duplicate anything: those failures are
+always retried.
+
+A connection lost I{during} the commit leaves the outcome unknown.  Then
+only idempotent transactions are retried: reads, C{INSERT IGNORE} of
+friends and group members, the deletion of offline messages up to a known
+id, the schema migration.  The three that insert new rows -
+C{createUser}, C{createGroup} and C{storeOffline} - are not: running them
+again could create a second copy of an offline message, or report "name
+taken" for the account that was in fact just created.  They fail with
+L{StoreUnavailable}, so the user is told to try again rather than silently
+getting a duplicate.  (This needs the connection to die in the instant
+between sending COMMIT and reading its answer; it is the one window where a
+message may be reported as failed although it was stored.)
+"""
+
+from __future__ import annotations
+
+import time
+
+import pymysql
+from twisted.enterprise import adbapi
+from twisted.internet import defer, task, threads
+from twisted.logger import Logger
+
+from chatproto.interfaces import StoreUnavailable
+from chatproto.sqlstore import Dialect, SQLStore
+
+_TABLE = "ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin"
+
+MYSQL_MIGRATIONS = (
+    (
+        f"""CREATE TABLE users (
+            id BIGINT NOT NULL AUTO_INCREMENT,
+            name VARCHAR(191) NOT NULL,
+            password VARCHAR(255) NOT NULL,
+            created DOUBLE NOT NULL,
+            PRIMARY KEY (id),
+            UNIQUE KEY users_name (name)) {_TABLE}""",
+        f"""CREATE TABLE friends (
+            userid BIGINT NOT NULL,
+            friendid BIGINT NOT NULL,
+            PRIMARY KEY (userid, friendid),
+            KEY friends_friend (friendid),
+            CONSTRAINT friends_user_fk FOREIGN KEY (userid) REFERENCES users (id),
+            CONSTRAINT friends_friend_fk FOREIGN KEY (friendid) REFERENCES users (id)) {_TABLE}""",
+        f"""CREATE TABLE chat_groups (
+            id BIGINT NOT NULL AUTO_INCREMENT,
+            name VARCHAR(191) NOT NULL,
+            description TEXT NOT NULL,
+            created DOUBLE NOT NULL,
+            PRIMARY KEY (id),
+            UNIQUE KEY chat_groups_name (name)) {_TABLE}""",
+        f"""CREATE TABLE group_members (
+            groupid BIGINT NOT NULL,
+            userid BIGINT NOT NULL,
+            role VARCHAR(16) NOT NULL,
+            PRIMARY KEY (groupid, userid),
+            KEY group_members_user (userid),
+            CONSTRAINT group_members_group_fk FOREIGN KEY (groupid) REFERENCES chat_groups (id),
+            CONSTRAINT group_members_user_fk FOREIGN KEY (userid) REFERENCES users (id)) {_TABLE}""",
+        f"""CREATE TABLE offline_messages (
+            id BIGINT NOT NULL AUTO_INCREMENT,
+            userid BIGINT NOT NULL,
+            payload MEDIUMTEXT NOT NULL,
+            created DOUBLE NOT NULL,
+            PRIMARY KEY (id),
+            KEY offline_messages_user (userid, id)) {_TABLE}""",
+    ),
+)
+
+MYSQL = Dialect(
+    name="mysql",
+    placeholder="%s",
+    insertIgnore="INSERT IGNORE",
+    migrations=MYSQL_MIGRATIONS,
+    integrityErrors=(pymysql.err.IntegrityError,),
+)
+
+#: Failures that mean the connection is gone (or never came): retried.
+CONNECTION_ERRORS = (pymysql.err.OperationalError, pymysql.err.InterfaceError)
+
+#: Transactions that insert new rows: not re-run when their commit's outcome
+#: is unknown (see the module docstring).
+NOT_IDEMPOTENT = frozenset(("createUser", "createGroup", "storeOffline"))
+
+
+class _CommitFailed(Exception):
+    """The connection failed while committing: the outcome is unknown."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+class _PooledConnection(adbapi.Connection):
+    """
+    adbapi's connection wrapper, minus its reconnect logic: a commit that
+    fails is reported as L{_CommitFailed}; a rollback that fails (the
+    connection is dead) drops the connection so that this thread's next
+    transaction connects anew, without logging an error.
+    """
+
+    def commit(self) -> None:
+        try:
+            self._connection.commit()
+        except CONNECTION_ERRORS as e:
+            raise _CommitFailed(e) from e
+
+    def rollback(self) -> None:
+        try:
+            self._connection.rollback()
+        except Exception:
+            self.drop()
+
+    def drop(self) -> None:
+        connection, self._connection = self._connection, None
+        pool = self._pool
+        if connection is not None and pool.connections.get(pool.threadID()) is connection:
+            del pool.connections[pool.threadID()]
+        if connection is not None:
+            try:
+                connection.close()
+            except Exception:
+                pass
+
+
+def _openConnection(connection) -> None:
+    """cp_openfun: every connection speaks utf8mb4 and commits explicitly."""
+    connection.set_charset("utf8mb4")
+    connection.autocommit(False)
+    with connection.cursor() as cursor:
+        cursor.execute("SET SESSION sql_mode = CONCAT(@@sql_mode, ',STRICT_ALL_TABLES')")
+        cursor.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+
+
+def quoteIdentifier(name: str) -> str:
+    """A MySQL identifier in backquotes (identifiers cannot be parameters)."""
+    if not name or "\x00" in name:
+        raise ValueError(f"bad database name {name!r}")
+    return "`" + name.replace("`", "``") + "`"
+
+
+class MySQLStore(SQLStore):
+    """
+    @param pool: an L{adbapi.ConnectionPool} for PyMySQL (see L{mysqlPool}).
+    @param connectArgs: PyMySQL's C{connect} keywords, to create the
+        database when it does not exist.
+    @param retryFor: seconds a transaction is retried while the database is
+        unreachable before L{StoreUnavailable}.
+    """
+
+    log = Logger()
+
+    #: back-off between attempts: first delay, factor, longest delay
+    retryDelays = (0.05, 2.0, 1.0)
+
+    def __init__(self, pool, reactor, connectArgs: dict | None = None, retryFor: float = 5.0) -> None:
+        super().__init__(pool, MYSQL)
+        self.reactor = reactor
+        self.connectArgs = connectArgs
+        self.retryFor = retryFor
+
+    @classmethod
+    def fromURL(cls, url, reactor, **kw) -> "MySQLStore":
+        """A store for a L{chatproto.config.DatabaseURL} of kind C{mysql}."""
+        connectArgs = dict(
+            host=url.host,
+            port=url.port,
+            user=url.user,
+            password=url.password,
+            database=url.database,
+            charset="utf8mb4",
+            connect_timeout=3,
+            read_timeout=30,
+            write_timeout=30,
+        )
+        return cls(mysqlPool(connectArgs, reactor), reactor, connectArgs, **kw)
+
+    # --- plumbing ----------------------------------------------------------
+
+    def run(self, name: str, txn, *args) -> defer.Deferred:
+        """
+        Run C{txn(cursor, *args)} in a transaction, retrying while the
+        connection is lost (see the module docstring).
+        """
+        return defer.Deferred.fromCoroutine(self._retrying(name, self.pool.runWithConnection, self._runTxn, txn, args))
+
+    async def _retrying(self, name: str, call, *args):
+        deadline = self.reactor.seconds() + self.retryFor
+        first, factor, longest = self.retryDelays
+        delay = first
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await call(*args)
+            except _CommitFailed as e:
+                if name in NOT_IDEMPOTENT:
+                    self.log.warn(
+                        "{name}: connection lost while committing ({error}); not retried",
+                        name=name,
+                        error=e.error,
+                    )
+                    raise StoreUnavailable(f"database connection lost while committing {name}") from None
+                error = e.error
+            except CONNECTION_ERRORS as e:
+                error = e
+            remaining = deadline - self.reactor.seconds()
+            if remaining <= 0:
+                self.log.warn(
+                    "{name}: database unavailable after {attempt} attempts: {error}",
+                    name=name,
+                    attempt=attempt,
+                    error=error,
+                )
+                raise StoreUnavailable(f"database unavailable: {error}") from None
+            if attempt == 1:
+                self.log.info("{name}: database connection failed ({error}); retrying", name=name, error=error)
+            await task.deferLater(self.reactor, min(delay, remaining), lambda: None)
+            delay = min(delay * factor, longest)
+
+    @staticmethod
+    def _runTxn(connection, txn, args):
+        """In a database thread, on an L{_PooledConnection}."""
+        try:
+            cursor = connection.cursor()
+        except Exception:
+            connection.drop()
+            raise
+        try:
+            result = txn(cursor, *args)
+        except BaseException:
+            try:
+                cursor.close()
+            except Exception:
+                pass
+            raise
+        cursor.close()
+        connection.commit()
+        return result
+
+    async def _createDatabase(self) -> None:
+        if not self.connectArgs:
+            return
+        args = dict(self.connectArgs)
+        database = args.pop("database")
+
+        def create():
+            connection = pymysql.connect(**args)
+            try:
+                with connection.cursor() as cursor:
+                    cursor.execute(
+                        f"CREATE DATABASE IF NOT EXISTS {quoteIdentifier(database)}"
+                        " CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+                    )
+            finally:
+                connection.close()
+
+        def attempt():
+            return threads.deferToThreadPool(self.reactor, self.pool.threadpool, create)
+
+        await self._retrying("createDatabase", attempt)
+
+    # --- lifecycle ---------------------------------------------------------
+
+    def start(self) -> defer.Deferred:
+        async def start():
+            await self._createDatabase()
+            await self.run("migrate", self._migrateTxn)
+
+        return defer.Deferred.fromCoroutine(start())
+
+    def _migrateTxn(self, cursor) -> int:
+        # Servers starting together must not both run a migration: DDL is
+        # not transactional in MySQL, so take a named lock for it.
+        cursor.execute("SELECT DATABASE()")
+        lock = f"chatproto-migrate:{cursor.fetchone()[0]}"
+        cursor.execute("SELECT GET_LOCK(%s, 60)", (lock,))
+        if cursor.fetchone()[0] != 1:
+            raise StoreUnavailable("timed out waiting for another server's schema migration")
+        try:
+            return super()._migrateTxn(cursor)
+        finally:
+            cursor.execute("SELECT RELEASE_LOCK(%s)", (lock,))
+
+
+def mysqlPool(connectArgs: dict, reactor, minConnections: int = 1, maxConnections: int = 8) -> adbapi.ConnectionPool:
+    pool = adbapi.ConnectionPool(
+        "pymysql",
+        cp_min=minConnections,
+        cp_max=maxConnections,
+        cp_openfun=_openConnection,
+        cp_reconnect=False,
+        cp_reactor=reactor,
+        **connectArgs,
+    )
+    pool.connectionFactory = _PooledConnection
+    return pool
+
+
+def _now() -> float:
+    return time.time()

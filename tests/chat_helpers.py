@@ -1,0 +1,121 @@
+"""
+Helpers for protocol tests: a real ChatService over an in-memory SQLite
+store (no threads), in-process presence and relay, a Clock, and clients on
+StringTransports.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+
+from chatproto.embedded import LocalPresence, LocalRelay
+from chatproto.passwords import PasswordHasher
+from chatproto.protocol import ChatProtocol
+from chatproto.service import ChatService
+from chatproto.sqlstore import ImmediatePool, SQLStore
+
+
+class Client:
+    """One connection on a StringTransport."""
+
+    def __init__(self, protocol: ChatProtocol, transport: StringTransport) -> None:
+        self.protocol = protocol
+        self.transport = transport
+
+    def sendRaw(self, data: bytes) -> None:
+        self.protocol.dataReceived(data)
+
+    def send(self, message: dict | str, end: bytes = b"\n") -> None:
+        if isinstance(message, dict):
+            data = json.dumps(message).encode()
+        else:
+            data = message.encode()
+        self.sendRaw(data + end)
+
+    def lines(self) -> list[str]:
+        data = self.transport.value().decode("utf-8")
+        self.transport.clear()
+        return [line.rstrip("\r") for line in data.split("\n") if line]
+
+    def replies(self) -> list[dict]:
+        return [json.loads(line) for line in self.lines()]
+
+    def reply(self) -> dict:
+        [one] = self.replies()
+        return one
+
+    def request(self, message: dict) -> dict:
+        """Send C{message}; return the single reply."""
+        self.send(message)
+        return self.reply()
+
+    def disconnect(self) -> None:
+        from twisted.internet.error import ConnectionDone
+
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+
+    @property
+    def closed(self) -> bool:
+        return self.transport.disconnecting
+
+
+class ControlledHasher(PasswordHasher):
+    """Hashing whose completion the test decides (to interleave events)."""
+
+    def __init__(self) -> None:
+        super().__init__(None, n=16)
+        self.waiting: list[defer.Deferred] = []
+        self.hold = False
+
+    def _run(self, f, *args):
+        if not self.hold:
+            return super()._run(f, *args)
+        d = defer.Deferred()
+        self.waiting.append(d)
+        return d.addCallback(lambda _: f(*args))
+
+    def release(self) -> None:
+        waiting, self.waiting = self.waiting, []
+        for d in waiting:
+            d.callback(None)
+
+
+class Harness:
+    def __init__(self, onRelogin: str = "kick", maxLength: int = 1024, idleTimeout: float = 300) -> None:
+        self.clock = Clock()
+        self.connection = sqlite3.connect(":memory:")
+        self.store = SQLStore(ImmediatePool(self.connection))
+        self.presence = LocalPresence("test")
+        self.hasher = ControlledHasher()
+        self.service = ChatService(self.store, self.presence, LocalRelay(), self.hasher, self.clock, onRelogin)
+        self.service.startService()
+        self.maxLength = maxLength
+        self.idleTimeout = idleTimeout
+        self._ports = 0
+
+    def connect(self, host: str = "10.0.0.1") -> Client:
+        protocol = ChatProtocol(self.service, self.clock, self.maxLength, self.idleTimeout)
+        self._ports += 1
+        transport = StringTransport(peerAddress=IPv4Address("TCP", host, 40000 + self._ports))
+        protocol.makeConnection(transport)
+        return Client(protocol, transport)
+
+    def register(self, name: str, password: str = "secret") -> int:
+        client = self.connect()
+        reply = client.request({"msgid": 4, "name": name, "password": password})
+        assert reply["errno"] == 0, reply
+        client.disconnect()
+        return reply["id"]
+
+    def login(self, uid: int, password: str = "secret", host: str = "10.0.0.1") -> Client:
+        client = self.connect(host)
+        reply = client.request({"msgid": 1, "id": uid, "password": password})
+        assert reply["errno"] == 0, reply
+        return client

@@ -1,0 +1,156 @@
+"""
+The L{IChatStore} contract.  Every store implementation runs it: a TestCase
+mixes in L{StoreContract} and provides C{makeStore()}, returning a Deferred
+that fires with a started store (closed by the mixin after each test).
+"""
+
+from twisted.internet import defer
+from zope.interface.verify import verifyObject
+
+from chatproto.interfaces import Group, GroupMember, IChatStore, NameTaken, NoSuchGroup, NoSuchUser, User
+
+
+class StoreContract:
+    def makeStore(self):
+        raise NotImplementedError
+
+    async def setUp(self):
+        self.store = await self.makeStore()
+        self.addCleanup(self.store.close)
+
+    async def users(self, *names):
+        return [await self.store.createUser(name, "hash-" + name) for name in names]
+
+    def test_interface(self):
+        self.assertTrue(verifyObject(IChatStore, self.store))
+
+    async def test_startIsIdempotent(self):
+        await self.store.start()
+        [uid] = await self.users("alice")
+        self.assertEqual((await self.store.getUser(uid)).name, "alice")
+
+    async def test_createAndGetUser(self):
+        a, b = await self.users("alice", "bob")
+        self.assertNotEqual(a, b)
+        self.assertEqual(await self.store.getUser(a), User(a, "alice", "hash-alice"))
+        self.assertIsNone(await self.store.getUser(b + 1000))
+
+    async def test_nameTaken(self):
+        await self.users("alice")
+        with self.assertRaises(NameTaken):
+            await self.store.createUser("alice", "other")
+
+    async def test_unicode(self):
+        [uid] = await self.users("\u00e9mile \U0001f600")
+        self.assertEqual((await self.store.getUser(uid)).name, "\u00e9mile \U0001f600")
+        await self.store.storeOffline([(uid, '{"msg":"\U0001f680 \u4f60\u597d"}')])
+        self.assertEqual(await self.store.peekOffline(uid), ['{"msg":"\U0001f680 \u4f60\u597d"}'])
+
+    async def test_getNames(self):
+        a, b = await self.users("alice", "bob")
+        self.assertEqual(await self.store.getNames([a, b, b + 99]), {a: "alice", b: "bob"})
+        self.assertEqual(await self.store.getNames([]), {})
+
+    async def test_friendsAreMutualAndIdempotent(self):
+        a, b, c = await self.users("alice", "bob", "carol")
+        self.assertTrue(await self.store.addFriend(a, b))
+        self.assertFalse(await self.store.addFriend(a, b))
+        self.assertFalse(await self.store.addFriend(b, a))
+        await self.store.addFriend(c, a)
+        self.assertEqual(await self.store.getFriends(a), [(b, "bob"), (c, "carol")])
+        self.assertEqual(await self.store.getFriends(b), [(a, "alice")])
+
+    async def test_friendMustExist(self):
+        [a] = await self.users("alice")
+        with self.assertRaises(NoSuchUser):
+            await self.store.addFriend(a, a + 1000)
+        self.assertEqual(await self.store.getFriends(a), [])
+
+    async def test_groups(self):
+        a, b, c = await self.users("alice", "bob", "carol")
+        gid = await self.store.createGroup("g1", "first", a)
+        self.assertTrue(await self.store.joinGroup(gid, b))
+        self.assertFalse(await self.store.joinGroup(gid, b))
+        self.assertEqual(
+            await self.store.getGroupMembers(gid),
+            [GroupMember(a, "alice", "creator"), GroupMember(b, "bob", "normal")],
+        )
+        self.assertEqual(await self.store.getGroup(gid), Group(gid, "g1", "first"))
+        other = await self.store.createGroup("g2", "", c)
+        await self.store.joinGroup(other, a)
+        groups = await self.store.getUserGroups(a)
+        self.assertEqual([g.id for g in groups], [gid, other])
+        self.assertEqual([m.id for m in groups[1].members], [a, c])
+        self.assertEqual(await self.store.getUserGroups(b + 1000), [])
+
+    async def test_groupNameTaken(self):
+        [a] = await self.users("alice")
+        await self.store.createGroup("g1", "", a)
+        with self.assertRaises(NameTaken):
+            await self.store.createGroup("g1", "again", a)
+
+    async def test_noSuchGroup(self):
+        [a] = await self.users("alice")
+        with self.assertRaises(NoSuchGroup):
+            await self.store.joinGroup(12345, a)
+        with self.assertRaises(NoSuchGroup):
+            await self.store.getGroupMembers(12345)
+        with self.assertRaises(NoSuchGroup):
+            await self.store.getGroup(12345)
+
+    async def test_offlineOrderKept(self):
+        a, b = await self.users("alice", "bob")
+        # Issued without waiting: the store keeps the order they came in.
+        await defer.gatherResults([self.store.storeOffline([(a, f"m{i}")]) for i in range(50)])
+        await self.store.storeOffline([(b, "x"), (a, "m50")])
+        self.assertEqual(await self.store.peekOffline(a), [f"m{i}" for i in range(51)])
+        self.assertEqual(await self.store.peekOffline(b), ["x"])
+
+    async def test_takeOfflineDeletesWhatWasHandedOver(self):
+        a, b = await self.users("alice", "bob")
+        await self.store.storeOffline([(a, "one"), (a, "two"), (b, "other")])
+        seen = []
+        count = await self.store.takeOffline(a, lambda payloads: seen.append(payloads) or True)
+        self.assertEqual((count, seen), (2, [["one", "two"]]))
+        self.assertEqual(await self.store.peekOffline(a), [])
+        self.assertEqual(await self.store.peekOffline(b), ["other"])
+
+    async def test_takeOfflineEmptyStillHandsOver(self):
+        [a] = await self.users("alice")
+        seen = []
+        self.assertEqual(await self.store.takeOffline(a, lambda p: seen.append(p) or True), 0)
+        self.assertEqual(seen, [[]])
+
+    async def test_takeOfflineKeepsWhenNotTaken(self):
+        [a] = await self.users("alice")
+        await self.store.storeOffline([(a, "one")])
+        self.assertEqual(await self.store.takeOffline(a, lambda p: False), 0)
+        self.assertEqual(await self.store.peekOffline(a), ["one"])
+
+        def broken(payloads):
+            raise RuntimeError("session died")
+
+        with self.assertRaises(RuntimeError):
+            await self.store.takeOffline(a, broken)
+        self.assertEqual(await self.store.peekOffline(a), ["one"])
+
+    async def test_takeOfflineKeepsMessagesStoredMeanwhile(self):
+        [a] = await self.users("alice")
+        await self.store.storeOffline([(a, "old")])
+        later = []
+
+        def handoff(payloads):
+            # A message arrives after the read, before the delete.
+            later.append(self.store.storeOffline([(a, "new")]))
+            return True
+
+        await self.store.takeOffline(a, handoff)
+        await later[0]
+        self.assertEqual(await self.store.peekOffline(a), ["new"])
+
+    async def test_takeOfflineWaitsForAcceptedWrites(self):
+        [a] = await self.users("alice")
+        self.store.storeOffline([(a, "in flight")])
+        seen = []
+        await self.store.takeOffline(a, lambda p: seen.append(p) or True)
+        self.assertEqual(seen, [["in flight"]])
