@@ -39,8 +39,6 @@ message may be reported as failed although it was stored.)
 
 from __future__ import annotations
 
-import time
-
 import pymysql
 from twisted.enterprise import adbapi
 from twisted.internet import defer, task, threads
@@ -150,7 +148,7 @@ class _PooledConnection(adbapi.Connection):
 
 def _openConnection(connection) -> None:
     """cp_openfun: every connection speaks utf8mb4 and commits explicitly."""
-    connection.set_charset("utf8mb4")
+    connection.set_character_set("utf8mb4")
     connection.autocommit(False)
     with connection.cursor() as cursor:
         cursor.execute("SET SESSION sql_mode = CONCAT(@@sql_mode, ',STRICT_ALL_TABLES')")
@@ -260,7 +258,8 @@ class MySQLStore(SQLStore):
                 pass
             raise
         cursor.close()
-        connection.commit()
+        # adbapi commits next (L{_PooledConnection.commit}) or, when this
+        # raised, rolls back.
         return result
 
     async def _createDatabase(self) -> None:
@@ -320,7 +319,3 @@ def mysqlPool(connectArgs: dict, reactor, minConnections: int = 1, maxConnection
     )
     pool.connectionFactory = _PooledConnection
     return pool
-
-
-def _now() -> float:
-    return time.time()

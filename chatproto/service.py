@@ -128,6 +128,8 @@ class ChatService(service.Service):
             waiter.callback(None)
 
     def stopService(self) -> defer.Deferred:
+        if not self.running:
+            return defer.succeed(None)
         super().stopService()
         return defer.Deferred.fromCoroutine(self._stop())
 

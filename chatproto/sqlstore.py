@@ -172,7 +172,12 @@ class SQLStore:
     def start(self) -> defer.Deferred:
         return self.run("migrate", self._migrateTxn)
 
+    _closed = False
+
     def close(self) -> defer.Deferred:
+        if self._closed:
+            return defer.succeed(None)
+        self._closed = True
         d = self._drainOffline()
 
         def closePool(_):

@@ -119,3 +119,80 @@ class Harness:
         reply = client.request({"msgid": 1, "id": uid, "password": password})
         assert reply["errno"] == 0, reply
         return client
+
+
+# --- real TCP ---------------------------------------------------------------
+
+from twisted.application.internet import StreamServerEndpointService  # noqa: E402
+from twisted.internet.protocol import Protocol  # noqa: E402
+
+
+class LineClient(Protocol):
+    """A TCP client that collects lines; C{await next()} takes the next one."""
+
+    def __init__(self, reactor, end: bytes = b"\n") -> None:
+        self.reactor = reactor
+        self.end = end
+        self.buffer = b""
+        self.received: list[str] = []
+        self.waiting: list[defer.Deferred] = []
+        self.closed = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        *lines, self.buffer = self.buffer.split(b"\n")
+        for line in lines:
+            self.received.append(line.rstrip(b"\r").decode("utf-8"))
+        while self.waiting and self.received:
+            self.waiting.pop(0).callback(self.received.pop(0))
+
+    def connectionLost(self, reason) -> None:
+        for d in self.waiting:
+            d.errback(reason)
+        self.waiting = []
+        self.closed.callback(None)
+
+    def send(self, message) -> None:
+        data = json.dumps(message).encode() if isinstance(message, dict) else message.encode()
+        self.transport.write(data + self.end)
+
+    def nextLine(self, timeout: float = 5) -> defer.Deferred:
+        if self.received:
+            return defer.succeed(self.received.pop(0))
+        d = defer.Deferred()
+        self.waiting.append(d)
+        return d.addTimeout(timeout, self.reactor)
+
+    async def next(self, timeout: float = 5) -> dict:
+        return json.loads(await self.nextLine(timeout))
+
+    async def request(self, message: dict) -> dict:
+        self.send(message)
+        return await self.next()
+
+    async def nextOf(self, msgid: int, timeout: float = 5) -> dict:
+        """The next message with C{msgid}, skipping others (e.g. notices)."""
+        while True:
+            message = await self.next(timeout)
+            if message.get("msgid") == msgid:
+                return message
+
+
+async def connectClient(reactor, port: int, host: str = "127.0.0.1", end: bytes = b"\n", tls=None) -> LineClient:
+    from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint
+    from twisted.internet.protocol import Factory as _Factory
+
+    if tls is None:
+        endpoint = TCP4ClientEndpoint(reactor, host, port)
+    else:
+        endpoint = SSL4ClientEndpoint(reactor, host, port, tls)
+    return await endpoint.connect(_Factory.forProtocol(lambda: LineClient(reactor, end)))
+
+
+async def listeningPorts(top) -> list:
+    """The listening ports of the stream server services in C{top}."""
+    ports = []
+    for child in top:
+        if isinstance(child, StreamServerEndpointService):
+            ports.append(await child._waitingForPort)
+    return ports

@@ -1,0 +1,86 @@
+"""The twistd plugins are found, and the chat options parse as documented."""
+
+from twisted.application.service import IServiceMaker
+from twisted.plugin import getPlugins
+from twisted.python import usage
+from twisted.trial import unittest
+
+from chatproto.config import parseDatabaseURL, parseRedisURL
+from chatproto.tap import Options, advertisedAddress
+
+
+class PluginTests(unittest.TestCase):
+    def test_pluginsFound(self):
+        names = {p.tapname: p for p in getPlugins(IServiceMaker)}
+        self.assertIn("chat", names)
+        self.assertIn("balancer", names)
+        self.assertEqual(names["chat"].module, "chatproto.tap")
+        self.assertEqual(names["balancer"].module, "balancer.tap")
+
+
+class ChatOptionsTests(unittest.TestCase):
+    def parse(self, *argv):
+        options = Options()
+        options.parseOptions(list(argv))
+        return options
+
+    def test_defaults(self):
+        o = self.parse()
+        self.assertEqual(o["port"], ["tcp:6000"])
+        self.assertEqual(o["db"], "sqlite:chat.sqlite3")
+        self.assertIsNone(o["redis-url"])
+        self.assertEqual((o["on-relogin"], o["idle-timeout"], o["max-line"]), ("kick", 300.0, 65536))
+        self.assertTrue(o["name"].endswith(":6000"))
+        self.assertEqual((o["advertise-host"], o["advertise-port"]), ("127.0.0.1", 6000))
+
+    def test_repeatablePort(self):
+        o = self.parse("--port", "tcp:6001", "--port", "ssl:6002:privateKey=k.pem:certKey=c.pem")
+        self.assertEqual(o["port"], ["tcp:6001", "ssl:6002:privateKey=k.pem:certKey=c.pem"])
+        self.assertEqual(o["advertise-port"], 6001)
+
+    def test_fileThenCommandLine(self):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(
+                "[chat]\nport = tcp:7001\n  tcp:7002\nname = from-file\n"
+                "on-relogin = reject\nidle-timeout = 60\nredis = redis://10.1.1.1:6380/2\n"
+            )
+        o = self.parse("--config", path, "--name", "from-cli")
+        self.assertEqual(o["port"], ["tcp:7001", "tcp:7002"])
+        self.assertEqual(o["name"], "from-cli")
+        self.assertEqual((o["on-relogin"], o["idle-timeout"]), ("reject", 60.0))
+        self.assertEqual((o["redis-url"].host, o["redis-url"].port, o["redis-url"].db), ("10.1.1.1", 6380, 2))
+        o = self.parse("--config", path, "--port", "tcp:9")
+        self.assertEqual(o["port"], ["tcp:9"])
+
+    def test_badValues(self):
+        for argv in (
+            ["--on-relogin", "maybe"],
+            ["--idle-timeout", "soon"],
+            ["--db", "postgres://x"],
+            ["--redis", "http://x"],
+            ["--scrypt-n", "1000"],
+            ["--advertise", "nohost"],
+            ["--config", "/nonexistent.ini"],
+        ):
+            self.assertRaises(usage.UsageError, self.parse, *argv)
+
+    def test_unknownFileSetting(self):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("[chat]\nprot = tcp:1\n")
+        e = self.assertRaises(usage.UsageError, self.parse, "--config", path)
+        self.assertIn("prot", str(e))
+
+    def test_urls(self):
+        self.assertEqual(parseDatabaseURL("sqlite:/tmp/x.db").path, "/tmp/x.db")
+        url = parseDatabaseURL("mysql://chat:p%40ss@db.example:3307/chatdb")
+        self.assertEqual((url.user, url.password, url.host, url.port, url.database), ("chat", "p@ss", "db.example", 3307, "chatdb"))
+        self.assertRaises(usage.UsageError, parseDatabaseURL, "mysql://root@host/")
+        r = parseRedisURL("rediss://:pw@r.example:6390/3")
+        self.assertEqual((r.host, r.port, r.db, r.password, r.tls), ("r.example", 6390, 3, "pw", True))
+
+    def test_advertisedAddress(self):
+        self.assertEqual(advertisedAddress("tcp:port=6005:interface=10.0.0.2", None), ("10.0.0.2", 6005))
+        self.assertEqual(advertisedAddress("haproxy:tcp:6006", None), ("127.0.0.1", 6006))
+        self.assertEqual(advertisedAddress("tcp:1", "chat1.example:7000"), ("chat1.example", 7000))
