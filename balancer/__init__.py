@@ -1,0 +1,1 @@
+"""TCP load balancer for the chat servers."""
