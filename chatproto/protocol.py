@@ -23,6 +23,7 @@ from chatproto import messages as m
 from chatproto import textdialect
 from chatproto.framing import TOO_LONG, LineFramer
 from chatproto.messages import Request, RequestError, encode
+from chatproto.output import batch, rawSocket, writeThrough
 
 JSON = "json"
 TEXT = "text"
@@ -62,11 +63,14 @@ class ChatProtocol(LineReceiver, TimeoutMixin):
         self._backlog: deque = deque()
         self._paused = False
         self._held: list | None = None
+        self._out: list | None = None
+        self._socket = None
 
     # --- connection --------------------------------------------------------
 
     def connectionMade(self) -> None:
         self.connected = True
+        self._socket = rawSocket(self.transport)
         peer = self.transport.getPeer()
         self.peerHost = getattr(peer, "host", str(peer))
         try:
@@ -89,6 +93,7 @@ class ChatProtocol(LineReceiver, TimeoutMixin):
         """Tell the client why, then close the connection."""
         if self.connected:
             self.send({"msgid": m.KICK_NOTICE, "reason": reason}, force=True)
+            self.flushOutput()
             self.transport.loseConnection()
             self.connected = False
 
@@ -98,10 +103,14 @@ class ChatProtocol(LineReceiver, TimeoutMixin):
         # LineReceiver's own splitting knows one delimiter and drops the
         # lines after an overlong one; LineFramer keeps them.
         self.resetTimeout()
-        for line in self._framer.feed(data):
-            if not self.connected:
-                return
-            self.lineReceived(line)
+        batch.begin()
+        try:
+            for line in self._framer.feed(data):
+                if not self.connected:
+                    return
+                self.lineReceived(line)
+        finally:
+            batch.end()
 
     def lineReceived(self, line) -> None:
         if self._busy is not None:
@@ -155,7 +164,7 @@ class ChatProtocol(LineReceiver, TimeoutMixin):
             self.send(m.error(e.errno, e.errmsg))
             return None
         if request == textdialect.HELP_COMMAND:
-            self.transport.write(textdialect.HELP.replace("\n", "\r\n").encode() + b"\r\n")
+            self._write(textdialect.HELP.replace("\n", "\r\n").encode() + b"\r\n")
             return None
         if request == textdialect.QUIT_COMMAND:
             return self._quit()
@@ -202,8 +211,9 @@ class ChatProtocol(LineReceiver, TimeoutMixin):
         if message is None:
             return
         if request.seq is not None:
-            message = dict(message, seq=request.seq)
-        self.send(message, force=True)
+            self.send(dict(message, seq=request.seq), force=True)
+        else:
+            self.send(message, getattr(message, "line", None), force=True)
 
     def send(self, message: dict, line: bytes | None = None, force: bool = False) -> None:
         """
@@ -218,9 +228,25 @@ class ChatProtocol(LineReceiver, TimeoutMixin):
             self._held.append((message, line))
             return
         if self.dialect is JSON:
-            self.transport.write((line if line is not None else encode(message)) + b"\n")
+            self._write((line if line is not None else encode(message)) + b"\n")
         else:
-            self.transport.writeSequence([text.encode("utf-8") + b"\r\n" for text in textdialect.render(message)])
+            self._write("".join(text + "\r\n" for text in textdialect.render(message)).encode("utf-8"))
+
+    def _write(self, data: bytes) -> None:
+        if batch.depth:
+            if self._out is None:
+                self._out = [data]
+                batch.dirty.append(self)
+            else:
+                self._out.append(data)
+        else:
+            writeThrough(self.transport, self._socket, data)
+
+    def flushOutput(self) -> None:
+        """Send what was gathered for this session during the current read."""
+        out, self._out = self._out, None
+        if out:
+            writeThrough(self.transport, self._socket, out[0] if len(out) == 1 else b"".join(out))
 
     def hold(self, uid: int) -> None:
         """Hold messages for C{uid} until L{unhold} (the login reply is out)."""

@@ -327,8 +327,14 @@ class ChatService(service.Service):
         target = self.sessions.get(toid)
         if target is not None:
             # The fast path: no I/O but the write.
-            target.send(out)
-            return {"msgid": m.ONE_CHAT_MSG_ACK, "errno": m.OK, "toid": toid, "state": "delivered"}
+            target.send(out, m.encodeChat(out))
+            return m.Reply(
+                b'{"msgid":12,"errno":0,"toid":%d,"state":"delivered"}' % toid,
+                msgid=m.ONE_CHAT_MSG_ACK,
+                errno=m.OK,
+                toid=toid,
+                state="delivered",
+            )
         return defer.Deferred.fromCoroutine(self._chatElsewhere(toid, out))
 
     async def _chatElsewhere(self, toid: int, out: dict) -> dict:
