@@ -74,3 +74,11 @@ def writeThrough(transport, sock, data: bytes) -> None:
             return
         data = data[sent:]
     transport.write(data)
+
+
+def pendingBytes(transport) -> int:
+    """Bytes Twisted holds unsent for C{transport} (0 if it cannot tell)."""
+    try:
+        return transport._tempDataLen + len(transport.dataBuffer) - transport.offset
+    except AttributeError:
+        return 0

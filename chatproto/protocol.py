@@ -23,13 +23,20 @@ from chatproto import messages as m
 from chatproto import textdialect
 from chatproto.framing import TOO_LONG, LineFramer
 from chatproto.messages import Request, RequestError, encode
-from chatproto.output import batch, rawSocket, writeThrough
+from chatproto.output import batch, pendingBytes, rawSocket, writeThrough
 
 JSON = "json"
 TEXT = "text"
 
 #: Lines queued behind a slow request before reading from the client pauses.
 BACKLOG_PAUSE = 64
+
+#: Unsent output past which a session that does not read is logged out; what
+#: would have been written to it is stored offline instead.
+MAX_PENDING_OUTPUT = 4 * 1024 * 1024
+
+#: Seconds a kicked session that does not read gets before it is aborted.
+ABORT_AFTER = 30
 
 
 class ChatProtocol(LineReceiver, TimeoutMixin):
@@ -49,6 +56,9 @@ class ChatProtocol(LineReceiver, TimeoutMixin):
     name: str | None = None
     loggingIn: int | None = None
     connected = False
+
+    maxPendingOutput = MAX_PENDING_OUTPUT
+    _abortCall = None
 
     def __init__(self, service, clock, maxLength: int = 65536, idleTimeout: float | None = 300) -> None:
         self.service = service
@@ -83,6 +93,8 @@ class ChatProtocol(LineReceiver, TimeoutMixin):
     def connectionLost(self, reason) -> None:
         self.connected = False
         self.setTimeout(None)
+        if self._abortCall is not None and self._abortCall.active():
+            self._abortCall.cancel()
         self._backlog.clear()
         self.service.disconnected(self)
 
@@ -96,6 +108,8 @@ class ChatProtocol(LineReceiver, TimeoutMixin):
             self.flushOutput()
             self.transport.loseConnection()
             self.connected = False
+            # A client that does not read would keep the socket forever.
+            self._abortCall = self.callLater(ABORT_AFTER, self.transport.abortConnection)
 
     # --- input -------------------------------------------------------------
 
@@ -215,22 +229,32 @@ class ChatProtocol(LineReceiver, TimeoutMixin):
         else:
             self.send(message, getattr(message, "line", None), force=True)
 
-    def send(self, message: dict, line: bytes | None = None, force: bool = False) -> None:
+    def send(self, message: dict, line: bytes | None = None, force: bool = False) -> bool:
         """
         Write C{message} in this session's dialect.  C{line} is its JSON
         encoding when the caller has it already.  Messages for a session
         that is still logging in are held until its login reply is out
         (replies, with C{force}, are not).
+
+        @return: whether the session took the message; it does not when it
+            is gone, or has more than L{maxPendingOutput} bytes unsent (it
+            is then logged out and kicked, and the caller stores the
+            message offline).
         """
         if not self.connected:
-            return
+            return False
         if self._held is not None and not force:
             self._held.append((message, line))
-            return
+            return True
+        if not force and pendingBytes(self.transport) > self.maxPendingOutput:
+            self.log.warn("[{uid}] does not read; logging it out", uid=self.uid)
+            self.service.congested(self)
+            return False
         if self.dialect is JSON:
             self._write((line if line is not None else encode(message)) + b"\n")
         else:
             self._write("".join(text + "\r\n" for text in textdialect.render(message)).encode("utf-8"))
+        return True
 
     def _write(self, data: bytes) -> None:
         if batch.depth:
@@ -257,7 +281,7 @@ class ChatProtocol(LineReceiver, TimeoutMixin):
     def unhold(self) -> None:
         held, self._held = self._held, None
         for message, line in held or ():
-            self.send(message, line)
+            self.send(message, line, force=True)
 
     def dropHeld(self) -> tuple[int | None, list]:
         """Stop holding; return the uid held for and what was held."""
@@ -268,6 +292,9 @@ class ChatProtocol(LineReceiver, TimeoutMixin):
 
 
 class ChatFactory(Factory):
+    maxPendingOutput = MAX_PENDING_OUTPUT
+    _abortCall = None
+
     def __init__(self, service, clock, maxLength: int = 65536, idleTimeout: float | None = 300) -> None:
         self.service = service
         self.clock = clock

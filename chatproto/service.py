@@ -325,9 +325,8 @@ class ChatService(service.Service):
             "time": self.now(),
         }
         target = self.sessions.get(toid)
-        if target is not None:
+        if target is not None and target.send(out, m.encodeChat(out)):
             # The fast path: no I/O but the write.
-            target.send(out, m.encodeChat(out))
             return m.Reply(
                 b'{"msgid":12,"errno":0,"toid":%d,"state":"delivered"}' % toid,
                 msgid=m.ONE_CHAT_MSG_ACK,
@@ -445,9 +444,7 @@ class ChatService(service.Service):
         sessions = self.sessions
         for uid in uids:
             target = sessions.get(uid)
-            if target is not None:
-                target.send(message, line)
-            else:
+            if target is None or not target.send(message, line):
                 remote.append(uid)
         if not remote:
             return []
@@ -467,9 +464,7 @@ class ChatService(service.Service):
         missed = []
         for uid in uids:
             target = self.sessions.get(uid)
-            if target is not None:
-                target.send(message, line)
-            else:
+            if target is None or not target.send(message, line):
                 missed.append(uid)
         if missed and store:
             # The user left between routing and arrival: keep it for them.
@@ -480,6 +475,13 @@ class ChatService(service.Service):
     def localSessions(self) -> list[tuple[int, str]]:
         """L{IRelayReceiver}: who is logged in here."""
         return [(uid, session.sid) for uid, session in self.sessions.items()]
+
+    def congested(self, session) -> None:
+        """C{session} does not read what it is sent: log it out (so what is
+        sent to its user from now on is stored offline) and close it."""
+        if session.uid is not None:
+            self._track(defer.Deferred.fromCoroutine(self.logout(session)))
+        session.kick("too slow reading; undelivered messages wait for your next login")
 
     def kickLocal(self, uid: int, session: str, reason: str) -> None:
         """L{IRelayReceiver}: another server took over C{uid}."""

@@ -151,6 +151,44 @@ class EmbeddedChatTests(EndToEndTests):
         client.send("PING")
         self.assertEqual(await client.nextLine(), "PONG")
 
+    async def test_slowReaderLosesNothing(self):
+        """
+        A client that stops reading is logged out once the server holds too
+        much unsent for it; every message sent to it is either read by it
+        afterwards or waiting offline at its next login.
+        """
+        from chatproto.service import ChatService
+
+        [chat] = [s for s in self.top if isinstance(s, ChatService)]
+        a, b = await self.register("alice"), await self.register("bob")
+        alice, _ = await self.login(a, "alice")
+        bob, _ = await self.login(b, "bob")
+        chat.sessions[b].maxPendingOutput = 64 * 1024
+        bob.transport.pauseProducing()
+        total, text = 12000, "x" * 1000
+        states = {"delivered": 0, "stored": 0}
+        for start in range(0, total, 1000):
+            alice.transport.write(
+                b"".join(
+                    json.dumps({"msgid": 6, "toid": b, "msg": f"{i} {text}"}).encode() + b"\n"
+                    for i in range(start, start + 1000)
+                )
+            )
+            for _ in range(1000):
+                ack = await alice.nextOf(m.ONE_CHAT_MSG_ACK)
+                states[ack["state"]] += 1
+        self.assertGreater(states["stored"], 0)
+        self.assertNotIn(b, chat.sessions)
+        bob.transport.resumeProducing()
+        await bob.closed
+        read = [json.loads(line) for line in bob.received]
+        self.assertEqual(read[-1]["msgid"], m.KICK_NOTICE)
+        readIds = [int(x["msg"].split()[0]) for x in read if x["msgid"] == m.ONE_CHAT_MSG]
+        bob, login = await self.login(b, "bob")
+        storedIds = [int(json.loads(x)["msg"].split()[0]) for x in login["offlinemsg"]]
+        self.assertEqual(len(readIds), states["delivered"])
+        self.assertEqual(sorted(readIds + storedIds), list(range(total)))
+
     async def test_shutdownEndsSessionsCleanly(self):
         a = await self.register("alice")
         alice, _ = await self.login(a, "alice")
