@@ -82,7 +82,11 @@ class ChatService(service.Service):
         self.sessions: dict[int, object] = {}
         #: session id -> every connected session, logged in or not
         self.connections: dict[str, object] = {}
-        self.throttle = LoginThrottle(clock)
+        # Per account, and per client address.  Behind a balancer that does
+        # not send the PROXY header every client shares the balancer's
+        # address, so that limit is far looser.
+        self.throttleAccount = LoginThrottle(clock, allowed=5)
+        self.throttleAddress = LoginThrottle(clock, allowed=50)
         #: True once storage, presence and relay are up.
         self.isReady = False
         self._readyWaiters: list[defer.Deferred] = []
@@ -220,17 +224,17 @@ class ChatService(service.Service):
         uid = request.args["id"]
         if session.uid is not None:
             raise RequestError(m.E_ALREADY_LOGGED_IN)
-        keys = (("uid", uid), ("peer", session.peerHost))
-        wait = self.throttle.retryAfter(*keys)
+        wait = max(self.throttleAccount.retryAfter(uid), self.throttleAddress.retryAfter(session.peerHost))
         if wait > 0:
             raise RequestError(m.E_THROTTLED, f"too many failed logins; retry in {int(wait) + 1} s")
         user = await self._storeCall(self.store.getUser(uid))
         valid = await self.hasher.verify(request.args["password"], user.passwordHash if user else None)
         if not valid:
-            self.throttle.failed(*keys)
+            self.throttleAccount.failed(uid)
+            self.throttleAddress.failed(session.peerHost)
             self.log.info("failed login for {uid} from {peer}", uid=uid, peer=session.peerHost)
             raise RequestError(m.E_INVALID, "id or password is invalid")
-        self.throttle.succeeded(*keys)
+        self.throttleAccount.succeeded(uid)
         if not session.connected:
             return None
 
@@ -241,12 +245,12 @@ class ChatService(service.Service):
             session.loggingIn = None
         if not claim.won:
             raise RequestError(m.E_ONLINE, "this account is online elsewhere")
+        if claim.previous is not None and claim.previous.session != session.sid:
+            self._kick(claim.previous, uid, "logged in elsewhere")
         if not session.connected:
             # Gone (or kicked by a newer login) while claiming.
             await self._release(uid, session)
             return None
-        if claim.previous is not None and claim.previous.session != session.sid:
-            self._kick(claim.previous, uid, "logged in elsewhere")
         existing = self.sessions.get(uid)
         if existing is not None and existing is not session:
             # Only when presence could not tell (degraded mode).

@@ -183,6 +183,15 @@ class AccountTests(unittest.TestCase):
         self.h.clock.advance(2)
         self.assertEqual(self.c.request({"msgid": 1, "id": uid, "password": "secret"})["errno"], 0)
 
+    def test_addressLimitIsLooserThanAccountLimit(self):
+        """Many users behind one address (a balancer without PROXY header)
+        are not locked out by one user's typos."""
+        uids = [self.h.register(f"user{i}") for i in range(12)]
+        for uid in uids[:10]:
+            for _ in range(4):
+                self.c.request({"msgid": 1, "id": uid, "password": "bad"})
+        self.assertEqual(self.c.request({"msgid": 1, "id": uids[11], "password": "secret"})["errno"], 0)
+
     def test_alreadyLoggedIn(self):
         uid = self.h.register("alice")
         self.c.request({"msgid": 1, "id": uid, "password": "secret"})
