@@ -17,6 +17,7 @@ mkdir -p run
 .venv/bin/twistd --pidfile run/chat.pid -n chat --config etc/chat.ini --db sqlite:run/chat.sqlite3 &
 chat=$!
 trap 'kill $chat 2>/dev/null; wait $chat 2>/dev/null' EXIT INT TERM
+for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/6000) 2>/dev/null && break; sleep 0.1; done
 .venv/bin/twistd --pidfile run/balancer.pid -n balancer \
     --listen tcp:8000 --backend "127.0.0.1:6000 max_fails=3 fail_timeout=10" \
-    --check-send PING --check-expect PONG
+    --check-send 'PING\n' --check-expect PONG
