@@ -67,7 +67,6 @@ class ChatProtocol(LineReceiver, TimeoutMixin):
         self.idleTimeout = idleTimeout
         self.dialect = JSON
         self.sid = service.newSessionId()
-        self.peerHost = "?"
         self._framer = LineFramer(maxLength)
         self._busy: defer.Deferred | None = None
         self._backlog: deque = deque()
@@ -78,11 +77,17 @@ class ChatProtocol(LineReceiver, TimeoutMixin):
 
     # --- connection --------------------------------------------------------
 
+    @property
+    def peerHost(self) -> str:
+        """The client's address.  Behind a balancer sending the PROXY header
+        (C{haproxy:} endpoint) this is the real client, known only once the
+        header has been read, so it is asked for when needed."""
+        peer = self.transport.getPeer()
+        return getattr(peer, "host", str(peer))
+
     def connectionMade(self) -> None:
         self.connected = True
         self._socket = rawSocket(self.transport)
-        peer = self.transport.getPeer()
-        self.peerHost = getattr(peer, "host", str(peer))
         try:
             self.transport.setTcpNoDelay(True)
         except (AttributeError, OSError):

@@ -215,3 +215,17 @@ class TLSTests(EndToEndTests):
         reply = await client.request({"msgid": 4, "name": "tls-user", "password": "pw"})
         self.assertEqual(reply["errno"], 0)
         self.assertEqual(await client.request({"msgid": 21}), {"msgid": 22})
+
+
+class ProxyProtocolTests(EndToEndTests):
+    extraArgs = ["--port", "haproxy:tcp:0:interface=127.0.0.1"]
+
+    async def test_realClientAddressFromProxyHeader(self):
+        from chatproto.service import ChatService
+
+        [chat] = [s for s in self.top if isinstance(s, ChatService)]
+        client = await self.connect(port=self.ports[1])
+        client.transport.write(b"PROXY TCP4 203.0.113.7 127.0.0.1 40001 6000\r\n")
+        self.assertEqual(await client.request({"msgid": 21}), {"msgid": 22})
+        [session] = chat.connections.values()
+        self.assertEqual(session.peerHost, "203.0.113.7")

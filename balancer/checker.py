@@ -1,0 +1,192 @@
+"""
+Active health checks: the I/O half of L{balancer.health.ActiveHealth}.
+
+Every C{interval} a L{HealthChecker} connects to its backend (with the
+PROXY header first if the backends expect one), optionally sends
+C{send} and waits for C{expect} in the reply, all within C{timeout}.  The
+result goes to the peer's rise/fall counter.  Checks never overlap: the
+next one is scheduled when the previous one has finished.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import defer, protocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from balancer.proxy import proxy_header
+from balancer.selection import Peer
+
+MAX_REPLY = 64 * 1024
+
+
+class CheckFailed(Exception):
+    pass
+
+
+class _CheckProtocol(protocol.Protocol):
+    def __init__(self, send: bytes | None, expect: bytes | None, proxy: str | None):
+        self.send = send
+        self.expect = expect
+        self.proxy = proxy
+        self.buf = b""
+        self.result: defer.Deferred[None] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        out = b""
+        if self.proxy:
+            t = self.transport
+            out += proxy_header(self.proxy, t.getHost(), t.getPeer())
+        if self.send:
+            out += self.send
+        if out:
+            self.transport.write(out)
+        if self.expect is None:
+            self._finish(None)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.result.called:
+            return
+        self.buf += data
+        if self.expect in self.buf:
+            self._finish(None)
+        elif len(self.buf) > MAX_REPLY:
+            self._finish(CheckFailed("reply too long without expected string"))
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        if not self.result.called:
+            self.result.errback(
+                CheckFailed(f"closed before expected reply (got {self.buf[:40]!r})")
+            )
+
+    def _finish(self, err: Exception | None) -> None:
+        self.transport.loseConnection()
+        if err is None:
+            self.result.callback(None)
+        else:
+            self.result.errback(err)
+
+
+class HealthChecker:
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        peer: Peer,
+        interval: float,
+        timeout: float,
+        send: bytes | None = None,
+        expect: bytes | None = None,
+        proxy_protocol: str | None = None,
+        on_change: Callable[[Peer], None] | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.peer = peer
+        self.interval = interval
+        self.timeout = timeout
+        self.send = send
+        self.expect = expect
+        self.proxy_protocol = proxy_protocol
+        self.on_change = on_change
+        self._loop: LoopingCall | None = None
+        self._inflight: defer.Deferred[Any] | None = None
+        self.checks = 0
+
+    def start(self) -> None:
+        loop = LoopingCall(self.check)
+        loop.clock = self.reactor
+        self._loop = loop
+        loop.start(self.interval, now=True).addErrback(
+            lambda f: self.log.failure("health checker for {peer} died", f, peer=self.peer.key)
+        )
+
+    def stop(self) -> None:
+        loop, self._loop = self._loop, None
+        if loop is not None and loop.running:
+            loop.stop()
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            inflight.cancel()
+
+    def _connect(self, factory: protocol.Factory) -> defer.Deferred[Any]:
+        target = self.peer.extra.get("tcp")
+        if target is not None:
+            from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+
+            host, port = target
+            cls = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint
+            endpoint = cls(self.reactor, host, port, timeout=self.timeout)
+        else:
+            endpoint = self.peer.extra["endpoint"]
+        return endpoint.connect(factory)
+
+    def check(self) -> defer.Deferred[None]:
+        """
+        Run one check and record its result; the returned Deferred never
+        fails.
+        """
+        self.checks += 1
+        proto_holder: list[_CheckProtocol] = []
+
+        def build() -> _CheckProtocol:
+            p = _CheckProtocol(self.send, self.expect, self.proxy_protocol)
+            proto_holder.append(p)
+            return p
+
+        factory = protocol.Factory.forProtocol(build)
+        factory.noisy = False
+        connecting = self._connect(factory)
+        done: defer.Deferred[None] = defer.Deferred(
+            lambda d: (connecting.cancel(), [p.transport.abortConnection()
+                                             for p in proto_holder if p.transport])
+        )
+        connecting.addCallback(lambda p: p.result)
+        connecting.addTimeout(self.timeout, self.reactor)
+        connecting.addCallbacks(lambda _: self._record(True, ""), self._failed)
+        connecting.addErrback(lambda f: self.log.failure("recording check", f))
+
+        def cleanup(result: Any) -> Any:
+            for p in proto_holder:
+                if p.transport is not None and p.transport.connected:
+                    p.transport.abortConnection()
+            self._inflight = None
+            if not done.called:
+                done.callback(None)
+            return None
+
+        connecting.addBoth(cleanup)
+        self._inflight = done
+        return done
+
+    def _failed(self, reason: Failure) -> None:
+        if reason.check(defer.CancelledError) and self._loop is None:
+            return  # stopped
+        if reason.check(defer.TimeoutError, defer.CancelledError):
+            why = "timeout"
+        else:
+            why = reason.getErrorMessage()
+        self._record(False, why)
+
+    def _record(self, ok: bool, why: str) -> None:
+        if self._loop is None:
+            return  # stopped meanwhile
+        peer = self.peer
+        was_up = peer.active.up
+        changed = peer.active.record(ok, self.reactor.seconds(), why)
+        if changed:
+            if peer.active.up:
+                peer.passive.reset()
+                self.log.info("backend {peer} is up (health check)", peer=peer.key)
+            else:
+                self.log.warn(
+                    "backend {peer} is down (health check: {why})", peer=peer.key, why=why
+                )
+            if self.on_change is not None:
+                self.on_change(peer)
+        elif not ok and was_up:
+            self.log.debug("backend {peer} check failed: {why}", peer=peer.key, why=why)

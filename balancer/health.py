@@ -1,0 +1,121 @@
+"""
+Health state machines, pure logic with no I/O.
+
+L{PassiveHealth} is nginx's C{max_fails}/C{fail_timeout} bookkeeping
+(C{ngx_stream_upstream_round_robin.c}): connect failures counted by the
+proxy itself.  L{ActiveHealth} is HAProxy's C{rise}/C{fall} counter
+(C{src/check.c}): results of the periodic health checks.
+
+Times are plain floats given by the caller (C{clock.seconds()}), so both
+classes are tested step by step without a reactor.
+"""
+
+from __future__ import annotations
+
+
+class PassiveHealth:
+    """
+    nginx's passive failure accounting for one backend.
+
+    A failed connect increments C{fails} and stamps C{checked}/C{accessed}.
+    Once C{fails >= max_fails}, the backend is unavailable while
+    C{now - checked <= fail_timeout}.  After that a single probe is let
+    through (L{picked} moves C{checked} forward, closing the window again);
+    a success after that probe (C{accessed < checked}) resets C{fails}.
+    C{max_fails = 0} disables the accounting, as in nginx.
+    """
+
+    __slots__ = ("max_fails", "fail_timeout", "fails", "checked", "accessed")
+
+    def __init__(self, max_fails: int = 1, fail_timeout: float = 10.0) -> None:
+        self.max_fails = max_fails
+        self.fail_timeout = fail_timeout
+        self.fails = 0
+        self.checked = 0.0
+        self.accessed = 0.0
+
+    def available(self, now: float) -> bool:
+        return not (
+            self.max_fails
+            and self.fails >= self.max_fails
+            and now - self.checked <= self.fail_timeout
+        )
+
+    def picked(self, now: float) -> None:
+        """
+        The backend was chosen for a connection attempt (nginx's
+        C{get_peer} tail).
+        """
+        if now - self.checked > self.fail_timeout:
+            self.checked = now
+
+    def failed(self, now: float) -> bool:
+        """
+        Record a failure; return C{True} when this failure disabled the
+        backend (reached C{max_fails}).
+        """
+        self.fails += 1
+        self.accessed = now
+        self.checked = now
+        return bool(self.max_fails) and self.fails == self.max_fails
+
+    def succeeded(self) -> None:
+        """
+        Record a success (nginx's C{free_peer} without C{NGX_PEER_FAILED}).
+        """
+        if self.accessed < self.checked:
+            self.fails = 0
+
+    def reset(self) -> None:
+        """
+        Forget failures, e.g. because an active check saw the backend healthy
+        after it was down.
+        """
+        self.fails = 0
+
+
+class ActiveHealth:
+    """
+    HAProxy's rise/fall health counter.
+
+    C{health} runs from 0 to C{rise + fall - 1}; the server is up while
+    C{health >= rise}.  A new server starts at C{health = rise}: up, but the
+    first failed check takes it down (HAProxy's "up, but will fall down at
+    first failure").  Once fully up, C{fall} consecutive failures take it
+    down; once down, C{rise} consecutive successes bring it up.
+    """
+
+    __slots__ = ("rise", "fall", "health", "last_result", "last_check", "last_error")
+
+    def __init__(self, rise: int = 2, fall: int = 3) -> None:
+        if rise < 1 or fall < 1:
+            raise ValueError("rise and fall must be at least 1")
+        self.rise = rise
+        self.fall = fall
+        self.health = rise
+        self.last_result: bool | None = None
+        self.last_check: float | None = None
+        self.last_error = ""
+
+    @property
+    def up(self) -> bool:
+        return self.health >= self.rise
+
+    def record(self, ok: bool, now: float | None = None, error: str = "") -> bool:
+        """
+        Record one check result; return C{True} if the up/down state changed.
+        """
+        was_up = self.up
+        self.last_result = ok
+        self.last_check = now
+        self.last_error = "" if ok else error
+        if ok:
+            if self.health < self.rise + self.fall - 1:
+                self.health += 1
+                if self.health >= self.rise:
+                    self.health = self.rise + self.fall - 1
+        elif self.health > 0:
+            self.health -= 1
+            if self.health < self.rise:
+                self.health = 0
+        return self.up != was_up

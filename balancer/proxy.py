@@ -1,0 +1,501 @@
+"""
+The data path: accept a client, pick a backend, connect (retrying the next
+backend on failure), then copy bytes both ways.
+
+Backpressure is Twisted's portforward scheme: each transport is registered
+as the other's streaming producer, so a slow reader pauses the fast writer
+and the balancer never buffers more than about one transport buffer per
+direction.  Client data that arrives before the backend is connected is
+held (the client transport is paused meanwhile) and delivered first.
+
+Speed: C{transport.write} only queues and sends on a later reactor turn
+(two C{epoll_ctl} calls and an extra loop iteration per message).  When the
+destination is a plain TCP transport with nothing queued, L{_Side.forward}
+calls C{send()} on its socket at once and queues only what the kernel did
+not take, which keeps ordering (queued data always goes first) and
+Twisted's flow control (everything beyond the kernel buffer goes through
+C{transport.write}).
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from ipaddress import ip_address
+from typing import Any
+
+from twisted.internet import error, main, protocol, tcp
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from balancer.selection import Peer, Selector
+
+_EAGAIN = (BlockingIOError, InterruptedError)
+
+
+def _plain_socket(transport: Any) -> socket.socket | None:
+    """
+    The socket of a plain (non-TLS) TCP transport, or C{None}.
+    """
+    if isinstance(transport, tcp.Connection) and not getattr(transport, "TLS", False):
+        return transport.socket
+    return None
+
+
+def set_nodelay(transport: Any) -> None:
+    try:
+        transport.setTcpNoDelay(True)
+        return
+    except (AttributeError, OSError, NotImplementedError):
+        pass
+    try:
+        transport.getHandle().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (AttributeError, OSError):
+        pass
+
+
+# -- PROXY protocol ---------------------------------------------------------
+
+_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
+def _ip_port(addr: Any) -> tuple[str, int] | None:
+    host, port = getattr(addr, "host", None), getattr(addr, "port", None)
+    if host is None or port is None:
+        return None
+    try:
+        ip_address(host)
+    except ValueError:
+        return None
+    return host, port
+
+
+def proxy_header(version: str, source: Any, destination: Any) -> bytes:
+    """
+    A PROXY protocol header (C{"v1"} text or C{"v2"} binary) saying the
+    connection came from C{source} to C{destination} (Twisted addresses).
+    """
+    src, dst = _ip_port(source), _ip_port(destination)
+    if src and dst and ip_address(src[0]).version != ip_address(dst[0]).version:
+        # mixed families: map the v4 one into v6
+        src = (_to_v6(src[0]), src[1])
+        dst = (_to_v6(dst[0]), dst[1])
+    if version == "v1":
+        if not (src and dst):
+            return b"PROXY UNKNOWN\r\n"
+        fam = "TCP6" if ":" in src[0] else "TCP4"
+        return f"PROXY {fam} {src[0]} {dst[0]} {src[1]} {dst[1]}\r\n".encode("ascii")
+    if not (src and dst):
+        # LOCAL command, no address
+        return _V2_SIGNATURE + b"\x20\x00\x00\x00"
+    s, d = ip_address(src[0]), ip_address(dst[0])
+    body = s.packed + d.packed + struct.pack("!HH", src[1], dst[1])
+    fam = b"\x11" if s.version == 4 else b"\x21"
+    return _V2_SIGNATURE + b"\x21" + fam + struct.pack("!H", len(body)) + body
+
+
+def _to_v6(host: str) -> str:
+    a = ip_address(host)
+    return host if a.version == 6 else f"::ffff:{host}"
+
+
+# -- the two halves of a proxied connection ---------------------------------
+
+
+@implementer(IHalfCloseableProtocol)
+class _Side(protocol.Protocol):
+    """
+    Common code of both halves: forwarding, half-close, teardown.
+    """
+
+    other: _Side | None = None
+    _sock: socket.socket | None = None
+    _out: Any = None  # the other side's transport
+    _out_sock: socket.socket | None = None
+    read_eof = False
+    write_eof = False
+    rx = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        self.rx += len(data)
+        out = self._out
+        sock = self._out_sock
+        if sock is not None and not out._tempDataLen and not out.dataBuffer:
+            try:
+                sent = sock.send(data)
+            except _EAGAIN:
+                sent = 0
+            except OSError:
+                # Let Twisted find the error on its own write.
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+        out.write(data)
+
+    def link(self, other: _Side) -> None:
+        self.other = other
+        self._out = other.transport
+        self._out_sock = _plain_socket(other.transport)
+        sock = _plain_socket(self.transport)
+        if sock is not None and self._out_sock is not None:
+            # Read straight into the forwarding code, skipping two layers
+            # of Python calls per chunk (tcp.Connection.doRead ->
+            # _dataReceived -> dataReceived).
+            self._sock = sock
+            self.transport.doRead = self._fast_read
+
+    def _fast_read(self) -> Any:
+        try:
+            data = self._sock.recv(65536)
+        except _EAGAIN:
+            return None
+        except OSError:
+            return main.CONNECTION_LOST
+        if not data:
+            return main.CONNECTION_DONE
+        self.rx += len(data)
+        out = self._out
+        sock = self._out_sock
+        if sock is not None and not out._tempDataLen and not out.dataBuffer:
+            try:
+                sent = sock.send(data)
+            except _EAGAIN:
+                sent = 0
+            except OSError:
+                sent = 0
+            if sent == len(data):
+                return None
+            data = data[sent:]
+        if out is not None:
+            out.write(data)
+        return None
+
+    def readConnectionLost(self) -> None:
+        if self.read_eof:
+            return
+        self.read_eof = True
+        if self.other is not None:
+            self.other.transport.loseWriteConnection()
+        self._maybe_close()
+
+    def writeConnectionLost(self) -> None:
+        self.write_eof = True
+        self._maybe_close()
+
+    def _maybe_close(self) -> None:
+        if self.read_eof and self.write_eof:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        if self._sock is not None:
+            self._sock = None
+            self.transport.__dict__.pop("doRead", None)
+        other = self.other
+        self.other = None
+        self._out = self._out_sock = None
+        if other is not None:
+            other.other = None
+            other._out = other._out_sock = None
+            t = other.transport
+            if t is not None:
+                if getattr(t, "producer", None) is not None:
+                    t.unregisterProducer()
+                t.loseConnection()
+
+
+class ServerSide(_Side):
+    """
+    A client connected to the balancer.
+    """
+
+    log = Logger()
+    factory: BalancerFactory
+    backend: BackendSide | None = None
+    peer: Peer | None = None
+    _held: list[bytes] | None = None
+    _pending_eof = False
+    _attempt: Any = None
+    _tried: set[Peer] | None = None
+    closed = False
+
+    _paused = False
+
+    def connectionMade(self) -> None:
+        # Not paused here (that costs two epoll_ctl calls per connection):
+        # the transport is paused when data arrives before the backend
+        # connection is up, and that data is held.
+        self.factory.accepted += 1
+        set_nodelay(self.transport)
+        self._tried = set()
+        self.factory.dispatch(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.other is None:
+            # Not connected to a backend yet (TLS handshakes and data in
+            # flight can still arrive while paused): hold it.
+            if self._held is None:
+                self._held = []
+                if not self._paused:
+                    self._paused = True
+                    self.transport.pauseProducing()
+            self._held.append(data)
+            return
+        _Side.dataReceived(self, data)
+
+    def readConnectionLost(self) -> None:
+        if self.other is None:
+            self._pending_eof = True
+            return
+        _Side.readConnectionLost(self)
+
+    def backend_connected(self, backend: BackendSide, peer: Peer) -> None:
+        self._attempt = None
+        self._tried = None
+        self.peer = peer
+        self.backend = backend
+        self.link(backend)
+        backend.link(self)
+        t, bt = self.transport, backend.transport
+        header = self.factory.header_for(t)
+        held = self._held
+        self._held = None
+        if header or held:
+            bt.write(header + b"".join(held or ()))
+        bt.registerProducer(t, True)
+        t.registerProducer(bt, True)
+        if self._pending_eof:
+            _Side.readConnectionLost(self)
+        elif self._paused:
+            self._paused = False
+            t.resumeProducing()
+
+    def close(self) -> None:
+        """
+        Close both connections after flushing what is buffered (used at a
+        drain deadline); producers are unregistered first, or a paused one
+        would keep a transport from closing.
+        """
+        for side in (self, self.backend):
+            t = side.transport if side is not None else None
+            if t is not None:
+                if getattr(t, "producer", None) is not None:
+                    t.unregisterProducer()
+                t.loseConnection()
+
+    def no_backend(self) -> None:
+        self._attempt = None
+        self._tried = None
+        self.factory.rejected += 1
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self.closed = True
+        self.factory.clients.discard(self)
+        attempt = self._attempt
+        self._attempt = None
+        if attempt is not None:
+            attempt.cancel()
+        peer = self.peer
+        self.peer = None
+        if peer is not None:
+            self.factory.release(peer)
+        _Side.connectionLost(self, reason)
+
+
+class BackendSide(_Side):
+    """
+    The balancer's connection to a backend for one client.
+    """
+
+    def __init__(self, attempt: Attempt) -> None:
+        self.attempt: Attempt | None = attempt
+
+    def connectionMade(self) -> None:
+        set_nodelay(self.transport)
+        attempt = self.attempt
+        self.attempt = None
+        if attempt is not None:
+            attempt.connected(self)
+
+
+class Attempt(protocol.ClientFactory):
+    """
+    One connection attempt from the balancer to one backend for one client.
+    """
+
+    noisy = False
+
+    def __init__(self, factory: BalancerFactory, server: ServerSide, peer: Peer):
+        self.factory = factory
+        self.server: ServerSide | None = server
+        self.peer = peer
+        self.connector: Any = None
+        self.deferred: Any = None
+        self.done = False
+
+    def start(self) -> None:
+        f = self.factory
+        target = self.peer.extra.get("tcp")
+        if target is not None:
+            host, port = target
+            self.connector = f.reactor.connectTCP(
+                host, port, self, timeout=f.connect_timeout
+            )
+        else:
+            endpoint = self.peer.extra["endpoint"]
+            factory = protocol.Factory.forProtocol(lambda: BackendSide(self))
+            factory.noisy = False
+            d = endpoint.connect(factory)
+            d.addTimeout(f.connect_timeout, f.reactor)
+            self.deferred = d
+            d.addErrback(lambda reason: self.clientConnectionFailed(None, reason))
+
+    def buildProtocol(self, addr: Any) -> BackendSide:
+        return BackendSide(self)
+
+    def connected(self, backend: BackendSide) -> None:
+        self.connector = self.deferred = None
+        if self.done:
+            backend.transport.abortConnection()
+            return
+        self.done = True
+        server = self.server
+        self.server = None
+        self.factory.attempt_succeeded(self.peer)
+        assert server is not None
+        if server.closed:
+            backend.transport.loseConnection()
+            self.factory.release(self.peer)
+            return
+        server.backend_connected(backend, self.peer)
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.connector = self.deferred = None
+        if self.done:
+            return
+        self.done = True
+        server = self.server
+        self.server = None
+        self.factory.attempt_failed(self.peer, reason)
+        if server is not None and not server.closed:
+            self.factory.dispatch(server)
+
+    def clientConnectionLost(self, connector: Any, reason: Failure) -> None:
+        pass
+
+    def cancel(self) -> None:
+        """
+        The client went away while connecting.
+        """
+        if self.done:
+            return
+        self.done = True
+        self.server = None
+        self.factory.release(self.peer)
+        if self.connector is not None:
+            self.connector.disconnect()
+        elif self.deferred is not None:
+            self.deferred.cancel()
+
+
+class BalancerFactory(protocol.Factory):
+    """
+    Accepts clients and hands each to a backend chosen by C{selector}.
+
+    @ivar accepted: clients accepted.
+    @ivar rejected: clients closed because no backend could be reached.
+    """
+
+    log = Logger()
+    protocol = ServerSide
+    noisy = False
+
+    def __init__(
+        self,
+        reactor: Any,
+        selector: Selector,
+        connect_timeout: float = 1.0,
+        tries: int | None = None,
+        proxy_protocol: str | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.selector = selector
+        self.connect_timeout = connect_timeout
+        self.tries = tries
+        self.proxy_protocol = proxy_protocol
+        self.accepted = 0
+        self.rejected = 0
+        self.connect_failures = 0
+        self.clients: set[ServerSide] = set()
+        self.on_finished: list[Any] = []
+
+    def buildProtocol(self, addr: Any) -> ServerSide:
+        p = ServerSide()
+        p.factory = self
+        self.clients.add(p)
+        return p
+
+    def header_for(self, transport: Any) -> bytes:
+        if self.proxy_protocol is None:
+            return b""
+        return proxy_header(self.proxy_protocol, transport.getPeer(), transport.getHost())
+
+    def dispatch(self, server: ServerSide) -> None:
+        """
+        Pick the next backend for C{server} and connect, or give up.
+        """
+        tried = server._tried
+        assert tried is not None
+        limit = self.tries or len(self.selector.peers)
+        peer = None
+        if len(tried) < limit:
+            peer = self.selector.pick(tried)
+        if peer is None:
+            if tried:
+                self.log.warn(
+                    "no backend reachable for {client} after {n} tries",
+                    client=server.transport.getPeer(), n=len(tried),
+                )
+            else:
+                self.log.warn(
+                    "no live backend for {client}", client=server.transport.getPeer()
+                )
+            server.no_backend()
+            self.clients.discard(server)
+            return
+        tried.add(peer)
+        peer.connection_started()
+        attempt = Attempt(self, server, peer)
+        server._attempt = attempt
+        attempt.start()
+
+    def attempt_succeeded(self, peer: Peer) -> None:
+        peer.total += 1
+        self.selector.succeeded(peer)
+
+    def attempt_failed(self, peer: Peer, reason: Failure) -> None:
+        self.connect_failures += 1
+        self.release(peer)
+        self.selector.failed(peer)
+        if reason.check(error.TimeoutError, error.ConnectingCancelledError):
+            why = "timed out"
+        else:
+            why = reason.getErrorMessage()
+        peer.active.last_error = f"connect: {why}"
+        self.log.warn("connect to backend {peer} failed: {why}", peer=peer.key, why=why)
+
+    def release(self, peer: Peer) -> None:
+        """
+        A connection (or attempt) of C{peer} is over.
+        """
+        peer.connection_ended()
+        for callback in self.on_finished:
+            callback(peer)
+
+    def close_all(self) -> None:
+        for client in list(self.clients):
+            if client.transport is not None:
+                client.transport.abortConnection()

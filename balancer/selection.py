@@ -1,0 +1,232 @@
+"""
+Backend selection, pure logic with an injected clock.
+
+L{Peer} is one backend's runtime state; L{Selector} picks a peer for a new
+client connection with one of the algorithms:
+
+ - C{round-robin}: nginx's smooth weighted round-robin, exactly as in
+   C{ngx_stream_upstream_get_peer}: every usable peer adds its
+   C{effective_weight} to C{current_weight}, the largest wins and has the
+   total subtracted.  C{effective_weight} is cut by C{weight // max_fails}
+   on every failure and grows back by one per selection round.
+ - C{least-conn}: nginx's C{least_conn}: fewest active connections relative
+   to weight, ties broken by smooth weighted round-robin.
+ - C{least-logins}: fewest logged-in users (from the cluster registry) plus
+   the connections sent there since the registry was last read, relative to
+   weight; ties broken by smooth weighted round-robin.
+
+Backup peers are used only when no primary peer is usable; C{down} and
+draining peers are never chosen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterable
+from typing import Any
+
+from balancer.health import ActiveHealth, PassiveHealth
+
+ALGORITHMS = ("round-robin", "least-conn", "least-logins")
+
+
+class Peer:
+    """
+    One backend and everything the balancer knows about it.
+
+    @ivar key: identity of the backend (its address string).
+    @ivar address: what to connect to: C{host:port} or a client endpoint
+        string.
+    @ivar sources: where this peer came from (C{"static"}, C{"redis"}).
+    """
+
+    def __init__(
+        self,
+        key: str,
+        address: str | None = None,
+        weight: int = 1,
+        max_fails: int = 1,
+        fail_timeout: float = 10.0,
+        backup: bool = False,
+        down: bool = False,
+        rise: int = 2,
+        fall: int = 3,
+        name: str = "",
+    ) -> None:
+        self.key = key
+        self.address = address if address is not None else key
+        self.name = name or key
+        self.weight = max(1, int(weight))
+        self.effective_weight = self.weight
+        self.current_weight = 0
+        self.backup = backup
+        self.down = down
+        self.passive = PassiveHealth(max_fails, fail_timeout)
+        self.active = ActiveHealth(rise, fall)
+        self.draining = False
+        self.drain_deadline: float | None = None
+        self.sources: set[str] = set()
+        # counters
+        self.conns = 0
+        self.total = 0
+        self.failures = 0
+        # least-logins
+        self.logins: int | None = None
+        self.pending = 0
+        # arbitrary per-peer objects owned by the I/O layer (endpoint, checker)
+        self.extra: dict[str, Any] = {}
+
+    def __repr__(self) -> str:
+        return f"<Peer {self.key} w={self.weight} state={self.state}>"
+
+    def set_weight(self, weight: int) -> None:
+        weight = max(1, int(weight))
+        if weight != self.weight:
+            self.weight = weight
+            self.effective_weight = min(self.effective_weight, weight)
+            if self.effective_weight <= 0:
+                self.effective_weight = weight
+
+    def usable(self, now: float) -> bool:
+        return (
+            not self.down
+            and not self.draining
+            and self.active.up
+            and self.passive.available(now)
+        )
+
+    @property
+    def state(self) -> str:
+        if self.draining:
+            return "draining"
+        if self.down:
+            return "disabled"
+        if not self.active.up:
+            return "down"
+        return "up"
+
+    def load_logins(self) -> int:
+        """
+        The least-logins load estimate: registry logins plus connections sent
+        since, or active connections when the registry says nothing.
+        """
+        if self.logins is None:
+            return self.conns
+        return self.logins + self.pending
+
+    def set_logins(self, logins: int | None) -> None:
+        self.logins = logins
+        self.pending = 0
+
+    # accounting called by the proxy
+
+    def connection_started(self) -> None:
+        self.conns += 1
+        self.pending += 1
+
+    def connection_ended(self) -> None:
+        self.conns -= 1
+
+
+def _smooth_pick(candidates: Iterable[Peer]) -> Peer | None:
+    """
+    One round of nginx's smooth weighted round-robin over C{candidates}.
+    """
+    best: Peer | None = None
+    total = 0
+    for peer in candidates:
+        peer.current_weight += peer.effective_weight
+        total += peer.effective_weight
+        if peer.effective_weight < peer.weight:
+            peer.effective_weight += 1
+        if best is None or peer.current_weight > best.current_weight:
+            best = peer
+    if best is not None:
+        best.current_weight -= total
+    return best
+
+
+def _least_pick(candidates: list[Peer], load: Callable[[Peer], int]) -> Peer | None:
+    """
+    nginx's least_conn: the smallest C{load/weight}; ties broken by smooth
+    weighted round-robin among the tied peers.
+    """
+    best: Peer | None = None
+    tied: list[Peer] = []
+    for peer in candidates:
+        if best is None or load(peer) * best.weight < load(best) * peer.weight:
+            best = peer
+            tied = [peer]
+        elif load(peer) * best.weight == load(best) * peer.weight:
+            tied.append(peer)
+    if len(tied) > 1:
+        return _smooth_pick(tied)
+    return best
+
+
+class Selector:
+    """
+    Chooses a backend among C{peers} with the configured algorithm.
+
+    @param clock: an C{IReactorTime}; only C{seconds()} is used.
+    """
+
+    def __init__(self, clock: Any, algorithm: str = "round-robin") -> None:
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {algorithm!r}")
+        self.clock = clock
+        self.algorithm = algorithm
+        self.peers: list[Peer] = []
+
+    def usable(self, tried: Collection[Peer] = ()) -> tuple[list[Peer], list[Peer]]:
+        now = self.clock.seconds()
+        primary: list[Peer] = []
+        backup: list[Peer] = []
+        for peer in self.peers:
+            if peer in tried or not peer.usable(now):
+                continue
+            (backup if peer.backup else primary).append(peer)
+        return primary, backup
+
+    def has_usable(self) -> bool:
+        primary, backup = self.usable()
+        return bool(primary or backup)
+
+    def pick(self, tried: Collection[Peer] = ()) -> Peer | None:
+        """
+        Choose a peer not in C{tried}, or C{None} if none is usable.
+        """
+        primary, backup = self.usable(tried)
+        candidates = primary or backup
+        if not candidates:
+            return None
+        if self.algorithm == "round-robin":
+            best = _smooth_pick(candidates)
+        elif self.algorithm == "least-conn":
+            best = _least_pick(candidates, _conns)
+        else:
+            best = _least_pick(candidates, Peer.load_logins)
+        assert best is not None
+        best.passive.picked(self.clock.seconds())
+        return best
+
+    def failed(self, peer: Peer) -> None:
+        """
+        A connection attempt to C{peer} failed (nginx's C{free_peer} with
+        C{NGX_PEER_FAILED}).
+        """
+        peer.failures += 1
+        peer.passive.failed(self.clock.seconds())
+        if peer.passive.max_fails:
+            peer.effective_weight -= peer.weight // peer.passive.max_fails
+        if peer.effective_weight < 0:
+            peer.effective_weight = 0
+
+    def succeeded(self, peer: Peer) -> None:
+        peer.passive.succeeded()
+
+    def tries(self) -> int:
+        return len(self.peers)
+
+
+def _conns(peer: Peer) -> int:
+    return peer.conns

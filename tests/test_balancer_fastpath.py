@@ -1,0 +1,140 @@
+"""
+Unit tests of the proxy's data path with in-memory transports.
+"""
+
+from ipaddress import ip_address
+
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.testing import StringTransport
+from twisted.protocols.haproxy._v1parser import V1Parser
+from twisted.protocols.haproxy._v2parser import V2Parser
+from twisted.trial.unittest import SynchronousTestCase
+
+from balancer.proxy import BackendSide, ServerSide, _Side, proxy_header
+
+
+class HeaderTests(SynchronousTestCase):
+    def test_v1_tcp4(self):
+        h = proxy_header("v1", IPv4Address("TCP", "10.1.2.3", 5555),
+                         IPv4Address("TCP", "127.0.0.1", 8000))
+        self.assertEqual(h, b"PROXY TCP4 10.1.2.3 127.0.0.1 5555 8000\r\n")
+        info = V1Parser.parse(h.rstrip(b"\r\n"))
+        self.assertEqual((info.source.host, info.source.port), ("10.1.2.3", 5555))
+
+    def test_v1_tcp6(self):
+        h = proxy_header("v1", IPv6Address("TCP", "::1", 5555),
+                         IPv6Address("TCP", "::1", 8000))
+        self.assertEqual(h, b"PROXY TCP6 ::1 ::1 5555 8000\r\n")
+
+    def test_v2_parses(self):
+        h = proxy_header("v2", IPv4Address("TCP", "192.0.2.7", 40000),
+                         IPv4Address("TCP", "127.0.0.1", 8000))
+        info = V2Parser.parse(h)
+        self.assertEqual((info.source.host, info.source.port), ("192.0.2.7", 40000))
+        self.assertEqual(ip_address(info.destination.host), ip_address("127.0.0.1"))
+
+    def test_v2_local_without_addresses(self):
+        h = proxy_header("v2", None, None)
+        self.assertEqual(len(h), 16)
+        self.assertEqual(h[12], 0x20)
+
+
+class HalfCloseTransport(StringTransport):
+    write_closed = False
+
+    def loseWriteConnection(self):
+        self.write_closed = True
+
+
+class ForwardTests(SynchronousTestCase):
+    def pair(self):
+        a, b = _Side(), _Side()
+        ta, tb = HalfCloseTransport(), HalfCloseTransport()
+        a.makeConnection(ta)
+        b.makeConnection(tb)
+        a.link(b)
+        b.link(a)
+        return a, b, ta, tb
+
+    def test_forwards_both_ways(self):
+        a, b, ta, tb = self.pair()
+        a.dataReceived(b"to-b")
+        b.dataReceived(b"to-a")
+        self.assertEqual(tb.value(), b"to-b")
+        self.assertEqual(ta.value(), b"to-a")
+        self.assertEqual((a.rx, b.rx), (4, 4))
+
+    def test_half_close_propagates(self):
+        a, b, ta, tb = self.pair()
+        a.readConnectionLost()
+        self.assertTrue(a.read_eof)
+        self.assertTrue(tb.write_closed)
+        self.assertFalse(tb.disconnecting)
+        self.assertFalse(ta.disconnecting)
+        b.readConnectionLost()
+        self.assertTrue(ta.write_closed)
+        a.writeConnectionLost()
+        self.assertTrue(ta.disconnecting)
+
+    def test_connection_lost_closes_other(self):
+        a, b, ta, tb = self.pair()
+        tb.registerProducer(ta, True)
+        a.connectionLost(None)
+        self.assertIsNone(tb.producer)
+        self.assertTrue(tb.disconnecting)
+        self.assertIsNone(b.other)
+
+    def test_backend_side_reports_connect(self):
+        seen = []
+
+        class FakeAttempt:
+            def connected(self, backend):
+                seen.append(backend)
+
+        side = BackendSide(FakeAttempt())
+        side.makeConnection(StringTransport())
+        self.assertEqual(seen, [side])
+        self.assertIsNone(side.attempt)
+
+    def test_server_holds_early_data(self):
+        s = ServerSide()
+        t = StringTransport()
+        s.transport = t
+        s.dataReceived(b"early")
+        self.assertEqual(t.producerState, "paused")
+        s.dataReceived(b"-data")
+        self.assertEqual(s._held, [b"early", b"-data"])
+
+
+class FastPollTests(SynchronousTestCase):
+    def test_dispatches_events(self):
+        import socket
+
+        from twisted.internet.abstract import FileDescriptor
+        from twisted.internet.epollreactor import EPollReactor
+        from twisted.internet.selectreactor import SelectReactor
+
+        from balancer import fastpoll
+
+        self.assertFalse(fastpoll.install(SelectReactor()))
+        reactor = EPollReactor()
+        self.addCleanup(reactor._poller.close)
+        self.assertTrue(fastpoll.install(reactor))
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        got = []
+
+        class Reader(FileDescriptor):
+            def fileno(self):
+                return a.fileno()
+
+            def doRead(self):
+                got.append(a.recv(100))
+
+        reader = Reader(reactor)
+        reactor.addReader(reader)
+        b.send(b"ping")
+        reactor.doIteration(0.5)
+        self.assertEqual(got, [b"ping"])
+        reactor.removeReader(reader)

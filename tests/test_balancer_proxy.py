@@ -1,0 +1,297 @@
+"""
+End-to-end tests of the balancer on loopback: real backends, real clients.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.protocol import Factory, Protocol
+from twisted.trial.unittest import TestCase
+
+from balancer.config import BalancerConfig
+
+from tests.balancer_helpers import (
+    EchoBackend,
+    connect,
+    make_config,
+    roundtrip,
+    start_backends,
+    start_balancer,
+    wait_for,
+)
+
+
+def free_port() -> int:
+    """
+    A loopback port with nothing listening on it (connections get refused).
+    """
+    p = reactor.listenTCP(0, Factory(), interface="127.0.0.1")
+    num = p.getHost().port
+    p.stopListening()
+    return num
+
+
+class DistributionTests(TestCase):
+    @defer.inlineCallbacks
+    def test_weights_across_three_backends(self):
+        """
+        60 sequential clients over weights 3,2,1 land 30/20/10, and every
+        client gets its bytes echoed.
+        """
+        a, b, c = start_backends(self, "a", "b", "c")
+        cfg = make_config(
+            [f"{a.address} weight=3", f"{b.address} weight=2", f"{c.address} weight=1"],
+            check_send=b"PING\n", check_expect=b"PONG",
+        )
+        svc = yield start_balancer(self, cfg)
+        for i in range(60):
+            data = yield roundtrip(svc.port, b"msg%d" % i)
+            self.assertEqual(data, b"msg%d" % i)
+        self.assertEqual((a.served, b.served, c.served), (30, 20, 10))
+        peers = {p.key: p for p in svc.pool.all_peers()}
+        self.assertEqual(peers[a.address].total, 30)
+        yield wait_for(lambda: a.checks > 0 and b.checks > 0 and c.checks > 0)
+
+    @defer.inlineCallbacks
+    def test_least_conn_spreads_concurrent_clients(self):
+        a, b = start_backends(self, "a", "b")
+        cfg = make_config([a.address, b.address], algorithm="least-conn")
+        svc = yield start_balancer(self, cfg)
+        clients = []
+        for _ in range(6):
+            cl = yield connect(svc.port)
+            cl.transport.write(b"x")
+            clients.append(cl)
+        yield wait_for(lambda: a.served + b.served == 6)
+        self.assertEqual((a.served, b.served), (3, 3))
+        for cl in clients:
+            cl.transport.loseConnection()
+        yield defer.gatherResults([cl.done for cl in clients])
+
+
+class FailureTests(TestCase):
+    @defer.inlineCallbacks
+    def test_connect_refused_retries_next(self):
+        """
+        A refused backend is skipped for the client (retry) and then marked
+        failed (max_fails=1): every client is served by the live one.
+        """
+        (live,) = start_backends(self, "live")
+        dead = f"127.0.0.1:{free_port()}"
+        cfg = make_config([dead, live.address], check_interval=0)
+        svc = yield start_balancer(self, cfg)
+        for i in range(4):
+            data = yield roundtrip(svc.port, b"r%d" % i)
+            self.assertEqual(data, b"r%d" % i)
+        self.assertEqual(live.served, 4)
+        peer = svc.pool.peers[dead]
+        self.assertGreaterEqual(peer.failures, 1)
+        self.assertFalse(peer.passive.available(reactor.seconds()))
+        self.assertEqual(svc.factory.rejected, 0)
+
+    @defer.inlineCallbacks
+    def test_no_backend_closes_promptly(self):
+        dead = f"127.0.0.1:{free_port()}"
+        cfg = make_config([dead], check_interval=60)
+        svc = yield start_balancer(self, cfg)
+        client = yield connect(svc.port)
+        client.transport.write(b"anyone?")
+        data = yield client.done
+        self.assertEqual(data, b"")
+        self.assertEqual(svc.factory.rejected, 1)
+        # and the next one is refused without even trying (peer failed)
+        data = yield roundtrip(svc.port)
+        self.assertEqual(data, b"")
+        self.assertEqual(svc.factory.rejected, 2)
+
+    @defer.inlineCallbacks
+    def test_killed_backend_leaves_and_returns(self):
+        """
+        Killing a backend takes it out of rotation within a few check
+        intervals; restarting it brings it back after rise checks.
+        """
+        a, b = start_backends(self, "a", "b")
+        cfg = make_config(
+            [f"{a.address} max_fails=0", f"{b.address} max_fails=0"],
+            check_interval=0.05, rise=2, fall=2,
+            check_send=b"PING\n", check_expect=b"PONG",
+        )
+        svc = yield start_balancer(self, cfg)
+        peer_b = svc.pool.peers[b.address]
+        yield wait_for(lambda: peer_b.active.health == 3)
+        port = b.portnum
+        yield b.stop()
+        yield wait_for(lambda: peer_b.state == "down", timeout=2)
+        served_a = a.served
+        for _ in range(4):
+            data = yield roundtrip(svc.port, b"z")
+            self.assertEqual(data, b"z")
+        self.assertEqual(a.served, served_a + 4)
+        b.start(port)
+        yield wait_for(lambda: peer_b.state == "up", timeout=2)
+        self.assertGreaterEqual(peer_b.active.health, 2)
+        for _ in range(4):
+            yield roundtrip(svc.port, b"y")
+        self.assertEqual(b.served, 2)
+
+
+class TransparencyTests(TestCase):
+    @defer.inlineCallbacks
+    def test_large_transfer_and_half_close(self):
+        """
+        Several MB go through both ways byte for byte; the client's
+        half-close reaches the backend, whose echo and EOF come back.
+        """
+        (a,) = start_backends(self, "a")
+        svc = yield start_balancer(self, make_config([a.address]))
+        payload = os.urandom(6 * 1024 * 1024)
+        client = yield connect(svc.port)
+        client.transport.write(payload)
+        client.transport.loseWriteConnection()
+        data = yield client.done
+        self.assertEqual(len(data), len(payload))
+        self.assertEqual(hashlib.sha256(data).digest(), hashlib.sha256(payload).digest())
+        self.assertTrue(client.eof)
+
+    @defer.inlineCallbacks
+    def test_data_before_backend_connect_is_held(self):
+        """
+        Bytes the client sends at once (before the backend connection is
+        up) arrive first and intact.
+        """
+        (a,) = start_backends(self, "a")
+        svc = yield start_balancer(self, make_config([a.address]))
+        client = yield connect(svc.port)
+        client.transport.write(b"early-")
+        client.transport.write(b"bird")
+        yield wait_for(lambda: bytes(client.data) == b"early-bird")
+        client.transport.loseConnection()
+        yield client.done
+
+    @defer.inlineCallbacks
+    def test_slow_reader_backpressure(self):
+        """
+        A client that stops reading makes the balancer stop reading from the
+        backend: its buffers stay bounded.
+        """
+        big = EchoBackend("big")
+
+        class Flood(Protocol):
+            def connectionMade(self):
+                big.conns.add(self)
+                self.sent = 0
+                self.transport.registerProducer(self, True)
+                self.paused = False
+                self.resumeProducing()
+
+            def resumeProducing(self):
+                self.paused = False
+                while not self.paused and self.sent < 64 * 1024 * 1024:
+                    self.transport.write(b"x" * 65536)
+                    self.sent += 65536
+
+            def pauseProducing(self):
+                self.paused = True
+
+            def stopProducing(self):
+                self.paused = True
+
+            def connectionLost(self, reason=None):
+                big.conns.discard(self)
+
+        big.protocol = Flood
+        big.start()
+        self.addCleanup(big.stop)
+        svc = yield start_balancer(self, make_config([big.address], check_interval=60))
+        client = yield connect(svc.port)
+        client.transport.pauseProducing()
+        yield wait_for(lambda: svc.factory.clients and next(iter(svc.factory.clients)).backend)
+        # let the pipes fill up
+        flood = yield wait_for(lambda: next(iter(big.conns), None))
+        yield wait_for(lambda: flood.paused)
+        server = next(iter(svc.factory.clients))
+        out = server.transport
+        buffered = len(out.dataBuffer) + out._tempDataLen
+        self.assertLess(buffered, 1024 * 1024)
+        self.assertLess(flood.sent, 32 * 1024 * 1024)
+        client.transport.resumeProducing()
+        yield wait_for(lambda: len(client.data) > 4 * 1024 * 1024)
+        client.transport.loseConnection()
+        yield client.done
+
+
+class _PeerReporter(Protocol):
+    def dataReceived(self, data):
+        # the PROXY header has been parsed once data arrives
+        peer = self.transport.getPeer()
+        self.transport.write(f"{peer.host} {peer.port}\n".encode())
+        self.factory.seen.append(peer)
+
+
+class ProxyProtocolTests(TestCase):
+    @defer.inlineCallbacks
+    def _check(self, version):
+        factory = Factory.forProtocol(_PeerReporter)
+        factory.seen = []
+        endpoint = serverFromString(reactor, "haproxy:tcp:0:interface=127.0.0.1")
+        port = yield endpoint.listen(factory)
+        self.addCleanup(port.stopListening)
+        addr = f"127.0.0.1:{port.getHost().port}"
+        cfg = make_config([addr], proxy_protocol=version, check_interval=0.05)
+        svc = yield start_balancer(self, cfg)
+        client = yield connect(svc.port)
+        client.transport.write(b"who am I?\n")
+        local = client.transport.getHost()
+        line = yield wait_for(lambda: bytes(client.data).endswith(b"\n") and bytes(client.data))
+        self.assertEqual(line, f"{local.host} {local.port}\n".encode())
+        client.transport.loseConnection()
+        yield client.done
+        # health checks got through the haproxy: listener too
+        peer = svc.pool.peers[addr]
+        yield wait_for(lambda: peer.active.last_result is True)
+        self.assertEqual(peer.state, "up")
+
+    def test_v1(self):
+        return self._check("v1")
+
+    def test_v2(self):
+        return self._check("v2")
+
+
+class StatusTests(TestCase):
+    @defer.inlineCallbacks
+    def test_json_and_metrics(self):
+        import json
+
+        from twisted.web.client import Agent, readBody
+
+        (a,) = start_backends(self, "a")
+        cfg = make_config([a.address], status="tcp:0:interface=127.0.0.1")
+        svc = yield start_balancer(self, cfg)
+        yield roundtrip(svc.port)
+        sport = svc.status_port.getHost().port
+        agent = Agent(reactor)
+        resp = yield agent.request(b"GET", b"http://127.0.0.1:%d/" % sport)
+        body = yield readBody(resp)
+        data = json.loads(body)
+        self.assertEqual(data["backends"][0]["address"], a.address)
+        self.assertEqual(data["backends"][0]["total"], 1)
+        self.assertEqual(data["backends"][0]["state"], "up")
+        resp = yield agent.request(b"GET", b"http://127.0.0.1:%d/metrics" % sport)
+        body = yield readBody(resp)
+        self.assertIn(b'balancer_backend_connections_total{backend="%s"' % a.address.encode(), body)
+        self.assertIn(b"balancer_accepted_connections_total 1.0", body)
+        from twisted.internet import _sslverify  # noqa: F401  (Agent pool cleanup)
+
+        yield agent._pool.closeCachedConnections()
+
+
+class ConfigObjectTests(TestCase):
+    def test_make_config_type(self):
+        cfg = make_config(["127.0.0.1:1"])
+        self.assertIsInstance(cfg, BalancerConfig)
+        self.assertEqual(cfg.backends[0].address, "127.0.0.1:1")
