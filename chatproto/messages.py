@@ -191,7 +191,8 @@ def parseJSON(line: bytes) -> Request:
         L{E_UNKNOWN_MSGID} or L{E_BAD_FIELD}.
     """
     try:
-        obj = json.loads(line)
+        # Lines are UTF-8 (RFC 8259); decoding first skips json's sniffing.
+        obj = _decode(line.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise RequestError(E_BAD_JSON, f"malformed JSON: {e}") from None
     if not isinstance(obj, dict):
@@ -234,6 +235,7 @@ def checkPassword(password: str) -> str:
 
 
 _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+_decode = json.JSONDecoder().decode
 _string = json.encoder.encode_basestring  # the C version when available
 
 

@@ -150,7 +150,8 @@ class ChatProtocol(LineReceiver, TimeoutMixin):
             self.log.failure("handling a line from {peer}", peer=self.peerHost)
             self.send(m.error(m.E_INTERNAL))
             return
-        if isinstance(result, defer.Deferred):
+        if result is not None:
+            # A Deferred: later lines wait for it.
             self._busy = result
             result.addBoth(self._finished)
 
@@ -195,13 +196,14 @@ class ChatProtocol(LineReceiver, TimeoutMixin):
         except RequestError as e:
             self._replyError(request, e)
             return None
-        if isinstance(result, defer.Deferred):
-            return result.addCallbacks(
-                lambda reply: self.reply(request, reply),
-                lambda failure: self._failed(request, failure),
-            )
-        self.reply(request, result)
-        return None
+        # (isinstance on dict is cheap; on Deferred, an ABC, it is not.)
+        if result is None or isinstance(result, dict):
+            self.reply(request, result)
+            return None
+        return result.addCallbacks(
+            lambda reply: self.reply(request, reply),
+            lambda failure: self._failed(request, failure),
+        )
 
     def _failed(self, request: Request, failure) -> None:
         if failure.check(RequestError):
