@@ -19,13 +19,19 @@ C{transport.write}).
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 import struct
 from ipaddress import ip_address
 from typing import Any
 
 from twisted.internet import error, main, protocol, tcp
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
+    IReactorFDSet,
+    IWriteDescriptor,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -33,6 +39,10 @@ from zope.interface import implementer
 from balancer.selection import Peer, Selector
 
 _EAGAIN = (BlockingIOError, InterruptedError)
+
+# Bytes held from a client before its backend connection is up; beyond
+# this the client is no longer read (Twisted's transport buffer size).
+HOLD_LIMIT = 65536
 
 
 def _plain_socket(transport: Any) -> socket.socket | None:
@@ -42,6 +52,35 @@ def _plain_socket(transport: Any) -> socket.socket | None:
     if isinstance(transport, tcp.Connection) and not getattr(transport, "TLS", False):
         return transport.socket
     return None
+
+
+def lose_write(transport: Any) -> None:
+    """
+    C{transport.loseWriteConnection()}, done at once for a plain TCP
+    transport with nothing queued: C{shutdown(SHUT_WR)} now instead of
+    watching for writability (two C{epoll_ctl}) to do it on a later turn.
+    """
+    t = transport
+    if (
+        _plain_socket(t) is not None
+        and t.connected
+        and not (t.disconnecting or t._writeDisconnecting or t.producerPaused)
+        and not (t.dataBuffer or t._tempDataLen)
+    ):
+        # What FileDescriptor.doWrite does once the buffer is empty.
+        t._writeDisconnecting = t._writeDisconnected = True
+        # Writing is shut already: close() needs no shutdown() first.
+        t._shouldShutdown = False
+        t.stopWriting()
+        if getattr(t.protocol, "read_eof", False):
+            # The peer has finished sending too: this was the last open
+            # direction, so close now (close() sends the same FIN).
+            t.stopReading()
+            t.connectionLost(protocol.connectionDone)
+        else:
+            t._closeWriteConnection()
+    else:
+        t.loseWriteConnection()
 
 
 def set_nodelay(transport: Any) -> None:
@@ -120,6 +159,13 @@ class _Side(protocol.Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.rx += len(data)
+        self.send(data)
+
+    def send(self, data: bytes) -> None:
+        """
+        Write C{data} to the other side: C{send()} at once when its
+        transport is plain TCP with nothing queued, queue the rest.
+        """
         out = self._out
         sock = self._out_sock
         if sock is not None and not out._tempDataLen and not out.dataBuffer:
@@ -157,6 +203,7 @@ class _Side(protocol.Protocol):
         if not data:
             return main.CONNECTION_DONE
         self.rx += len(data)
+        # _Side.send, inlined: this is the hottest path.
         out = self._out
         sock = self._out_sock
         if sock is not None and not out._tempDataLen and not out.dataBuffer:
@@ -178,7 +225,7 @@ class _Side(protocol.Protocol):
             return
         self.read_eof = True
         if self.other is not None:
-            self.other.transport.loseWriteConnection()
+            lose_write(self.other.transport)
         self._maybe_close()
 
     def writeConnectionLost(self) -> None:
@@ -216,6 +263,7 @@ class ServerSide(_Side):
     backend: BackendSide | None = None
     peer: Peer | None = None
     _held: list[bytes] | None = None
+    _held_len = 0
     _pending_eof = False
     _attempt: Any = None
     _tried: set[Peer] | None = None
@@ -234,14 +282,18 @@ class ServerSide(_Side):
 
     def dataReceived(self, data: bytes) -> None:
         if self.other is None:
-            # Not connected to a backend yet (TLS handshakes and data in
-            # flight can still arrive while paused): hold it.
+            # Not connected to a backend yet: hold the data, and stop
+            # reading once HOLD_LIMIT bytes are held (pausing at once would
+            # cost two epoll_ctl for the common request sent right after
+            # connecting).  TLS handshakes and data in flight can still
+            # arrive while paused.
             if self._held is None:
                 self._held = []
-                if not self._paused:
-                    self._paused = True
-                    self.transport.pauseProducing()
             self._held.append(data)
+            self._held_len += len(data)
+            if self._held_len > HOLD_LIMIT and not self._paused:
+                self._paused = True
+                self.transport.pauseProducing()
             return
         _Side.dataReceived(self, data)
 
@@ -263,7 +315,7 @@ class ServerSide(_Side):
         held = self._held
         self._held = None
         if header or held:
-            bt.write(header + b"".join(held or ()))
+            self.send(header + b"".join(held or ()))
         bt.registerProducer(t, True)
         t.registerProducer(bt, True)
         if self._pending_eof:
@@ -321,6 +373,129 @@ class BackendSide(_Side):
             attempt.connected(self)
 
 
+def _sockaddr(peer: Peer) -> tuple[int, Any] | None:
+    """
+    C{(family, sockaddr)} when C{peer} is a plain TCP address with an IP
+    literal (cached on the peer), else C{None}.
+    """
+    try:
+        return peer.extra["sockaddr"]
+    except KeyError:
+        pass
+    found = None
+    target = peer.extra.get("tcp")
+    if target is not None:
+        host, port = target
+        try:
+            family, _, _, _, addr = socket.getaddrinfo(
+                host, port, 0, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST
+            )[0]
+            found = (family, addr)
+        except (OSError, IndexError):
+            found = None  # a host name: connectTCP resolves it
+    peer.extra["sockaddr"] = found
+    return found
+
+
+@implementer(IWriteDescriptor)
+class RawConnect:
+    """
+    A non-blocking C{connect()} done by hand, the way nginx does it:
+    C{socket()}, C{connect()}, wait for writability, read C{SO_ERROR}.  On
+    success the socket becomes the same transport
+    C{reactor.adoptStreamConnection} would build (a L{tcp.Server}, minus
+    its C{dup()}); on failure or timeout C{attempt.clientConnectionFailed}
+    gets the error C{connectTCP} would have given.  This replaces
+    C{connectTCP}'s Connector, resolution Deferreds and their extra
+    C{connect()} and C{epoll_ctl} calls.
+    """
+
+    def __init__(self, attempt: Attempt, family: int, addr: Any, timeout: float) -> None:
+        self.attempt: Attempt | None = attempt
+        self.addr = addr
+        self.reactor = reactor = attempt.factory.reactor
+        try:
+            self.sock = sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        except OSError as e:  # EMFILE...: as connectTCP reports it
+            self.sock = None
+            reason = Failure(error.ConnectBindError(e.errno, e.strerror))
+            self.timer = reactor.callLater(0, self._failed, reason)
+            return
+        self.fileno = sock.fileno
+        err = sock.connect_ex(addr)
+        if err and err not in (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EINTR):
+            # Failed at once (ENETUNREACH...): report it on the next turn,
+            # as connectTCP does.
+            self.timer = reactor.callLater(0, self._fail, err)
+            return
+        self.timer = reactor.callLater(timeout, self._timed_out)
+        reactor.addWriter(self)
+
+    def logPrefix(self) -> str:
+        return "RawConnect"
+
+    def doWrite(self) -> None:
+        self._stop()
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._fail(err)
+            return
+        attempt, self.attempt = self.attempt, None
+        if attempt is None:  # pragma: no cover - cancelled meanwhile
+            self.sock.close()
+            return
+        backend = BackendSide(attempt)
+        t = tcp.Server(self.sock, backend, self.addr, None, 0, self.reactor)
+        t.repstr = f"<BackendSide to {self.addr}>"
+        backend.makeConnection(t)
+
+    def connectionLost(self, reason: Failure) -> None:
+        """
+        Error or hang-up while connecting (the reactor has already stopped
+        watching the socket).
+        """
+        if self.attempt is None:
+            return  # given up already (reactor shutdown)
+        self._stop()
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._fail(err)
+        else:  # pragma: no cover
+            self._failed(reason)
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        self._stop()
+        self._failed(Failure(error.TimeoutError()))
+
+    def _fail(self, err: int) -> None:
+        self._failed(Failure(error.getConnectError((err, os.strerror(err)))))
+
+    def _failed(self, reason: Failure) -> None:
+        self.timer = None
+        if self.sock is not None:
+            self.sock.close()
+        attempt, self.attempt = self.attempt, None
+        if attempt is not None:
+            attempt.clientConnectionFailed(None, reason)
+
+    def _stop(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.sock is not None:
+            self.reactor.removeWriter(self)
+
+    def disconnect(self) -> None:
+        """
+        Give up (the client went away): no callback.
+        """
+        self.attempt = None
+        self._stop()
+        if self.sock is not None:
+            self.sock.close()
+
+
 class Attempt(protocol.ClientFactory):
     """
     One connection attempt from the balancer to one backend for one client.
@@ -338,6 +513,10 @@ class Attempt(protocol.ClientFactory):
 
     def start(self) -> None:
         f = self.factory
+        sockaddr = _sockaddr(self.peer) if f.raw_connect else None
+        if sockaddr is not None:
+            self.connector = RawConnect(self, sockaddr[0], sockaddr[1], f.connect_timeout)
+            return
         target = self.peer.extra.get("tcp")
         if target is not None:
             host, port = target
@@ -422,6 +601,8 @@ class BalancerFactory(protocol.Factory):
         proxy_protocol: str | None = None,
     ) -> None:
         self.reactor = reactor
+        # connect to IP literals with L{RawConnect} (needs a real reactor)
+        self.raw_connect = IReactorFDSet.providedBy(reactor)
         self.selector = selector
         self.connect_timeout = connect_timeout
         self.tries = tries

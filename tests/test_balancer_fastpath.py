@@ -10,7 +10,7 @@ from twisted.protocols.haproxy._v1parser import V1Parser
 from twisted.protocols.haproxy._v2parser import V2Parser
 from twisted.trial.unittest import SynchronousTestCase
 
-from balancer.proxy import BackendSide, ServerSide, _Side, proxy_header
+from balancer.proxy import HOLD_LIMIT, BackendSide, ServerSide, _Side, proxy_header
 
 
 class HeaderTests(SynchronousTestCase):
@@ -97,13 +97,19 @@ class ForwardTests(SynchronousTestCase):
         self.assertIsNone(side.attempt)
 
     def test_server_holds_early_data(self):
+        """
+        Data that arrives before the backend is connected is held; the
+        client is paused only once more than HOLD_LIMIT bytes are held.
+        """
         s = ServerSide()
         t = StringTransport()
         s.transport = t
         s.dataReceived(b"early")
-        self.assertEqual(t.producerState, "paused")
         s.dataReceived(b"-data")
         self.assertEqual(s._held, [b"early", b"-data"])
+        self.assertEqual(t.producerState, "producing")
+        s.dataReceived(b"x" * HOLD_LIMIT)
+        self.assertEqual(t.producerState, "paused")
 
 
 class FastPollTests(SynchronousTestCase):
@@ -138,3 +144,64 @@ class FastPollTests(SynchronousTestCase):
         reactor.doIteration(0.5)
         self.assertEqual(got, [b"ping"])
         reactor.removeReader(reader)
+
+
+class RawConnectUnitTests(SynchronousTestCase):
+    def _attempt(self):
+        from twisted.internet.task import Clock
+
+        class FDClock(Clock):
+            def addWriter(self, writer):
+                pass
+
+            def removeWriter(self, writer):
+                pass
+
+        class FakeFactory:
+            reactor = FDClock()
+
+        class FakeAttempt:
+            factory = FakeFactory()
+
+            def __init__(self):
+                self.failures = []
+
+            def clientConnectionFailed(self, connector, reason):
+                self.failures.append(reason)
+
+        return FakeAttempt()
+
+    def test_socket_failure_reported_on_next_turn(self):
+        """
+        When no socket can be made (EMFILE), the attempt fails on the next
+        reactor turn with the error connectTCP would give.
+        """
+        import errno
+        import socket
+
+        from twisted.internet import error
+
+        from balancer import proxy
+
+        def no_socket(*args, **kw):
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        attempt = self._attempt()
+        self.patch(proxy.socket, "socket", no_socket)
+        proxy.RawConnect(attempt, socket.AF_INET, ("127.0.0.1", 1), 1.0)
+        self.assertEqual(attempt.failures, [])
+        attempt.factory.reactor.advance(0)
+        [reason] = attempt.failures
+        self.assertTrue(reason.check(error.ConnectBindError))
+
+    def test_disconnect_before_failure_is_reported(self):
+        import socket
+
+        from balancer import proxy
+
+        attempt = self._attempt()
+        raw = proxy.RawConnect(attempt, socket.AF_INET, ("255.255.255.255", 1), 1.0)
+        raw.disconnect()
+        attempt.factory.reactor.advance(1)
+        self.assertEqual(attempt.failures, [])
+        self.assertEqual(raw.sock.fileno(), -1)

@@ -139,6 +139,115 @@ class FailureTests(TestCase):
         self.assertEqual(b.served, 2)
 
 
+def hung_port(test) -> int:
+    """
+    A loopback port whose accept queue is full: connects to it neither
+    succeed nor fail (the SYN is dropped), so they time out.
+    """
+    import socket
+    import time
+
+    listener = socket.socket()
+    test.addCleanup(listener.close)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    filler = socket.socket()
+    test.addCleanup(filler.close)
+    filler.connect(listener.getsockname())
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    test.addCleanup(probe.close)
+    probe.connect_ex(listener.getsockname())
+    time.sleep(0.05)  # the queue (1 entry) is full: the probe's SYN is dropped
+    return listener.getsockname()[1]
+
+
+class RawConnectTests(TestCase):
+    """
+    Backends with an IP address are connected by L{RawConnect} (a
+    hand-made non-blocking connect), not by connectTCP.
+    """
+
+    @defer.inlineCallbacks
+    def test_success_bytes_flow(self):
+        from twisted.internet import tcp
+
+        (a,) = start_backends(self, "a")
+        svc = yield start_balancer(self, make_config([a.address], check_interval=0))
+        client = yield connect(svc.port)
+        client.transport.write(b"hello")
+        yield wait_for(lambda: bytes(client.data) == b"hello")
+        server = next(iter(svc.factory.clients))
+        bt = server.backend.transport
+        self.assertIsInstance(bt, tcp.Server)
+        self.assertEqual(bt.getPeer().port, a.portnum)
+        self.assertEqual(bt.getHost().host, "127.0.0.1")
+        self.assertTrue(bt.getTcpNoDelay())
+        client.transport.loseConnection()
+        yield client.done
+        yield wait_for(lambda: not a.conns)
+
+    @defer.inlineCallbacks
+    def test_refused_goes_to_next(self):
+        (live,) = start_backends(self, "live")
+        dead = f"127.0.0.1:{free_port()}"
+        svc = yield start_balancer(self, make_config([dead, live.address], check_interval=0))
+        for i in range(2):
+            data = yield roundtrip(svc.port, b"r%d" % i)
+            self.assertEqual(data, b"r%d" % i)
+        peer = svc.pool.peers[dead]
+        self.assertIn("refused", peer.active.last_error)
+        self.assertEqual(peer.conns, 0)
+        self.assertEqual(svc.factory.connect_failures, 1)
+
+    @defer.inlineCallbacks
+    def test_timeout_goes_to_next(self):
+        (live,) = start_backends(self, "live")
+        hung = f"127.0.0.1:{hung_port(self)}"
+        cfg = make_config([hung, live.address], check_interval=0, connect_timeout=0.2)
+        svc = yield start_balancer(self, cfg)
+        data = yield roundtrip(svc.port, b"slow")
+        self.assertEqual(data, b"slow")
+        data = yield roundtrip(svc.port, b"fast")
+        self.assertEqual(data, b"fast")
+        peer = svc.pool.peers[hung]
+        self.assertEqual(peer.active.last_error, "connect: timed out")
+        self.assertEqual(peer.failures, 1)
+        self.assertEqual(peer.conns, 0)
+        self.assertEqual(live.served, 2)
+
+    @defer.inlineCallbacks
+    def test_immediate_failure_goes_to_next(self):
+        """
+        A connect() that fails at once (ENETUNREACH) is reported on the
+        next reactor turn and the next backend is tried.
+        """
+        (live,) = start_backends(self, "live")
+        cfg = make_config(["255.255.255.255:1", live.address], check_interval=0)
+        svc = yield start_balancer(self, cfg)
+        data = yield roundtrip(svc.port, b"x")
+        self.assertEqual(data, b"x")
+        self.assertIn("connect: ", svc.pool.peers["255.255.255.255:1"].active.last_error)
+
+    @defer.inlineCallbacks
+    def test_client_leaves_while_connecting(self):
+        hung = f"127.0.0.1:{hung_port(self)}"
+        cfg = make_config([hung], check_interval=0, connect_timeout=5)
+        svc = yield start_balancer(self, cfg)
+        client = yield connect(svc.port)
+        yield wait_for(lambda: svc.factory.clients)
+        server = next(iter(svc.factory.clients))
+        raw = server._attempt.connector
+        # a reset, not an EOF (an EOF is held until the backend answers)
+        client.transport.abortConnection()
+        yield client.done
+        yield wait_for(lambda: not svc.factory.clients)
+        peer = svc.pool.peers[hung]
+        self.assertEqual(peer.conns, 0)
+        self.assertEqual(raw.sock.fileno(), -1)
+        self.assertIsNone(raw.timer)
+        self.assertEqual(svc.factory.connect_failures, 0)
+
+
 class TransparencyTests(TestCase):
     @defer.inlineCallbacks
     def test_large_transfer_and_half_close(self):
@@ -156,6 +265,41 @@ class TransparencyTests(TestCase):
         self.assertEqual(len(data), len(payload))
         self.assertEqual(hashlib.sha256(data).digest(), hashlib.sha256(payload).digest())
         self.assertTrue(client.eof)
+
+    @defer.inlineCallbacks
+    def test_backend_answers_after_client_eof(self):
+        """
+        The client's EOF is passed on at once as a half-close: the backend
+        still gets to answer after it, then both connections close.
+        """
+        from zope.interface import implementer
+        from twisted.internet.interfaces import IHalfCloseableProtocol
+
+        @implementer(IHalfCloseableProtocol)
+        class AnswerAtEOF(Protocol):
+            def connectionMade(self):
+                self.got = b""
+
+            def dataReceived(self, data):
+                self.got += data
+
+            def readConnectionLost(self):
+                self.transport.write(b"got " + self.got)
+                self.transport.loseConnection()
+
+            def writeConnectionLost(self):
+                pass
+
+        factory = Factory.forProtocol(AnswerAtEOF)
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        addr = f"127.0.0.1:{port.getHost().port}"
+        svc = yield start_balancer(self, make_config([addr], check_interval=0))
+        for _ in range(3):
+            data = yield roundtrip(svc.port, b"question")
+            self.assertEqual(data, b"got question")
+        yield wait_for(lambda: not svc.factory.clients)
+        self.assertEqual(svc.pool.peers[addr].conns, 0)
 
     @defer.inlineCallbacks
     def test_data_before_backend_connect_is_held(self):
