@@ -39,7 +39,6 @@ import sys
 import tempfile
 import time
 
-RUN = f"{os.getpid()}x{int(time.time()) % 100000}"
 MSG_MARK = b'"msg":"'
 
 
@@ -222,6 +221,8 @@ def main(argv=None) -> dict:
 
 def run(args, targets) -> dict:
     loop = Loop()
+    # A name prefix of this run's users, so runs against one server differ.
+    run_id = f"{os.getpid()}x{time.monotonic_ns() % 10**9}"
     baseline = {pid: rssKiB(pid) for pid in args.pid}
 
     # Register: pipelined on one connection per target.
@@ -232,7 +233,7 @@ def run(args, targets) -> dict:
         batch = range(start, min(args.clients, start + 1000))
         replies = loop.request(
             registrars[0],
-            [json.dumps({"msgid": 4, "name": f"b{RUN}-{i}", "password": "pw"}).encode() for i in batch],
+            [json.dumps({"msgid": 4, "name": f"b{run_id}-{i}", "password": "pw"}).encode() for i in batch],
         )
         for reply in replies:
             if reply.get("errno") != 0:

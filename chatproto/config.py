@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import configparser
 from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from twisted.python import usage
 
@@ -139,10 +139,16 @@ class RedisURL:
     db: int = 0
     password: str | None = None
     tls: bool = False
+    #: With C{rediss://}: a PEM file of the CA that signed the server's
+    #: certificate (default: the system trust store).
+    ca: str | None = None
 
 
 def parseRedisURL(url: str) -> RedisURL:
-    """C{redis://[:password@]host[:port][/db]} or C{rediss://...} (TLS)."""
+    """
+    C{redis://[:password@]host[:port][/db]}, or C{rediss://...} for TLS with
+    the server certificate verified (C{?ca=/path/ca.pem} for a private CA).
+    """
     parts = urlsplit(url)
     if parts.scheme not in ("redis", "rediss"):
         raise usage.UsageError(f"--redis must be redis://host:port/db or rediss://..., not {url!r}")
@@ -157,4 +163,5 @@ def parseRedisURL(url: str) -> RedisURL:
         db=db,
         password=unquote(parts.password) if parts.password else None,
         tls=parts.scheme == "rediss",
+        ca=parse_qs(parts.query).get("ca", [None])[0],
     )

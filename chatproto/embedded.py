@@ -64,7 +64,7 @@ class LocalRelay:
     def stop(self) -> defer.Deferred:
         return defer.succeed(None)
 
-    def deliver(self, uids, message, store) -> defer.Deferred:
+    def deliver(self, uids, message, store, line=None) -> defer.Deferred:
         return defer.succeed(list(uids))
 
     def kick(self, location, uid, reason) -> defer.Deferred:

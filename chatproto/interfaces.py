@@ -312,9 +312,10 @@ class IRelay(Interface):
         @rtype: L{Deferred} firing with L{None}
         """
 
-    def deliver(uids, message, store):
+    def deliver(uids, message, store, line=None):
         """
-        Deliver C{message} to the sessions of C{uids} on other servers.  A
+        Deliver C{message} to the sessions of C{uids} on other servers.
+        C{line}, when given, is C{message} already encoded as JSON (bytes).  A
         server that takes a message for a user who has just left stores it
         offline itself when C{store} is true.  "Online?" and "deliver" are
         one step: there is no check-then-act window.

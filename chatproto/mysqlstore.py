@@ -35,6 +35,12 @@ L{StoreUnavailable}, so the user is told to try again rather than silently
 getting a duplicate.  (This needs the connection to die in the instant
 between sending COMMIT and reading its answer; it is the one window where a
 message may be reported as failed although it was stored.)
+
+C{takeOffline} is one transaction around the hand-over (rows read C{FOR
+UPDATE}, handed over, deleted), so that two servers logging one user in at
+the same moment cannot both hand over the same messages.  Once the
+hand-over has happened it is never repeated; a lost connection after it
+only retries the deletion (by id, idempotent).
 """
 
 from __future__ import annotations
@@ -153,6 +159,16 @@ def _openConnection(connection) -> None:
     with connection.cursor() as cursor:
         cursor.execute("SET SESSION sql_mode = CONCAT(@@sql_mode, ',STRICT_ALL_TABLES')")
         cursor.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+
+
+class _Handoff:
+    """What a L{MySQLStore.takeOffline} transaction has done so far (it may
+    run again after a lost connection)."""
+
+    called = False
+    taken = False
+    lastId = None
+    count = 0
 
 
 def quoteIdentifier(name: str) -> str:
@@ -283,6 +299,54 @@ class MySQLStore(SQLStore):
             return threads.deferToThreadPool(self.reactor, self.pool.threadpool, create)
 
         await self._retrying("createDatabase", attempt)
+
+    # --- offline messages --------------------------------------------------
+
+    @defer.inlineCallbacks
+    def takeOffline(self, uid: int, handoff):
+        """
+        Exactly-once hand-over across servers: the user's offline rows are
+        read C{FOR UPDATE}, handed over (C{handoff} runs in the reactor
+        thread while the transaction waits) and deleted in one transaction.
+        A login of the same user on another server at the same moment
+        waits for that transaction and then finds the messages gone, rather
+        than getting them a second time.  (READ COMMITTED: messages stored
+        meanwhile are not locked out and stay for next time.)
+        """
+        yield self._drainOffline()
+        state = _Handoff()
+        try:
+            count = yield self.run("takeOffline", self._takeOfflineTxn, uid, handoff, state)
+        except StoreUnavailable:
+            if not (state.called and state.taken):
+                raise
+            # Handed over but the deletion could not be committed: they
+            # are handed over again at the next login (at least once).
+            self.log.warn("offline messages of {uid} handed over but not deleted", uid=uid)
+            return 0
+        return count
+
+    def _takeOfflineTxn(self, cursor, uid, handoff, state: _Handoff) -> int:
+        if state.called:
+            # Running again after a lost connection: never hand over twice,
+            # only finish the (idempotent) deletion.
+            if state.taken and state.lastId is not None:
+                cursor.execute(self.q("DELETE FROM offline_messages WHERE userid = ? AND id <= ?"), (uid, state.lastId))
+            return state.count
+        cursor.execute(
+            self.q("SELECT id, payload FROM offline_messages WHERE userid = ? ORDER BY id FOR UPDATE"), (uid,)
+        )
+        rows = cursor.fetchall()
+        state.called = True
+        taken = threads.blockingCallFromThread(
+            self.reactor, defer.maybeDeferred, handoff, [payload for _, payload in rows]
+        )
+        state.taken = bool(taken)
+        if not (taken and rows):
+            return 0
+        state.lastId, state.count = rows[-1][0], len(rows)
+        cursor.execute(self.q("DELETE FROM offline_messages WHERE userid = ? AND id <= ?"), (uid, state.lastId))
+        return len(rows)
 
     # --- lifecycle ---------------------------------------------------------
 

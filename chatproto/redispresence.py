@@ -32,7 +32,7 @@ Connections
 
 Two connections per server, as Synapse does: one only subscribes to this
 server's channel, the other carries commands and PUBLISH.  Each is kept up
-by L{_Link}: C{reactor.connectTCP}/C{connectSSL} (TLS certificates are
+by L{chatproto.redislink.Link}: C{reactor.connectTCP}/C{connectSSL} (TLS certificates are
 verified for C{rediss://}) with exponential back-off that never gives up,
 even after a failed AUTH.  The subscription is made again on every
 connection; both connections are PINGed (the registry refresh is the
@@ -66,370 +66,21 @@ message costs one round trip however many members it has.
 from __future__ import annotations
 
 import json
-import random
 
 import txredisapi
-from twisted.internet import defer, error, protocol, task
-from twisted.internet.ssl import optionsForClientTLS
+from twisted.internet import defer, error, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from chatproto.interfaces import ClaimResult, IPresence, IRelay, Location, PresenceUnavailable, ServerInfo
+from chatproto.output import batch as batch_
+from chatproto.redislink import CommandProtocol, Link, SubscriberProtocol
+from chatproto.redisscripts import CLAIM, DEREGISTER, LOCATE, REASSERT, REGISTER, RELAY, RELEASE, SERVERS
 
 log = Logger()
 
 _compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-
-# --- Lua -------------------------------------------------------------------
-
-# Shared by the scripts: the server part of a presence entry when that
-# server is alive (memoised per call in `live`), else nil.
-_LIVE_OWNER = """
-local function liveOwner(P, value, live)
-  if not value then return nil end
-  local tab = string.find(value, '\\t', 1, true)
-  if not tab then return nil end
-  local srv = string.sub(value, 1, tab - 1)
-  local alive = live[srv]
-  if alive == nil then
-    alive = redis.call('EXISTS', P .. 'server:' .. srv) == 1
-    live[srv] = alive
-  end
-  if alive then return srv end
-  return nil
-end
-"""
-
-#: ARGV: prefix, me, uid, session, replace ("1"/"0").
-#: Returns {-1} (this server is not registered), {0, owner} (lost to a live
-#: owner) or {1, previous live owner or ""}.
-CLAIM = (
-    _LIVE_OWNER
-    + """
-local P, me, uid, sess, replace = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local mine = P .. 'server:' .. me
-if redis.call('EXISTS', mine) == 0 then return {-1, ''} end
-local key = P .. 'user:' .. uid
-local value = me .. '\\t' .. sess
-local current = redis.call('GET', key)
-if current == value then return {1, ''} end
-local owner = liveOwner(P, current, {})
-if owner and replace ~= '1' then return {0, current} end
-redis.call('SET', key, value)
-if owner ~= me then
-  redis.call('HINCRBY', mine, 'logins', 1)
-  if owner then redis.call('HINCRBY', P .. 'server:' .. owner, 'logins', -1) end
-end
-if owner then return {1, current} end
-return {1, ''}
-"""
-)
-
-#: ARGV: prefix, me, uid, session.  Compare-and-delete; returns 1 if removed.
-RELEASE = """
-local P, me, uid, sess = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local key = P .. 'user:' .. uid
-if redis.call('GET', key) ~= me .. '\\t' .. sess then return 0 end
-redis.call('DEL', key)
-local mine = P .. 'server:' .. me
-if redis.call('EXISTS', mine) == 1 then redis.call('HINCRBY', mine, 'logins', -1) end
-return 1
-"""
-
-#: ARGV: prefix, uid...  Returns one entry per uid ("" when offline).
-LOCATE = (
-    _LIVE_OWNER
-    + """
-local P, live, out = ARGV[1], {}, {}
-for i = 2, #ARGV do
-  local value = redis.call('GET', P .. 'user:' .. ARGV[i])
-  if liveOwner(P, value, live) then out[i - 1] = value else out[i - 1] = '' end
-end
-return out
-"""
-)
-
-#: ARGV: prefix, name, host, port, weight, logins, updated, ttl (ms).
-#: Returns 1 if the hash existed, 0 if it was (re)created: this server had
-#: been forgotten (Redis restarted, or this server was cut off past the TTL).
-REGISTER = """
-local P, name = ARGV[1], ARGV[2]
-local key = P .. 'server:' .. name
-local existed = redis.call('EXISTS', key)
-redis.call('HSET', key, 'name', name, 'host', ARGV[3], 'port', ARGV[4], 'weight', ARGV[5],
-           'logins', ARGV[6], 'updated', ARGV[7])
-redis.call('PEXPIRE', key, ARGV[8])
-local servers = P .. 'servers'
-redis.call('SADD', servers, name)
-for _, other in ipairs(redis.call('SMEMBERS', servers)) do
-  if redis.call('EXISTS', P .. 'server:' .. other) == 0 then redis.call('SREM', servers, other) end
-end
-return existed
-"""
-
-#: ARGV: prefix, name.
-DEREGISTER = """
-redis.call('DEL', ARGV[1] .. 'server:' .. ARGV[2])
-redis.call('SREM', ARGV[1] .. 'servers', ARGV[2])
-return 1
-"""
-
-#: ARGV: prefix, me, uid1, session1, uid2, session2...  Re-asserts this
-#: server's sessions; returns the uids now owned by another live server.
-REASSERT = (
-    _LIVE_OWNER
-    + """
-local P, me, live, lost = ARGV[1], ARGV[2], {}, {}
-for i = 3, #ARGV, 2 do
-  local key = P .. 'user:' .. ARGV[i]
-  local owner = liveOwner(P, redis.call('GET', key), live)
-  if owner and owner ~= me then
-    lost[#lost + 1] = ARGV[i]
-  else
-    redis.call('SET', key, me .. '\\t' .. ARGV[i + 1])
-  end
-end
-return lost
-"""
-)
-
-#: Returns the HGETALL of every live server.
-SERVERS = """
-local out = {}
-for _, name in ipairs(redis.call('SMEMBERS', ARGV[1] .. 'servers')) do
-  local fields = redis.call('HGETALL', ARGV[1] .. 'server:' .. name)
-  if #fields > 0 then out[#out + 1] = fields end
-end
-return out
-"""
-
-#: ARGV: prefix, count, then per delivery: store ("1"/"0"), n, n uids, the
-#: message's JSON.  Looks every uid up, PUBLISHes one JSON array per owning
-#: server, and returns per delivery the uids nobody took (offline, dead
-#: server, or no subscriber on its channel).
-RELAY = (
-    _LIVE_OWNER
-    + """
-local P = ARGV[1]
-local count = tonumber(ARGV[2])
-local live, missed, records, routes, order = {}, {}, {}, {}, {}
-local i = 3
-for d = 1, count do
-  local store, n = ARGV[i], tonumber(ARGV[i + 1])
-  local message = ARGV[i + 2 + n]
-  local lost, targets, servers = {}, {}, {}
-  for k = i + 2, i + 1 + n do
-    local uid = ARGV[k]
-    local srv = liveOwner(P, redis.call('GET', P .. 'user:' .. uid), live)
-    if srv then
-      local t = targets[srv]
-      if not t then
-        t = {}
-        targets[srv] = t
-        servers[#servers + 1] = srv
-      end
-      t[#t + 1] = uid
-    else
-      lost[#lost + 1] = uid
-    end
-  end
-  missed[d] = lost
-  for _, srv in ipairs(servers) do
-    local uids = targets[srv]
-    if not records[srv] then
-      records[srv] = {}
-      routes[srv] = {}
-      order[#order + 1] = srv
-    end
-    local r = records[srv]
-    r[#r + 1] = '[' .. store .. ',[' .. table.concat(uids, ',') .. '],' .. message .. ']'
-    local rt = routes[srv]
-    rt[#rt + 1] = {d, uids}
-  end
-  i = i + 3 + n
-end
-for _, srv in ipairs(order) do
-  local payload = '[' .. table.concat(records[srv], ',') .. ']'
-  if redis.call('PUBLISH', P .. 'relay:' .. srv, payload) == 0 then
-    for _, route in ipairs(routes[srv]) do
-      local lost = missed[route[1]]
-      for _, uid in ipairs(route[2]) do lost[#lost + 1] = uid end
-    end
-  end
-end
-return missed
-"""
-)
-
-
-# --- connections -----------------------------------------------------------
-
-
-def _readyProtocol(base):
-    """A txredisapi protocol class that tells its L{_Link} when it is ready
-    (after AUTH and SELECT) and when it is gone."""
-
-    class Protocol(base):
-        link = None
-
-        def connectionMade(self):
-            d = base.connectionMade(self)
-            d.addCallback(self._made)
-            d.addErrback(lambda f: log.failure("Redis connection set-up failed", f))
-
-        def _made(self, _):
-            if self._ready:
-                self.link.protocolReady(self)
-
-    return Protocol
-
-
-class _CommandProtocol(_readyProtocol(txredisapi.RedisProtocol)):
-    pass
-
-
-class _SubscriberProtocol(_readyProtocol(txredisapi.SubscriberProtocol)):
-    def messageReceived(self, pattern, channel, message):
-        self.link.cluster._received(message)
-
-
-class _Link(protocol.ClientFactory):
-    """
-    One Redis connection kept up: reconnects with exponential back-off
-    (C{initialDelay} doubling up to C{maxDelay}, with jitter) for as long
-    as it runs, whatever went wrong (refused, timed out, AUTH failed).
-
-    It is also the C{factory} that txredisapi's protocol reports to.
-    """
-
-    noisy = False
-    isLazy = True  # txredisapi: errors are logged, not raised to a caller
-    initialDelay = 0.1
-    maxDelay = 5.0
-    factor = 2.0
-    connectTimeout = 3
-
-    def __init__(self, cluster, name: str, protocolClass, onReady) -> None:
-        self.cluster = cluster
-        self.name = name
-        self.protocolClass = protocolClass
-        self.onReady = onReady
-        self.protocol = None  # the ready protocol, if any
-        self.running = False
-        self.connector = None
-        self.delay = self.initialDelay
-        self._retryCall = None
-        self._transport = None  # the connection being set up or in use
-        self._stopped: list[defer.Deferred] = []
-        self._failures = 0
-        #: "disconnected", "connecting" or "connected"
-        self.state = "disconnected"
-
-    @property
-    def reactor(self):
-        return self.cluster.reactor
-
-    def start(self) -> None:
-        if not self.running:
-            self.running = True
-            self._connect()
-
-    def _connect(self) -> None:
-        self._retryCall = None
-        self.state = "connecting"
-        url = self.cluster.url
-        if url.tls:
-            self.connector = self.reactor.connectSSL(
-                url.host, url.port, self, optionsForClientTLS(url.host), timeout=self.connectTimeout
-            )
-        else:
-            self.connector = self.reactor.connectTCP(url.host, url.port, self, timeout=self.connectTimeout)
-
-    def buildProtocol(self, addr):
-        self.state = "connected"
-        url = self.cluster.url
-        p = self.protocolClass(
-            charset="utf-8",
-            replyTimeout=self.cluster.replyTimeout,
-            password=url.password,
-            dbid=url.db or None,
-            convertNumbers=False,
-        )
-        p.factory = self
-        p.link = self
-        # txredisapi binds these to the global reactor.
-        p.callLater = self.reactor.callLater
-        return p
-
-    def protocolReady(self, p) -> None:
-        if not self.running:
-            p.transport.loseConnection()
-            return
-        self.protocol = p
-        self.delay = self.initialDelay
-        if self._failures:
-            log.info("Redis {link} connection to {host}:{port} is back", link=self.name, host=self.cluster.url.host, port=self.cluster.url.port)
-        self._failures = 0
-        self.onReady(p)
-
-    # txredisapi calls these when AUTH or SELECT fails; we keep retrying.
-    def stopTrying(self) -> None:
-        pass
-
-    def connectionError(self, why) -> None:
-        log.error("Redis {link} connection: {why}; retrying", link=self.name, why=why)
-
-    def clientConnectionFailed(self, connector, reason) -> None:
-        self._gone(reason)
-
-    def clientConnectionLost(self, connector, reason) -> None:
-        self._gone(reason)
-
-    def _gone(self, reason) -> None:
-        self.protocol = None
-        self.state = "disconnected"
-        if not self.running:
-            waiters, self._stopped = self._stopped, []
-            for d in waiters:
-                d.callback(None)
-            return
-        self._failures += 1
-        if self._failures == 1 or self._failures % 20 == 0:
-            log.warn(
-                "Redis {link} connection to {host}:{port} lost or failed ({why}); reconnecting",
-                link=self.name,
-                host=self.cluster.url.host,
-                port=self.cluster.url.port,
-                why=reason.getErrorMessage(),
-            )
-        delay = random.uniform(0.8, 1.2) * self.delay
-        self.delay = min(self.delay * self.factor, self.maxDelay)
-        self._retryCall = self.reactor.callLater(delay, self._connect)
-
-    def drop(self) -> None:
-        """Abort the current connection (it will be made again)."""
-        p = self.protocol
-        if p is not None and p.transport is not None:
-            p.transport.abortConnection()
-
-    def stop(self) -> defer.Deferred:
-        """Stop reconnecting and close the connection; fires once closed."""
-        self.running = False
-        if self._retryCall is not None:
-            self._retryCall.cancel()
-            self._retryCall = None
-            return defer.succeed(None)
-        connector = self.connector
-        if connector is None or self.state == "disconnected":
-            return defer.succeed(None)
-        d = defer.Deferred()
-        self._stopped.append(d)
-        if self.state == "connecting":
-            connector.stopConnecting()
-        else:
-            connector.disconnect()
-        return d
 
 
 def _unavailable(failure: Failure):
@@ -464,6 +115,8 @@ class RedisCluster:
 
     #: deliveries per script call, at most (bigger batches are split)
     maxBatch = 1000
+    #: delivery batches sent and not yet answered, at most
+    maxInflight = 8
 
     def __init__(
         self,
@@ -493,8 +146,8 @@ class RedisCluster:
         self.channel = f"{prefix}relay:{name}"
         self.presence = RedisPresence(self)
         self.relay = RedisRelay(self)
-        self.commands = _Link(self, "command", _CommandProtocol, self._commandsReady)
-        self.subscriber = _Link(self, "subscriber", _SubscriberProtocol, self._subscriberReady)
+        self.commands = Link(self, "command", CommandProtocol, self._commandsReady)
+        self.subscriber = Link(self, "subscriber", SubscriberProtocol, self._subscriberReady)
         self.receiver = None
         self.loginCount = lambda: 0
         #: set while this server's registry entry is believed current
@@ -662,12 +315,15 @@ class RedisCluster:
         self.subscribed = False
 
     def _ping(self) -> None:
-        p = self.subscriber.protocol
-        if p is None or not self.subscribed:
-            return
         # The protocol's reply timeout closes a connection that does not
-        # answer (half-open socket); _Link then reconnects.
-        p.ping().addErrback(lambda f: None)
+        # answer (half-open socket, or a subscription never confirmed);
+        # Link then reconnects.  The registry refresh is the command
+        # connection's ping while presence runs.
+        links = [self.subscriber] if self._refresher is not None else [self.subscriber, self.commands]
+        for link in links:
+            p = link.protocol
+            if p is not None and p.connected:
+                p.ping().addErrback(lambda f: None)
 
     def startRelay(self, receiver) -> defer.Deferred:
         self.receiver = receiver
@@ -693,12 +349,14 @@ class RedisCluster:
         yield self.subscriber.stop()
         if self._flushCall is not None:
             self._flushCall.cancel()
+        if self._batch:
             self._flush()
         yield self._releaseCommands()
 
     def _received(self, payload) -> None:
         """A message on this server's channel."""
         receiver = self.receiver
+        batch_.begin()
         try:
             if isinstance(payload, bytes):
                 payload = payload.decode("utf-8")
@@ -710,18 +368,30 @@ class RedisCluster:
                 receiver.deliverLocal(uids, message, bool(store))
         except Exception:
             log.failure("handling a relayed message {payload!r}", payload=payload[:200])
+        finally:
+            batch_.end()
 
-    def deliver(self, uids, message, store) -> defer.Deferred:
+    def deliver(self, uids, message, store, line=None) -> defer.Deferred:
         uids = [int(uid) for uid in uids]
         if not uids:
             return defer.succeed([])
         if self.commands.protocol is None:
             return defer.fail(PresenceUnavailable("not connected to Redis"))
         d = defer.Deferred()
-        self._batch.append((uids, _compact(message), store, d))
-        if self._flushCall is None:
-            self._flushCall = self.reactor.callLater(0, self._flush)
+        encoded = line.decode("utf-8") if line is not None else _compact(message)
+        self._batch.append((uids, encoded, store, d))
+        self._scheduleFlush()
         return d
+
+    def _scheduleFlush(self) -> None:
+        """
+        Send what is queued at the end of this reactor turn, unless
+        C{maxInflight} batches are out already: then when one comes back.
+        Under load batches grow by themselves, which keeps the cost per
+        message low; when idle a delivery leaves at once.
+        """
+        if self._batch and self._flushCall is None and len(self._inflight) < self.maxInflight:
+            self._flushCall = self.reactor.callLater(0, self._flush)
 
     def _flush(self) -> None:
         self._flushCall = None
@@ -730,23 +400,32 @@ class RedisCluster:
             self._send(batch[start : start + self.maxBatch])
 
     def _send(self, batch) -> None:
-        args = [len(batch)]
-        for uids, message, store, _ in batch:
-            args.append("1" if store else "0")
-            args.append(len(uids))
-            args.extend(uids)
-            args.append(message)
-        d = self.eval(RELAY, args)
+        lines = [
+            f"{'1' if store else '0'}{','.join(map(str, uids))}\t{message}\n" for uids, message, store, _ in batch
+        ]
+        d = self.eval(RELAY, ["".join(lines)])
         self._inflight.add(d)
 
         def done(result):
             self._inflight.discard(d)
+            self._scheduleFlush()
             if isinstance(result, Failure):
                 for *_, waiter in batch:
                     waiter.errback(result)
                 return None
-            for (*_, waiter), missed in zip(batch, result):
-                waiter.callback([int(uid) for uid in missed])
+            missed = {}
+            if result:
+                for part in result.split(";"):
+                    index, _, uids = part.partition(":")
+                    missed[int(index) - 1] = [int(uid) for uid in uids.split(",")]
+            # Acknowledgements written while completing the batch leave in
+            # one piece per session.
+            batch_.begin()
+            try:
+                for i, (*_, waiter) in enumerate(batch):
+                    waiter.callback(missed.get(i, []))
+            finally:
+                batch_.end()
             return None
 
         d.addBoth(done)
@@ -832,8 +511,8 @@ class RedisRelay:
     def stop(self) -> defer.Deferred:
         return self.cluster.stopRelay()
 
-    def deliver(self, uids, message, store) -> defer.Deferred:
-        return self.cluster.deliver(uids, message, store)
+    def deliver(self, uids, message, store, line=None) -> defer.Deferred:
+        return self.cluster.deliver(uids, message, store, line)
 
     def kick(self, location, uid, reason) -> defer.Deferred:
         return self.cluster.kick(location, uid, reason)

@@ -453,7 +453,7 @@ class ChatService(service.Service):
         if not remote:
             return []
         try:
-            missed = await self.relay.deliver(remote, message, store)
+            missed = await self.relay.deliver(remote, message, store, line)
         except Exception as e:
             # The relay is down: whoever is elsewhere gets it offline.
             self.log.warn("relay unavailable ({error}); storing for {n} users", error=e, n=len(remote))

@@ -67,6 +67,8 @@ class Options(IniOptions):
         self["db-url"] = parseDatabaseURL(self["db"])
         self["redis-url"] = parseRedisURL(self["redis"]) if self["redis"] else None
         host, port = advertisedAddress(self["port"][0], self["advertise"])
+        if port == 0 and self["redis-url"] is not None:
+            raise usage.UsageError("listening on port 0 in a cluster needs --advertise HOST:PORT for the registry")
         self["advertise-host"], self["advertise-port"] = host, port
         if not self["name"]:
             self["name"] = f"{socket.gethostname()}:{port}"

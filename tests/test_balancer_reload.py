@@ -9,7 +9,7 @@ import signal
 import uuid
 
 import txredisapi
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
 from balancer import config as configmod

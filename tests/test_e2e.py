@@ -8,7 +8,7 @@ import ipaddress
 import json
 import os
 
-from twisted.internet import defer, reactor
+from twisted.internet import reactor
 from twisted.internet import ssl as tssl
 from twisted.trial import unittest
 

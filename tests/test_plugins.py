@@ -65,6 +65,12 @@ class ChatOptionsTests(unittest.TestCase):
         ):
             self.assertRaises(usage.UsageError, self.parse, *argv)
 
+    def test_clusterOnPortZeroNeedsAdvertise(self):
+        e = self.assertRaises(usage.UsageError, self.parse, "--port", "tcp:0", "--redis", "redis://127.0.0.1")
+        self.assertIn("--advertise", str(e))
+        o = self.parse("--port", "tcp:0", "--redis", "redis://127.0.0.1", "--advertise", "10.0.0.5:6000")
+        self.assertEqual((o["advertise-host"], o["advertise-port"]), ("10.0.0.5", 6000))
+
     def test_unknownFileSetting(self):
         path = self.mktemp()
         with open(path, "w") as f:
@@ -78,7 +84,8 @@ class ChatOptionsTests(unittest.TestCase):
         self.assertEqual((url.user, url.password, url.host, url.port, url.database), ("chat", "p@ss", "db.example", 3307, "chatdb"))
         self.assertRaises(usage.UsageError, parseDatabaseURL, "mysql://root@host/")
         r = parseRedisURL("rediss://:pw@r.example:6390/3")
-        self.assertEqual((r.host, r.port, r.db, r.password, r.tls), ("r.example", 6390, 3, "pw", True))
+        self.assertEqual((r.host, r.port, r.db, r.password, r.tls, r.ca), ("r.example", 6390, 3, "pw", True, None))
+        self.assertEqual(parseRedisURL("rediss://r.example/0?ca=/etc/ca.pem").ca, "/etc/ca.pem")
 
     def test_advertisedAddress(self):
         self.assertEqual(advertisedAddress("tcp:port=6005:interface=10.0.0.2", None), ("10.0.0.2", 6005))

@@ -2,7 +2,7 @@
 
 import sqlite3
 
-from twisted.internet import defer, reactor
+from twisted.internet import reactor
 from twisted.trial import unittest
 
 from chatproto.sqlstore import ImmediatePool, SQLStore, sqlitePool

@@ -1,0 +1,188 @@
+"""
+One Redis connection kept up for a L{chatproto.redispresence.RedisCluster}:
+txredisapi's protocols over C{reactor.connectTCP}/C{connectSSL} (an
+endpoint wrapper would lose C{clientConnectionLost}, which reconnection
+needs), with back-off that never gives up, even after a failed AUTH.
+"""
+
+from __future__ import annotations
+
+import random
+
+import txredisapi
+from twisted.internet import defer, protocol
+from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.logger import Logger
+
+log = Logger()
+
+
+def _readyProtocol(base):
+    """A txredisapi protocol class that tells its L{Link} when it is ready
+    (after AUTH and SELECT) and when it is gone."""
+
+    class Protocol(base):
+        link = None
+
+        def connectionMade(self):
+            d = base.connectionMade(self)
+            d.addCallback(self._made)
+            d.addErrback(lambda f: log.failure("Redis connection set-up failed", f))
+
+        def _made(self, _):
+            if self._ready:
+                self.link.protocolReady(self)
+
+    return Protocol
+
+
+class CommandProtocol(_readyProtocol(txredisapi.RedisProtocol)):
+    pass
+
+
+class SubscriberProtocol(_readyProtocol(txredisapi.SubscriberProtocol)):
+    def messageReceived(self, pattern, channel, message):
+        self.link.cluster._received(message)
+
+
+class Link(protocol.ClientFactory):
+    """
+    One Redis connection kept up: reconnects with exponential back-off
+    (C{initialDelay} doubling up to C{maxDelay}, with jitter) for as long
+    as it runs, whatever went wrong (refused, timed out, AUTH failed).
+
+    It is also the C{factory} that txredisapi's protocol reports to.
+    """
+
+    noisy = False
+    isLazy = True  # txredisapi: errors are logged, not raised to a caller
+    initialDelay = 0.1
+    maxDelay = 5.0
+    factor = 2.0
+    connectTimeout = 3
+
+    def __init__(self, cluster, name: str, protocolClass, onReady) -> None:
+        self.cluster = cluster
+        self.name = name
+        self.protocolClass = protocolClass
+        self.onReady = onReady
+        self.protocol = None  # the ready protocol, if any
+        self.running = False
+        self.connector = None
+        self.delay = self.initialDelay
+        self._retryCall = None
+        self._stopped: list[defer.Deferred] = []
+        self._failures = 0
+        #: "disconnected", "connecting" or "connected"
+        self.state = "disconnected"
+
+    @property
+    def reactor(self):
+        return self.cluster.reactor
+
+    def start(self) -> None:
+        if not self.running:
+            self.running = True
+            self._connect()
+
+    def _connect(self) -> None:
+        self._retryCall = None
+        self.state = "connecting"
+        url = self.cluster.url
+        if url.tls:
+            # The certificate is verified for the host name, against the
+            # system trust store or the URL's CA file when it has one.
+            ca = getattr(url, "ca", None)
+            if ca:
+                with open(ca, "rb") as f:
+                    creator = optionsForClientTLS(url.host, trustRoot=Certificate.loadPEM(f.read()))
+            else:
+                creator = optionsForClientTLS(url.host)
+            self.connector = self.reactor.connectSSL(url.host, url.port, self, creator, timeout=self.connectTimeout)
+        else:
+            self.connector = self.reactor.connectTCP(url.host, url.port, self, timeout=self.connectTimeout)
+
+    def buildProtocol(self, addr):
+        self.state = "connected"
+        url = self.cluster.url
+        p = self.protocolClass(
+            charset="utf-8",
+            replyTimeout=self.cluster.replyTimeout,
+            password=url.password,
+            dbid=url.db or None,
+            convertNumbers=False,
+        )
+        p.factory = self
+        p.link = self
+        # txredisapi binds these to the global reactor.
+        p.callLater = self.reactor.callLater
+        return p
+
+    def protocolReady(self, p) -> None:
+        if not self.running:
+            p.transport.loseConnection()
+            return
+        self.protocol = p
+        self.delay = self.initialDelay
+        if self._failures:
+            log.info("Redis {link} connection to {host}:{port} is back", link=self.name, host=self.cluster.url.host, port=self.cluster.url.port)
+        self._failures = 0
+        self.onReady(p)
+
+    # txredisapi calls these when AUTH or SELECT fails; we keep retrying.
+    def stopTrying(self) -> None:
+        pass
+
+    def connectionError(self, why) -> None:
+        log.error("Redis {link} connection: {why}; retrying", link=self.name, why=why)
+
+    def clientConnectionFailed(self, connector, reason) -> None:
+        self._gone(reason)
+
+    def clientConnectionLost(self, connector, reason) -> None:
+        self._gone(reason)
+
+    def _gone(self, reason) -> None:
+        self.protocol = None
+        self.state = "disconnected"
+        if not self.running:
+            waiters, self._stopped = self._stopped, []
+            for d in waiters:
+                d.callback(None)
+            return
+        self._failures += 1
+        if self._failures == 1 or self._failures % 20 == 0:
+            log.warn(
+                "Redis {link} connection to {host}:{port} lost or failed ({why}); reconnecting",
+                link=self.name,
+                host=self.cluster.url.host,
+                port=self.cluster.url.port,
+                why=reason.getErrorMessage(),
+            )
+        delay = random.uniform(0.8, 1.2) * self.delay
+        self.delay = min(self.delay * self.factor, self.maxDelay)
+        self._retryCall = self.reactor.callLater(delay, self._connect)
+
+    def drop(self) -> None:
+        """Abort the current connection (it will be made again)."""
+        p = self.protocol
+        if p is not None and p.transport is not None:
+            p.transport.abortConnection()
+
+    def stop(self) -> defer.Deferred:
+        """Stop reconnecting and close the connection; fires once closed."""
+        self.running = False
+        if self._retryCall is not None:
+            self._retryCall.cancel()
+            self._retryCall = None
+            return defer.succeed(None)
+        connector = self.connector
+        if connector is None or self.state == "disconnected":
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._stopped.append(d)
+        if self.state == "connecting":
+            connector.stopConnecting()
+        else:
+            connector.disconnect()
+        return d
