@@ -1,7 +1,8 @@
 """
-Listening endpoints, optionally with C{SO_REUSEPORT} so that several
+Listening endpoints: optionally with C{SO_REUSEPORT}, so that several
 balancer processes (C{--workers}) can each accept on the same port and the
-kernel spreads new connections across them.
+kernel spreads new connections across them, and for plain C{tcp:}
+listeners of the proxy optionally lean (L{balancer.lean.LeanPort}).
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from twisted.internet.endpoints import (
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 
-class ReusePortEndpoint:
+class SocketEndpoint:
     """
-    A TCP (or TLS-over-TCP) server endpoint whose socket has
-    C{SO_REUSEPORT} set before C{bind()}.
+    A TCP (or TLS-over-TCP) server endpoint that makes its listening socket
+    itself: with C{SO_REUSEPORT} set before C{bind()} when C{reuse_port},
+    and accepting with a L{balancer.lean.LeanPort} when C{lean} (no TLS;
+    the factory is then a L{balancer.proxy.BalancerFactory}).
     """
 
     def __init__(
@@ -32,12 +35,16 @@ class ReusePortEndpoint:
         interface: str = "",
         backlog: int = 1024,
         tls_context: Any = None,
+        reuse_port: bool = True,
+        lean: bool = False,
     ) -> None:
         self.reactor = reactor
         self.port = port
         self.interface = interface
         self.backlog = backlog
         self.tls_context = tls_context
+        self.reuse_port = reuse_port
+        self.lean = lean
 
     def listen(self, factory: Any) -> defer.Deferred[Any]:
         return defer.execute(self._listen, factory)
@@ -47,36 +54,51 @@ class ReusePortEndpoint:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if self.reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((self.interface, self.port))
             sock.listen(self.backlog)
             sock.setblocking(False)
+            if self.lean:
+                from balancer.lean import LeanPort
+
+                # accepted sockets inherit it (Linux): one setsockopt less
+                # per client
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                port = LeanPort(self.reactor, sock, factory)
+                sock = None
+                return port
             if self.tls_context is not None:
                 factory = TLSMemoryBIOFactory(self.tls_context, False, factory)
             return self.reactor.adoptStreamPort(sock.fileno(), family, factory)
         finally:
             # adoptStreamPort dup()s the descriptor
-            sock.close()
+            if sock is not None:
+                sock.close()
 
 
-def server_endpoint(reactor: Any, description: str, reuse_port: bool, backlog: int) -> Any:
+def server_endpoint(
+    reactor: Any, description: str, reuse_port: bool, backlog: int, lean: bool = False
+) -> Any:
     """
     The endpoint for C{--listen DESCRIPTION}.  With C{reuse_port}, C{tcp:}
-    and C{ssl:} endpoints are rebuilt as L{ReusePortEndpoint}s.
+    and C{ssl:} endpoints are rebuilt as L{SocketEndpoint}s; with C{lean},
+    C{tcp:} endpoints are rebuilt as lean L{SocketEndpoint}s.
     """
     endpoint = serverFromString(reactor, description)
     if isinstance(endpoint, (TCP4ServerEndpoint, TCP6ServerEndpoint)):
         if "backlog=" not in description:
             endpoint._backlog = backlog
-        if reuse_port:
-            return ReusePortEndpoint(
-                reactor, endpoint._port, endpoint._interface, endpoint._backlog
+        if reuse_port or lean:
+            return SocketEndpoint(
+                reactor, endpoint._port, endpoint._interface, endpoint._backlog,
+                reuse_port=reuse_port, lean=lean,
             )
     elif isinstance(endpoint, SSL4ServerEndpoint):
         if "backlog=" not in description:
             endpoint._backlog = backlog
         if reuse_port:
-            return ReusePortEndpoint(
+            return SocketEndpoint(
                 reactor,
                 endpoint._port,
                 endpoint._interface,

@@ -2,6 +2,12 @@
 The data path: accept a client, pick a backend, connect (retrying the next
 backend on failure), then copy bytes both ways.
 
+This module has the selection, retry and accounting code that both data
+paths share (L{BalancerFactory}, L{Attempt}, L{RawConnect}) and the Twisted
+path (L{ServerSide}, L{BackendSide}: Twisted transports, used for C{ssl:}
+listeners and backends given by host name or endpoint string).  Plain
+C{tcp:} listeners forward on raw sockets instead (L{balancer.lean}).
+
 Backpressure is Twisted's portforward scheme: each transport is registered
 as the other's streaming producer, so a slow reader pauses the fast writer
 and the balancer never buffers more than about one transport buffer per
@@ -268,6 +274,7 @@ class ServerSide(_Side):
     _attempt: Any = None
     _tried: set[Peer] | None = None
     closed = False
+    lean = False
 
     _paused = False
 
@@ -311,7 +318,7 @@ class ServerSide(_Side):
         self.link(backend)
         backend.link(self)
         t, bt = self.transport, backend.transport
-        header = self.factory.header_for(t)
+        header = self.factory.header_for(t.getPeer(), t.getHost())
         held = self._held
         self._held = None
         if header or held:
@@ -337,11 +344,18 @@ class ServerSide(_Side):
                     t.unregisterProducer()
                 t.loseConnection()
 
+    def client_address(self) -> Any:
+        return self.transport.getPeer()
+
     def no_backend(self) -> None:
         self._attempt = None
         self._tried = None
         self.factory.rejected += 1
-        self.transport.abortConnection()
+        self.abort()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abortConnection()
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.closed = True
@@ -444,6 +458,11 @@ class RawConnect:
         if attempt is None:  # pragma: no cover - cancelled meanwhile
             self.sock.close()
             return
+        if attempt.server.lean:
+            # the lean path forwards on the socket itself
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            attempt.connected(self.sock)
+            return
         backend = BackendSide(attempt)
         t = tcp.Server(self.sock, backend, self.addr, None, 0, self.reactor)
         t.repstr = f"<BackendSide to {self.addr}>"
@@ -535,10 +554,14 @@ class Attempt(protocol.ClientFactory):
     def buildProtocol(self, addr: Any) -> BackendSide:
         return BackendSide(self)
 
-    def connected(self, backend: BackendSide) -> None:
+    def connected(self, backend: BackendSide | socket.socket) -> None:
+        """
+        Connected: C{backend} is a L{BackendSide}, or for a lean client
+        (L{balancer.lean.LeanClient}) the connected socket.
+        """
         self.connector = self.deferred = None
         if self.done:
-            backend.transport.abortConnection()
+            _close_backend(backend)
             return
         self.done = True
         server = self.server
@@ -546,7 +569,7 @@ class Attempt(protocol.ClientFactory):
         self.factory.attempt_succeeded(self.peer)
         assert server is not None
         if server.closed:
-            backend.transport.loseConnection()
+            _close_backend(backend)
             self.factory.release(self.peer)
             return
         server.backend_connected(backend, self.peer)
@@ -578,6 +601,13 @@ class Attempt(protocol.ClientFactory):
             self.connector.disconnect()
         elif self.deferred is not None:
             self.deferred.cancel()
+
+
+def _close_backend(backend: BackendSide | socket.socket) -> None:
+    if isinstance(backend, socket.socket):
+        backend.close()
+    else:
+        backend.transport.abortConnection()
 
 
 class BalancerFactory(protocol.Factory):
@@ -619,10 +649,23 @@ class BalancerFactory(protocol.Factory):
         self.clients.add(p)
         return p
 
-    def header_for(self, transport: Any) -> bytes:
+    def accept(self, client: Any) -> None:
+        """
+        A client accepted by a L{balancer.lean.LeanPort}.
+        """
+        self.accepted += 1
+        self.clients.add(client)
+        client.start_reading()
+        self.dispatch(client)
+
+    def header_for(self, client: Any, local: Any) -> bytes:
+        """
+        The PROXY header for a client at address C{client} connected to our
+        address C{local}, or C{b""}.
+        """
         if self.proxy_protocol is None:
             return b""
-        return proxy_header(self.proxy_protocol, transport.getPeer(), transport.getHost())
+        return proxy_header(self.proxy_protocol, client, local)
 
     def dispatch(self, server: ServerSide) -> None:
         """
@@ -638,15 +681,16 @@ class BalancerFactory(protocol.Factory):
             if tried:
                 self.log.warn(
                     "no backend reachable for {client} after {n} tries",
-                    client=server.transport.getPeer(), n=len(tried),
+                    client=server.client_address(), n=len(tried),
                 )
             else:
-                self.log.warn(
-                    "no live backend for {client}", client=server.transport.getPeer()
-                )
+                self.log.warn("no live backend for {client}", client=server.client_address())
             server.no_backend()
             self.clients.discard(server)
             return
+        if server.lean and _sockaddr(peer) is None:
+            # a host name or an endpoint string: Twisted's transports
+            server = server.to_twisted()
         tried.add(peer)
         peer.connection_started()
         attempt = Attempt(self, server, peer)
@@ -678,5 +722,4 @@ class BalancerFactory(protocol.Factory):
 
     def close_all(self) -> None:
         for client in list(self.clients):
-            if client.transport is not None:
-                client.transport.abortConnection()
+            client.abort()

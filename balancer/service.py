@@ -101,7 +101,12 @@ class BalancerService(service.MultiService):
     def _listen(self) -> Any:
         cfg = self.config
         for description in cfg.listen:
-            endpoint = server_endpoint(self.reactor, description, self.reuse_port, cfg.backlog)
+            # plain tcp: listeners use the lean path when the reactor can
+            # watch raw sockets (as it must for RawConnect)
+            endpoint = server_endpoint(
+                self.reactor, description, self.reuse_port, cfg.backlog,
+                lean=self.factory.raw_connect,
+            )
             port = yield endpoint.listen(self.factory)
             self.proxy_ports.append(port)
             self.ports.append(port)

@@ -216,7 +216,7 @@ class MySQLStore(SQLStore):
 
     # --- plumbing ----------------------------------------------------------
 
-    def run(self, name: str, txn, *args) -> defer.Deferred:
+    def _interact(self, name: str, txn, *args) -> defer.Deferred:
         """
         Run C{txn(cursor, *args)} in a transaction, retrying while the
         connection is lost (see the module docstring).

@@ -153,6 +153,7 @@ class SQLStore:
         # order they were accepted, batched under load.
         self._offlineQueue: list[tuple[list, defer.Deferred]] = []
         self._offlineFlushing: defer.Deferred | None = None
+        self._inflight: set[defer.Deferred] = set()
 
     # --- plumbing ----------------------------------------------------------
 
@@ -166,7 +167,23 @@ class SQLStore:
         return sql
 
     def run(self, name: str, txn: Callable, *args) -> defer.Deferred:
-        """Run C{txn(cursor, *args)} in a transaction.  C{name} is for logs."""
+        """
+        Run C{txn(cursor, *args)} in a transaction.  C{name} is for logs.
+        Every interaction is tracked until it ends, so that L{close} never
+        stops the pool's threads under one (adbapi joins them, and a
+        transaction waiting on the reactor thread would never end).
+        """
+        d = self._interact(name, txn, *args)
+        self._inflight.add(d)
+
+        def done(result):
+            self._inflight.discard(d)
+            return result
+
+        return d.addBoth(done)
+
+    def _interact(self, name: str, txn: Callable, *args) -> defer.Deferred:
+        """One interaction with the database (subclasses add retries)."""
         return self.pool.runInteraction(txn, *args)
 
     def start(self) -> defer.Deferred:
@@ -179,6 +196,7 @@ class SQLStore:
             return defer.succeed(None)
         self._closed = True
         d = self._drainOffline()
+        d.addCallback(lambda _: defer.DeferredList(list(self._inflight), consumeErrors=True))
 
         def closePool(_):
             self.pool.close()

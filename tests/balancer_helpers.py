@@ -149,13 +149,31 @@ def make_config(backends: list[str], **kw: Any) -> BalancerConfig:
 
 @defer.inlineCallbacks
 def start_balancer(test: Any, cfg: BalancerConfig, **kw: Any) -> Any:
+    """
+    Start a balancer; C{svc.port} is its port.  Its C{tcp:} listeners take
+    the lean path; a test with C{twisted_path = True} gets C{svc.port} from
+    an extra Twisted listener (C{listenTCP}) on the same factory instead.
+    """
     kw.setdefault("handle_sighup", False)
     svc = BalancerService(cfg, reactor, **kw)
     svc.startService()
     test.addCleanup(stop_balancer, svc)
     yield svc.listening
     svc.port = svc.proxy_ports[0].getHost().port
+    if getattr(test, "twisted_path", False):
+        port = reactor.listenTCP(0, svc.factory, interface="127.0.0.1")
+        test.addCleanup(port.stopListening)
+        svc.port = port.getHost().port
     return svc
+
+
+def buffered(server: Any) -> int:
+    """
+    Bytes the balancer holds for a client (either path).
+    """
+    if server.lean:
+        return len(server.pending)
+    return len(server.transport.dataBuffer) + server.transport._tempDataLen
 
 
 @defer.inlineCallbacks

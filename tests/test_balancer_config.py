@@ -183,11 +183,11 @@ class ReusePortTests(SynchronousTestCase):
     def test_two_listeners_share_a_port(self):
         from twisted.internet import reactor
 
-        from balancer.listen import ReusePortEndpoint, server_endpoint
+        from balancer.listen import SocketEndpoint, server_endpoint
         from twisted.internet.protocol import Factory
 
         first = self.successResultOf(
-            ReusePortEndpoint(reactor, 0, "127.0.0.1").listen(Factory())
+            SocketEndpoint(reactor, 0, "127.0.0.1").listen(Factory())
         )
         self.addCleanup(first.stopListening)
         port = first.getHost().port
@@ -196,3 +196,11 @@ class ReusePortTests(SynchronousTestCase):
         )
         self.addCleanup(second.stopListening)
         self.assertEqual(second.getHost().port, port)
+        # a lean listener (--workers with a tcp: listener) shares it too
+        third = self.successResultOf(
+            server_endpoint(
+                reactor, f"tcp:{port}:interface=127.0.0.1", True, 10, lean=True
+            ).listen(Factory())
+        )
+        self.addCleanup(third.stopListening)
+        self.assertEqual(third.getHost().port, port)

@@ -1,5 +1,5 @@
 """
-Unit tests of the proxy's data path with in-memory transports.
+Unit tests of the data paths, with in-memory transports and socket pairs.
 """
 
 from ipaddress import ip_address
@@ -205,3 +205,138 @@ class RawConnectUnitTests(SynchronousTestCase):
         attempt.factory.reactor.advance(1)
         self.assertEqual(attempt.failures, [])
         self.assertEqual(raw.sock.fileno(), -1)
+
+
+class _FDSet:
+    """
+    The reactor's reader/writer sets, without a reactor.
+    """
+
+    def __init__(self):
+        self.readers, self.writers = set(), set()
+
+    def addReader(self, r):
+        self.readers.add(r)
+
+    def removeReader(self, r):
+        self.readers.discard(r)
+
+    def addWriter(self, w):
+        self.writers.add(w)
+
+    def removeWriter(self, w):
+        self.writers.discard(w)
+
+
+class _Factory:
+    proxy_protocol = None
+
+    def __init__(self):
+        self.reactor = _FDSet()
+        self.clients = set()
+        self.released = []
+
+    def release(self, peer):
+        self.released.append(peer)
+
+
+class LeanUnitTests(SynchronousTestCase):
+    """
+    L{LeanClient} and its backend half on socket pairs, driven by hand.
+    """
+
+    def pair(self):
+        import socket
+
+        app, lb = socket.socketpair()
+        self.addCleanup(app.close)
+        self.addCleanup(lb.close)
+        lb.setblocking(False)
+        return app, lb
+
+    def client(self):
+        from balancer.lean import LeanClient
+
+        factory = _Factory()
+        c_app, c_lb = self.pair()
+        client = LeanClient(factory, c_lb, ("127.0.0.1", 1))
+        factory.clients.add(client)
+        client.start_reading()
+        return factory, client, c_app
+
+    def test_hold_stops_reading_past_limit(self):
+        factory, client, c_app = self.client()
+        c_app.setblocking(False)
+        chunk = b"x" * 16384
+        while client.reading:
+            c_app.send(chunk)
+            client.doRead()
+        self.assertGreater(client._held_len, HOLD_LIMIT)
+        self.assertNotIn(client, factory.reactor.readers)
+        # all of it reaches the backend once connected, and reading resumes
+        held = client._held_len
+        b_app, b_lb = self.pair()
+        client.backend_connected(b_lb, "peer")
+        got = 0
+        while got < held:
+            got += len(b_app.recv(1 << 20))
+            if client.backend.pending:
+                client.backend.doWrite()
+        self.assertEqual(got, held)
+        self.assertTrue(client.reading)
+
+    def test_backpressure_and_drain_close(self):
+        """
+        A client that does not read stops the reads from the backend, one
+        chunk at most is kept; close() (a drain deadline) sends it, then
+        shuts and closes both sockets.
+        """
+        factory, client, c_app = self.client()
+        c_app.send(b"early")
+        client.doRead()
+        b_app, b_lb = self.pair()
+        client.backend_connected(b_lb, "peer")
+        self.assertEqual(b_app.recv(100), b"early")
+        backend = client.backend
+        b_app.setblocking(False)
+        sent = 0
+        while backend.reading:
+            try:
+                sent += b_app.send(b"y" * 65536)
+            except BlockingIOError:
+                pass
+            backend.doRead()
+        self.assertTrue(client.pending)
+        self.assertLessEqual(len(client.pending), 65536)
+        self.assertIn(client, factory.reactor.writers)
+
+        client.close()
+        self.assertEqual(factory.reactor.readers, set())
+        self.assertEqual(b_app.recv(100), b"")  # the backend got its EOF
+        self.assertIn(client, factory.clients)  # the client's bytes are not out yet
+        unread = 0  # what the balancer had not read from the backend
+        while True:
+            try:
+                unread += len(b_lb.recv(1 << 20))
+            except BlockingIOError:
+                break
+        received = 0
+        c_app.setblocking(False)
+        while not client.closed:
+            try:
+                received += len(c_app.recv(1 << 20))
+            except BlockingIOError:
+                pass
+            client.doWrite()
+        # every byte the balancer took from the backend reached the client
+        c_app.setblocking(True)
+        while True:
+            data = c_app.recv(1 << 20)
+            if not data:
+                break
+            received += len(data)
+        self.assertEqual(received + unread, sent)
+        self.assertEqual(factory.clients, set())
+        self.assertEqual(factory.released, ["peer"])
+        self.assertEqual((client.sock.fileno(), backend.sock.fileno()), (-1, -1))
+        self.assertEqual(factory.reactor.writers, set())

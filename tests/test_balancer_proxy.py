@@ -13,9 +13,11 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
 
 from balancer.config import BalancerConfig
+from balancer.proxy import HOLD_LIMIT
 
 from tests.balancer_helpers import (
     EchoBackend,
+    buffered,
     connect,
     make_config,
     roundtrip,
@@ -74,6 +76,8 @@ class DistributionTests(TestCase):
 
 
 class FailureTests(TestCase):
+    twisted_path = False
+
     @defer.inlineCallbacks
     def test_connect_refused_retries_next(self):
         """
@@ -167,8 +171,12 @@ class RawConnectTests(TestCase):
     hand-made non-blocking connect), not by connectTCP.
     """
 
+    twisted_path = False
+
     @defer.inlineCallbacks
     def test_success_bytes_flow(self):
+        import socket
+
         from twisted.internet import tcp
 
         (a,) = start_backends(self, "a")
@@ -177,11 +185,19 @@ class RawConnectTests(TestCase):
         client.transport.write(b"hello")
         yield wait_for(lambda: bytes(client.data) == b"hello")
         server = next(iter(svc.factory.clients))
-        bt = server.backend.transport
-        self.assertIsInstance(bt, tcp.Server)
-        self.assertEqual(bt.getPeer().port, a.portnum)
-        self.assertEqual(bt.getHost().host, "127.0.0.1")
-        self.assertTrue(bt.getTcpNoDelay())
+        if self.twisted_path:
+            bt = server.backend.transport
+            self.assertIsInstance(bt, tcp.Server)
+            self.assertEqual(bt.getPeer().port, a.portnum)
+            self.assertEqual(bt.getHost().host, "127.0.0.1")
+            self.assertTrue(bt.getTcpNoDelay())
+        else:
+            # the raw sockets, both with TCP_NODELAY (the client's inherited
+            # from the listening socket)
+            for sock in (server.sock, server.backend.sock):
+                self.assertTrue(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            self.assertEqual(server.backend.sock.getpeername()[1], a.portnum)
+            self.assertEqual(server.sock.getpeername()[1], client.transport.getHost().port)
         client.transport.loseConnection()
         yield client.done
         yield wait_for(lambda: not a.conns)
@@ -249,6 +265,8 @@ class RawConnectTests(TestCase):
 
 
 class TransparencyTests(TestCase):
+    twisted_path = False
+
     @defer.inlineCallbacks
     def test_large_transfer_and_half_close(self):
         """
@@ -358,9 +376,7 @@ class TransparencyTests(TestCase):
         flood = yield wait_for(lambda: next(iter(big.conns), None))
         yield wait_for(lambda: flood.paused)
         server = next(iter(svc.factory.clients))
-        out = server.transport
-        buffered = len(out.dataBuffer) + out._tempDataLen
-        self.assertLess(buffered, 1024 * 1024)
+        self.assertLess(buffered(server), 1024 * 1024)
         self.assertLess(flood.sent, 32 * 1024 * 1024)
         client.transport.resumeProducing()
         yield wait_for(lambda: len(client.data) > 4 * 1024 * 1024)
@@ -377,6 +393,8 @@ class _PeerReporter(Protocol):
 
 
 class ProxyProtocolTests(TestCase):
+    twisted_path = False
+
     @defer.inlineCallbacks
     def _check(self, version):
         factory = Factory.forProtocol(_PeerReporter)
@@ -432,6 +450,102 @@ class StatusTests(TestCase):
         from twisted.internet import _sslverify  # noqa: F401  (Agent pool cleanup)
 
         yield agent._pool.closeCachedConnections()
+
+
+class LeanPathTests(TestCase):
+    """
+    What is special to the lean path (L{balancer.lean}); the tests above
+    run on it and, in their C{Twisted...} subclasses, on Twisted's.
+    """
+
+    @defer.inlineCallbacks
+    def test_tcp_listener_is_lean(self):
+        from balancer.lean import LeanClient, LeanPort
+
+        (a,) = start_backends(self, "a")
+        svc = yield start_balancer(self, make_config([a.address], check_interval=0))
+        self.assertIsInstance(svc.proxy_ports[0], LeanPort)
+        client = yield connect(svc.port)
+        client.transport.write(b"x")
+        yield wait_for(lambda: bytes(client.data) == b"x")
+        [server] = svc.factory.clients
+        self.assertIsInstance(server, LeanClient)
+        self.assertEqual(svc.factory.accepted, 1)
+        self.assertEqual(svc.pool.peers[a.address].conns, 1)
+        client.transport.loseConnection()
+        yield client.done
+        yield wait_for(lambda: not svc.factory.clients)
+        self.assertEqual(svc.pool.peers[a.address].conns, 0)
+
+    @defer.inlineCallbacks
+    def test_host_name_backend_hands_over_to_twisted(self):
+        """
+        A backend given by host name is connected by connectTCP: the client
+        is handed over to the Twisted path, bytes and counters intact.
+        """
+        from balancer.proxy import ServerSide
+
+        (a,) = start_backends(self, "a")
+        addr = f"localhost:{a.portnum}"
+        svc = yield start_balancer(self, make_config([addr], check_interval=0))
+        client = yield connect(svc.port)
+        client.transport.write(b"by name")
+        yield wait_for(lambda: bytes(client.data) == b"by name")
+        [server] = svc.factory.clients
+        self.assertIsInstance(server, ServerSide)
+        data = yield roundtrip(svc.port, b"again")
+        self.assertEqual(data, b"again")
+        client.transport.loseConnection()
+        yield client.done
+        yield wait_for(lambda: not svc.factory.clients)
+        self.assertEqual((svc.factory.accepted, svc.pool.peers[addr].total), (2, 2))
+
+    @defer.inlineCallbacks
+    def test_early_data_past_hold_limit_survives_a_timeout(self):
+        """
+        A client sends 1 MiB and its EOF at once while the first backend
+        does not answer: the balancer holds a bounded amount, stops reading,
+        and after the connect timeout delivers everything to the next
+        backend, whose echo and EOF come back.
+        """
+        from balancer.lean import READ_SIZE
+
+        (live,) = start_backends(self, "live")
+        hung = f"127.0.0.1:{hung_port(self)}"
+        cfg = make_config([hung, live.address], check_interval=0, connect_timeout=0.3)
+        svc = yield start_balancer(self, cfg)
+        payload = os.urandom(1024 * 1024)
+        client = yield connect(svc.port)
+        client.transport.write(payload)
+        client.transport.loseWriteConnection()
+        server = yield wait_for(lambda: next(iter(svc.factory.clients), None))
+        yield wait_for(lambda: server._held_len > HOLD_LIMIT)
+        self.assertFalse(server.reading)
+        self.assertLessEqual(server._held_len, HOLD_LIMIT + READ_SIZE)
+        data = yield client.done
+        self.assertEqual(hashlib.sha256(data).digest(), hashlib.sha256(payload).digest())
+        self.assertTrue(client.eof)
+        self.assertEqual(svc.pool.peers[hung].failures, 1)
+
+
+class TwistedFailureTests(FailureTests):
+    """
+    The same through the Twisted transports (used for ssl: listeners).
+    """
+
+    twisted_path = True
+
+
+class TwistedRawConnectTests(RawConnectTests):
+    twisted_path = True
+
+
+class TwistedTransparencyTests(TransparencyTests):
+    twisted_path = True
+
+
+class TwistedProxyProtocolTests(ProxyProtocolTests):
+    twisted_path = True
 
 
 class ConfigObjectTests(TestCase):

@@ -131,6 +131,14 @@ class ReloadTests(TestCase):
         self.assertIn(b.address, svc.pool.peers)
 
 
+class TwistedReloadTests(ReloadTests):
+    """
+    The same through the Twisted transports (used for ssl: listeners).
+    """
+
+    twisted_path = True
+
+
 REDIS = ("127.0.0.1", 6379)
 
 

@@ -252,3 +252,35 @@ class MySQLSpecificTests(MySQLStoreMixin, unittest.TestCase):
         started = reactor.seconds()
         yield self.assertFailure(store.createGroup("g", "d", 1), NameTaken)
         self.assertLess(reactor.seconds() - started, 1)
+
+
+class CloseTests(MySQLStoreMixin, unittest.TestCase):
+    async def test_closeWaitsForHandoverInsideTransaction(self):
+        """
+        The hand-over runs in the reactor thread while a database thread
+        holds the transaction open; closing the store meanwhile must wait
+        for it rather than join that thread (which would never return).
+        """
+        store = await self.makeStore()
+        uid = await store.createUser("alice", "h")
+        await store.storeOffline([(uid, "m1")])
+        handedOver = defer.Deferred()
+        reached = defer.Deferred()
+        # Whatever happens below, let the transaction end (it holds row
+        # locks the database drop in the cleanup would wait for).
+        self.addCleanup(lambda: handedOver.called or handedOver.callback(False))
+
+        def handoff(payloads):
+            reactor.callLater(0, reached.callback, payloads)
+            return handedOver
+
+        taking = store.takeOffline(uid, handoff)
+        self.assertEqual(await reached, ["m1"])
+        closed = []
+        closing = store.close().addCallback(closed.append)
+        self.assertEqual(closed, [])
+        self.assertTrue(store.pool.running)
+        handedOver.callback(True)
+        self.assertEqual(await taking, 1)
+        await closing
+        self.assertEqual(len(closed), 1)
