@@ -93,8 +93,10 @@ def makeService(options: Options) -> service.IService:
     from balancer.workers import WorkerSupervisor
 
     from balancer import fastpoll
+    from chatproto.limits import raiseOpenFilesLimit
 
     fastpoll.install(reactor)
+    raiseOpenFilesLimit()
     cfg = options.config
     index = options["worker-index"]
     workers = cfg.workers

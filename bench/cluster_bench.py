@@ -42,12 +42,7 @@ sys.path.insert(0, HERE)
 import chatload  # noqa: E402
 
 
-def freePort() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+freePort = chatload.freePort
 
 
 def waitFor(check, timeout: float, what: str) -> None:

@@ -143,7 +143,9 @@ def makeService(options, reactor=None) -> service.MultiService:
     from chatproto.passwords import PasswordHasher
     from chatproto.protocol import ChatFactory
     from chatproto.service import ChatService
+    from chatproto.limits import raiseOpenFilesLimit
 
+    raiseOpenFilesLimit()
     store = buildStore(options["db-url"], reactor)
     presence, relay = buildPresence(options, reactor)
     hasher = PasswordHasher(reactor, n=options["scrypt-n"])

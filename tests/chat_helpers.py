@@ -196,3 +196,36 @@ async def listeningPorts(top) -> list:
         if isinstance(child, StreamServerEndpointService):
             ports.append(await child._waitingForPort)
     return ports
+
+
+class TCPClientsMixin:
+    """
+    Real TCP chat clients for a trial C{TestCase}, each closed at cleanup;
+    account C{name} has the password C{"pw-" + name}.
+    """
+
+    async def connectTo(self, port: int, **kw) -> LineClient:
+        from twisted.internet import reactor
+
+        client = await connectClient(reactor, port, **kw)
+        self.addCleanup(self._closeClient, client)
+        return client
+
+    @staticmethod
+    def _closeClient(client: LineClient):
+        if client.transport.connected:
+            client.transport.loseConnection()
+            return client.closed
+
+    async def registerAt(self, port: int, name: str) -> int:
+        client = await self.connectTo(port)
+        reply = await client.request({"msgid": 4, "name": name, "password": "pw-" + name})
+        self.assertEqual(reply["errno"], 0, reply)
+        client.transport.loseConnection()
+        return reply["id"]
+
+    async def loginAt(self, port: int, uid: int, name: str) -> tuple[LineClient, dict]:
+        client = await self.connectTo(port)
+        reply = await client.request({"msgid": 1, "id": uid, "password": "pw-" + name})
+        self.assertEqual(reply["errno"], 0, reply)
+        return client, reply

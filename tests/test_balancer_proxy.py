@@ -447,7 +447,6 @@ class StatusTests(TestCase):
         body = yield readBody(resp)
         self.assertIn(b'balancer_backend_connections_total{backend="%s"' % a.address.encode(), body)
         self.assertIn(b"balancer_accepted_connections_total 1.0", body)
-        from twisted.internet import _sslverify  # noqa: F401  (Agent pool cleanup)
 
         yield agent._pool.closeCachedConnections()
 

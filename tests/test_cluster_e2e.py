@@ -14,7 +14,7 @@ from twisted.trial import unittest
 
 from chatproto import messages as m
 from chatproto.tap import Options, makeService
-from tests.chat_helpers import connectClient, listeningPorts
+from tests.chat_helpers import TCPClientsMixin, listeningPorts
 from tests.cluster_helpers import (
     REDIS_HOST,
     REDIS_PORT,
@@ -29,7 +29,7 @@ from tests.cluster_helpers import (
 )
 
 
-class ClusterTestCase(unittest.TestCase):
+class ClusterTestCase(TCPClientsMixin, unittest.TestCase):
     """C{servers} chat servers (chat1, chat2, ...) on tcp:0."""
 
     servers = 2
@@ -75,28 +75,14 @@ class ClusterTestCase(unittest.TestCase):
         self.services.append(chat)
         return top
 
-    async def connect(self, server: int):
-        client = await connectClient(reactor, self.ports[server])
-        self.addCleanup(self.closeClient, client)
-        return client
+    def connect(self, server: int):
+        return self.connectTo(self.ports[server])
 
-    def closeClient(self, client):
-        if client.transport.connected:
-            client.transport.loseConnection()
-            return client.closed
+    def register(self, name, server=0):
+        return self.registerAt(self.ports[server], name)
 
-    async def register(self, name, server=0):
-        client = await self.connect(server)
-        reply = await client.request({"msgid": m.REG_MSG, "name": name, "password": "pw-" + name})
-        self.assertEqual(reply["errno"], 0, reply)
-        client.transport.loseConnection()
-        return reply["id"]
-
-    async def login(self, uid, name, server):
-        client = await self.connect(server)
-        reply = await client.request({"msgid": m.LOGIN_MSG, "id": uid, "password": "pw-" + name})
-        self.assertEqual(reply["errno"], 0, reply)
-        return client, reply
+    def login(self, uid, name, server):
+        return self.loginAt(self.ports[server], uid, name)
 
     def location(self, uid):
         value = self.redis("GET", f"{self.prefix}user:{uid}")

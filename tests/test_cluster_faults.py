@@ -15,7 +15,7 @@ from twisted.trial import unittest
 
 from chatproto import messages as m
 from chatproto.tap import Options, makeService
-from tests.chat_helpers import connectClient, listeningPorts
+from tests.chat_helpers import TCPClientsMixin, listeningPorts
 from tests.cluster_helpers import (
     REDIS_HOST,
     REDIS_PORT,
@@ -34,7 +34,7 @@ from tests.cluster_helpers import (
 )
 
 
-class FaultTestCase(unittest.TestCase):
+class FaultTestCase(TCPClientsMixin, unittest.TestCase):
     """Helpers to run chat servers in this process with short timers."""
 
     async def startServer(self, name, db, redisURL, prefix, extra=()):
@@ -62,28 +62,14 @@ class FaultTestCase(unittest.TestCase):
         await chat.whenReady()
         return top, chat, port.getHost().port
 
-    async def connect(self, port):
-        client = await connectClient(reactor, port)
-        self.addCleanup(self.closeClient, client)
-        return client
+    def connect(self, port):
+        return self.connectTo(port)
 
-    def closeClient(self, client):
-        if client.transport.connected:
-            client.transport.loseConnection()
-            return client.closed
+    def register(self, port, name):
+        return self.registerAt(port, name)
 
-    async def register(self, port, name):
-        client = await self.connect(port)
-        reply = await client.request({"msgid": m.REG_MSG, "name": name, "password": "pw-" + name})
-        self.assertEqual(reply["errno"], 0, reply)
-        client.transport.loseConnection()
-        return reply["id"]
-
-    async def login(self, port, uid, name):
-        client = await self.connect(port)
-        reply = await client.request({"msgid": m.LOGIN_MSG, "id": uid, "password": "pw-" + name})
-        self.assertEqual(reply["errno"], 0, reply)
-        return client, reply
+    def login(self, port, uid, name):
+        return self.loginAt(port, uid, name)
 
 
 class RedisRestartTests(FaultTestCase):

@@ -14,7 +14,7 @@ from twisted.trial import unittest
 
 from chatproto import messages as m
 from chatproto.tap import Options, makeService
-from tests.chat_helpers import connectClient, listeningPorts
+from tests.chat_helpers import TCPClientsMixin, listeningPorts
 
 
 def selfSignedPEM(directory):
@@ -48,7 +48,7 @@ def selfSignedPEM(directory):
     return keyPath, certPath
 
 
-class EndToEndTests(unittest.TestCase):
+class EndToEndTests(TCPClientsMixin, unittest.TestCase):
     extraArgs: list = []
 
     async def setUp(self):
@@ -62,30 +62,15 @@ class EndToEndTests(unittest.TestCase):
         self.addCleanup(self.top.stopService)
         self.ports = [p.getHost().port for p in await listeningPorts(self.top)]
         self.port = self.ports[0]
-        self.clients = []
 
-    async def connect(self, **kw):
-        client = await connectClient(reactor, kw.pop("port", self.port), **kw)
-        self.clients.append(client)
-        self.addCleanup(self.closeClient, client)
-        return client
+    def connect(self, **kw):
+        return self.connectTo(kw.pop("port", self.port), **kw)
 
-    def closeClient(self, client):
-        if client.transport.connected:
-            client.transport.loseConnection()
-            return client.closed
+    def register(self, name):
+        return self.registerAt(self.port, name)
 
-    async def register(self, name):
-        client = await self.connect()
-        reply = await client.request({"msgid": 4, "name": name, "password": "pw-" + name})
-        self.assertEqual(reply["errno"], 0, reply)
-        return reply["id"]
-
-    async def login(self, uid, name):
-        client = await self.connect()
-        reply = await client.request({"msgid": 1, "id": uid, "password": "pw-" + name})
-        self.assertEqual(reply["errno"], 0, reply)
-        return client, reply
+    def login(self, uid, name):
+        return self.loginAt(self.port, uid, name)
 
 
 class EmbeddedChatTests(EndToEndTests):

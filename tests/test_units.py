@@ -149,3 +149,35 @@ class PasswordTests(unittest.TestCase):
         d = hasher.hash("pw")
         d.addCallback(lambda stored: hasher.verify("pw", stored))
         return d.addCallback(self.assertTrue)
+
+
+class OpenFilesLimitTests(unittest.TestCase):
+    def test_raisedToHardLimit(self):
+        """
+        A server started with a low soft limit on open files raises it to
+        the hard limit (run in a child process so the test's own limit is
+        left alone).
+        """
+        import os
+        import resource
+        import subprocess
+        import sys
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = 4096
+        low = min(256, hard)
+
+        def lower():
+            resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
+
+        code = (
+            "import resource; from chatproto.limits import raiseOpenFilesLimit;"
+            "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0], raiseOpenFilesLimit(),"
+            " resource.getrlimit(resource.RLIMIT_NOFILE)[0])"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], preexec_fn=lower, capture_output=True, text=True, check=True,
+            env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+        ).stdout.split()
+        self.assertEqual([int(x) for x in out], [low, hard, hard])
