@@ -48,6 +48,9 @@ READ_SIZE = 65536
 # their turn; the listening socket stays readable).
 ACCEPT_BATCH = 256
 
+# Seconds without accepting after accept() ran out of descriptors or memory.
+ACCEPT_PAUSE = 0.1
+
 
 def _address(addr: tuple[Any, ...]) -> IPv4Address | IPv6Address:
     """
@@ -339,6 +342,7 @@ class LeanPort:
         self.sock = sock
         self.fileno = sock.fileno
         self.factory = factory
+        self._resume: Any = None
         reactor.addReader(self)
 
     def logPrefix(self) -> str:
@@ -357,16 +361,31 @@ class LeanPort:
                 return
             except OSError as e:
                 if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self.log.error("accept: {e}", e=e)
+                    # Out of descriptors or memory: the listening socket
+                    # stays readable, so stop watching it for a while
+                    # rather than spin (nginx waits too); the kernel keeps
+                    # new clients in the backlog meanwhile.
+                    self.log.error(
+                        "accept: {e}; not accepting for {delay}s", e=e, delay=ACCEPT_PAUSE
+                    )
+                    self.reactor.removeReader(self)
+                    self._resume = self.reactor.callLater(ACCEPT_PAUSE, self._resumeAccepting)
                     return
                 continue  # ECONNABORTED...: that client is gone
             sock.setblocking(False)
             factory.accept(LeanClient(factory, sock, addr))
 
+    def _resumeAccepting(self) -> None:
+        self._resume = None
+        self.reactor.addReader(self)
+
     def connectionLost(self, reason: Any) -> None:
         self.sock.close()
 
     def stopListening(self) -> defer.Deferred[None]:
+        if self._resume is not None:
+            self._resume.cancel()
+            self._resume = None
         self.reactor.removeReader(self)
         self.sock.close()
         return defer.succeed(None)

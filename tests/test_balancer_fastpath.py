@@ -340,3 +340,76 @@ class LeanUnitTests(SynchronousTestCase):
         self.assertEqual(factory.released, ["peer"])
         self.assertEqual((client.sock.fileno(), backend.sock.fileno()), (-1, -1))
         self.assertEqual(factory.reactor.writers, set())
+
+
+class LeanPortAcceptTests(SynchronousTestCase):
+    """
+    L{LeanPort}'s accept loop, on a fake listening socket and a clock.
+    """
+
+    def port(self, outcomes):
+        from twisted.internet.testing import MemoryReactorClock
+
+        from balancer.lean import LeanPort
+
+        class FakeListener:
+            def __init__(self):
+                self.calls = 0
+
+            def fileno(self):
+                return 99
+
+            def accept(self):
+                self.calls += 1
+                outcome = outcomes.pop(0) if outcomes else BlockingIOError()
+                raise outcome
+
+            def close(self):
+                pass
+
+        reactor = MemoryReactorClock()
+        factory = _Factory()
+        factory.reactor = reactor
+        listener = FakeListener()
+        return reactor, listener, LeanPort(reactor, listener, factory)
+
+    def test_out_of_descriptors_pauses_accepting(self):
+        """
+        EMFILE does not make the loop spin on a listening socket that stays
+        readable: accepting stops for ACCEPT_PAUSE, then resumes.
+        """
+        import errno
+
+        from balancer.lean import ACCEPT_PAUSE
+
+        reactor, listener, port = self.port([OSError(errno.EMFILE, "Too many open files")])
+        self.assertIn(port, reactor.getReaders())
+        port.doRead()
+        self.assertEqual(listener.calls, 1)
+        self.assertNotIn(port, reactor.getReaders())
+        reactor.advance(ACCEPT_PAUSE / 2)
+        self.assertNotIn(port, reactor.getReaders())
+        reactor.advance(ACCEPT_PAUSE / 2)
+        self.assertIn(port, reactor.getReaders())
+        self.flushLoggedErrors()
+
+    def test_aborted_client_is_skipped(self):
+        """
+        A client gone before accept() (ECONNABORTED) is skipped and the
+        loop goes on until EAGAIN, still watching the socket.
+        """
+        import errno
+
+        reactor, listener, port = self.port([OSError(errno.ECONNABORTED, "aborted")])
+        port.doRead()
+        self.assertEqual(listener.calls, 2)
+        self.assertIn(port, reactor.getReaders())
+
+    def test_stop_listening_cancels_resume(self):
+        import errno
+
+        reactor, listener, port = self.port([OSError(errno.ENFILE, "table full")])
+        port.doRead()
+        port.stopListening()
+        self.assertEqual(reactor.getDelayedCalls(), [])
+        self.assertNotIn(port, reactor.getReaders())
