@@ -63,6 +63,21 @@ class LineFramer:
             self._buffer = rest
         return out
 
+    def finish(self):
+        """
+        The input has ended: return the unterminated last line (or
+        L{TOO_LONG}, or C{None} when there is none) and forget it.
+        """
+        rest, self._buffer = self._buffer, b""
+        if self._discarding:
+            self._discarding = False
+            return None
+        if rest[-1:] == b"\r":
+            rest = rest[:-1]
+        if len(rest) > self.maxLength:
+            return TOO_LONG
+        return rest or None
+
     @property
     def buffered(self) -> int:
         """The number of bytes held for an unfinished line."""

@@ -14,10 +14,12 @@ from __future__ import annotations
 from collections import deque
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.protocols.policies import TimeoutMixin
+from zope.interface import implementer
 
 from chatproto import messages as m
 from chatproto import textdialect
@@ -39,6 +41,7 @@ MAX_PENDING_OUTPUT = 4 * 1024 * 1024
 ABORT_AFTER = 30
 
 
+@implementer(IHalfCloseableProtocol)
 class ChatProtocol(LineReceiver, TimeoutMixin):
     """
     A session: a connection and, once logged in, a user.
@@ -59,6 +62,7 @@ class ChatProtocol(LineReceiver, TimeoutMixin):
 
     maxPendingOutput = MAX_PENDING_OUTPUT
     _abortCall = None
+    _inputEnded = False
 
     def __init__(self, service, clock, maxLength: int = 65536, idleTimeout: float | None = 300) -> None:
         self.service = service
@@ -102,6 +106,27 @@ class ChatProtocol(LineReceiver, TimeoutMixin):
             self._abortCall.cancel()
         self._backlog.clear()
         self.service.disconnected(self)
+
+    def readConnectionLost(self) -> None:
+        """
+        The client has finished sending (a half-close, e.g. C{nc -N} or the
+        balancer passing one on): an unterminated last line counts as a
+        line, everything it sent is carried out and answered, then the
+        connection is closed.
+        """
+        self._inputEnded = True
+        tail = self._framer.finish()
+        if tail is not None and self.connected:
+            self.lineReceived(tail)
+        self._closeIfDone()
+
+    def writeConnectionLost(self) -> None:
+        self.transport.loseConnection()
+
+    def _closeIfDone(self) -> None:
+        if self._inputEnded and self._busy is None and not self._backlog and self.connected:
+            self.flushOutput()
+            self.transport.loseConnection()
 
     def timeoutConnection(self) -> None:
         self.kick(f"idle for {self.idleTimeout:g} s")
@@ -163,6 +188,8 @@ class ChatProtocol(LineReceiver, TimeoutMixin):
             self._paused = False
             if self.connected:
                 self.transport.resumeProducing()
+        if self._busy is None:
+            self._closeIfDone()
 
     def _dispatch(self, line):
         if line is TOO_LONG:

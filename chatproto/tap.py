@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import socket
 
-from twisted.application import service, strports
+from twisted.application import service
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -143,6 +143,9 @@ def makeService(options, reactor=None) -> service.MultiService:
     from chatproto.passwords import PasswordHasher
     from chatproto.protocol import ChatFactory
     from chatproto.service import ChatService
+    from twisted.application.internet import StreamServerEndpointService
+
+    from chatproto.endpoints import serverEndpoint
     from chatproto.limits import raiseOpenFilesLimit
 
     raiseOpenFilesLimit()
@@ -163,5 +166,7 @@ def makeService(options, reactor=None) -> service.MultiService:
     idle = options["idle-timeout"] or None
     factory = ChatFactory(chat, reactor, maxLength=options["max-line"], idleTimeout=idle)
     for endpoint in options["port"]:
-        strports.service(endpoint, factory, reactor=reactor).setServiceParent(top)
+        listener = StreamServerEndpointService(serverEndpoint(reactor, endpoint), factory)
+        listener._raiseSynchronously = True  # as strports.service: a port in use stops twistd
+        listener.setServiceParent(top)
     return top

@@ -136,6 +136,19 @@ class EmbeddedChatTests(EndToEndTests):
         client.send("PING")
         self.assertEqual(await client.nextLine(), "PONG")
 
+    async def test_halfClosingClientGetsEveryReply(self):
+        """
+        C{printf '...' | nc -N}: the requests, then a half-close; every
+        reply comes back before the server closes the connection.
+        """
+        client = await self.connect(end=b"\n")
+        client.transport.write(b"PING\nregister:erin:pw\nhelp\nPING")
+        client.transport.loseWriteConnection()
+        await client.closed
+        self.assertEqual(client.received[:2], ["PONG", "registered: your id is 1; log in with login:1:PASSWORD"])
+        self.assertEqual(client.received[2], "commands:")
+        self.assertEqual(client.received[-1], "PONG")
+
     async def test_slowReaderLosesNothing(self):
         """
         A client that stops reading is logged out once the server holds too
@@ -214,3 +227,16 @@ class ProxyProtocolTests(EndToEndTests):
         self.assertEqual(await client.request({"msgid": 21}), {"msgid": 22})
         [session] = chat.connections.values()
         self.assertEqual(session.peerHost, "203.0.113.7")
+
+    async def test_halfCloseBehindProxyHeader(self):
+        """
+        Behind the balancer (PROXY header, then the client's EOF passed on
+        as a half-close) every reply still comes back before the close.
+        """
+        client = await self.connect(port=self.ports[1])
+        client.transport.write(b"PROXY TCP4 203.0.113.7 127.0.0.1 40001 6000\r\nPING\nregister:fay:pw\nPING")
+        client.transport.loseWriteConnection()
+        await client.closed
+        self.assertEqual(
+            client.received, ["PONG", "registered: your id is 1; log in with login:1:PASSWORD", "PONG"]
+        )

@@ -37,6 +37,28 @@ class FramingTests(unittest.TestCase):
         self.c.sendRaw(b"PING\r\n")
         self.assertEqual(self.c.lines(), ["PONG"])
 
+    def test_halfCloseAnswersEverythingFirst(self):
+        """
+        A client that half-closes after pipelining requests gets every
+        reply, the last unterminated line included, and only then is the
+        connection closed.
+        """
+        self.h.hasher.hold = True
+        self.c.sendRaw(b'PING\n{"msgid":4,"name":"alice","password":"pw"}\nPING')
+        self.c.protocol.readConnectionLost()
+        self.assertEqual(self.c.lines(), ["PONG"])
+        self.assertFalse(self.c.closed)  # registration is still hashing
+        self.h.hasher.release()
+        self.assertEqual(
+            self.c.lines(), ['{"msgid":5,"errno":0,"id":1,"name":"alice"}', "PONG"]
+        )
+        self.assertTrue(self.c.closed)
+
+    def test_halfCloseWhenIdleCloses(self):
+        self.c.protocol.readConnectionLost()
+        self.assertEqual(self.c.lines(), [])
+        self.assertTrue(self.c.closed)
+
     def test_overlongLineIsDiscardedAndConnectionSurvives(self):
         self.c.sendRaw(b'{"msgid":21,"x":"' + b"a" * 2000 + b'"}\n{"msgid":21}\n')
         first, second = self.c.replies()

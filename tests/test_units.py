@@ -36,6 +36,16 @@ class LineFramerTests(unittest.TestCase):
         self.assertEqual(f.feed(b"0\nok\n"), [b"ok"])
         self.assertEqual(f.buffered, 0)
 
+    def test_finishReturnsUnterminatedLine(self):
+        f = LineFramer(8)
+        self.assertEqual(f.feed(b"a\nbc\r"), [b"a"])
+        self.assertEqual(f.finish(), b"bc")
+        self.assertIsNone(f.finish())
+        f.feed(b"123456789")
+        self.assertEqual(f.finish(), TOO_LONG)
+        self.assertEqual(f.feed(b"x" * 20), [TOO_LONG])  # discarding
+        self.assertIsNone(f.finish())
+
     def test_emptyLinesSkipped(self):
         self.assertEqual(LineFramer().feed(b"\n\n\r\n\0\0x\n"), [b"x"])
 
