@@ -276,12 +276,6 @@ class LeanClient(_Half):
         self.client = None
         return server
 
-    def no_backend(self) -> None:
-        self._attempt = None
-        self._tried = None
-        self.factory.rejected += 1
-        self.abort()
-
     def close(self) -> None:
         """
         Close both connections once their pending bytes are sent (a drain

@@ -347,12 +347,6 @@ class ServerSide(_Side):
     def client_address(self) -> Any:
         return self.transport.getPeer()
 
-    def no_backend(self) -> None:
-        self._attempt = None
-        self._tried = None
-        self.factory.rejected += 1
-        self.abort()
-
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abortConnection()
@@ -685,7 +679,10 @@ class BalancerFactory(protocol.Factory):
                 )
             else:
                 self.log.warn("no live backend for {client}", client=server.client_address())
-            server.no_backend()
+            server._attempt = None
+            server._tried = None
+            self.rejected += 1
+            server.abort()
             self.clients.discard(server)
             return
         if server.lean and _sockaddr(peer) is None:

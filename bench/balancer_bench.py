@@ -97,6 +97,30 @@ def children(pid: int) -> list[int]:
         return []
 
 
+def open_idle(count: int, port: int, source) -> list[socket.socket]:
+    """
+    Open C{count} connections to HOST:C{port}, connection C{i} from address
+    C{source(i)}, each answered PING/PONG through to a backend (500 at a
+    time); on failure, close them and raise.
+    """
+    socks: list[socket.socket] = []
+    try:
+        for i in range(count):
+            s = socket.socket()
+            socks.append(s)
+            s.setblocking(False)
+            s.bind((source(i), 0))
+            s.connect_ex((HOST, port))
+            if len(socks) % 500 == 0:
+                Bench._ping_all(socks[-500:])
+        Bench._ping_all(socks[len(socks) - len(socks) % 500:])
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+    return socks
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -240,17 +264,8 @@ stream {{
             return None
         time.sleep(0.5)
         before = rss_kib(pids)
-        socks = []
+        socks = open_idle(n, PORTS[target][0], lambda i: f"127.0.0.{2 + i // 20000}")
         try:
-            for i in range(n):
-                s = socket.socket()
-                s.setblocking(False)
-                s.bind((f"127.0.0.{2 + i // 20000}", 0))
-                s.connect_ex((HOST, PORTS[target][0]))
-                socks.append(s)
-                if len(socks) % 500 == 0:
-                    self._ping_all(socks[-500:])
-            self._ping_all(socks[len(socks) - len(socks) % 500:])
             time.sleep(1.0)
             after = rss_kib(pids)
         finally:

@@ -29,7 +29,6 @@ import os
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,7 +37,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from balancer_bench import ROOT, Bench, children, find_tool, rss_kib, wait_port  # noqa: E402
+from balancer_bench import ROOT, children, find_tool, open_idle, rss_kib, wait_port  # noqa: E402
 
 HOST = "127.0.0.1"
 LISTEN_PORT = 17400
@@ -52,18 +51,10 @@ def hold(index: int, count: int, ready, release) -> None:
     """
     socks = []
     try:
-        for i in range(count):
-            s = socket.socket()
-            s.setblocking(False)
-            s.bind((f"127.0.0.{10 + index}", 0))
-            s.connect_ex((HOST, LISTEN_PORT))
-            socks.append(s)
-            if len(socks) % 500 == 0:
-                Bench._ping_all(socks[-500:])
-        Bench._ping_all(socks[len(socks) - len(socks) % 500:])
+        socks = open_idle(count, LISTEN_PORT, lambda i: f"127.0.0.{10 + index}")
         ready.put((index, len(socks), None))
     except Exception as e:  # report, don't hang the parent
-        ready.put((index, len(socks), repr(e)))
+        ready.put((index, 0, repr(e)))
     release.wait()
     for s in socks:
         s.close()

@@ -289,6 +289,34 @@ def uniquePrefix() -> str:
     return f"chattest:{os.getpid()}:{secrets.token_hex(4)}:"
 
 
+REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/0"
+
+
+def useFreshCluster(testCase) -> None:
+    """
+    Give C{testCase} a database name and a Redis prefix of its own (both
+    removed at cleanup) and a L{SyncRedis} as C{testCase.redis}.
+    """
+    testCase.database = uniqueName("db")
+    testCase.prefix = uniquePrefix()
+    testCase.addCleanup(dropDatabase, testCase.database)
+    testCase.addCleanup(deleteRedisPrefix, testCase.prefix)
+    testCase.redis = SyncRedis()
+    testCase.addCleanup(testCase.redis.close)
+
+
+def clusterChatArgs(port: int, name: str, db: str, redisURL: str, prefix: str) -> list[str]:
+    """The C{twistd chat} arguments of a cluster member for the tests."""
+    return [
+        "--port", f"tcp:{port}:interface=127.0.0.1",
+        "--name", name,
+        "--db", db,
+        "--redis", redisURL,
+        "--redis-prefix", prefix,
+        "--scrypt-n", "16",
+    ]  # fmt: skip
+
+
 # --- a private MariaDB -----------------------------------------------------
 
 MARIADBD = shutil.which("mariadbd") or shutil.which("mysqld") or "/usr/sbin/mariadbd"

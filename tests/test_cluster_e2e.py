@@ -16,16 +16,12 @@ from chatproto import messages as m
 from chatproto.tap import Options, makeService
 from tests.chat_helpers import TCPClientsMixin, listeningPorts
 from tests.cluster_helpers import (
-    REDIS_HOST,
-    REDIS_PORT,
-    SyncRedis,
-    deleteRedisPrefix,
-    dropDatabase,
+    REDIS_URL,
+    clusterChatArgs,
     freePort,
     mysqlURL,
-    uniqueName,
-    uniquePrefix,
     until,
+    useFreshCluster,
 )
 
 
@@ -36,12 +32,7 @@ class ClusterTestCase(TCPClientsMixin, unittest.TestCase):
     extraArgs: list = []
 
     async def setUp(self):
-        self.database = uniqueName("db")
-        self.prefix = uniquePrefix()
-        self.addCleanup(dropDatabase, self.database)
-        self.addCleanup(deleteRedisPrefix, self.prefix)
-        self.redis = SyncRedis()
-        self.addCleanup(self.redis.close)
+        useFreshCluster(self)
         self.tops, self.ports, self.services = [], [], []
         for i in range(1, self.servers + 1):
             await self.startServer(f"chat{i}")
@@ -51,16 +42,8 @@ class ClusterTestCase(TCPClientsMixin, unittest.TestCase):
         # the real one.
         options = Options()
         options.parseOptions(
-            [
-                "--port", f"tcp:{freePort()}:interface=127.0.0.1",
-                "--name", name,
-                "--db", mysqlURL(self.database),
-                "--redis", f"redis://{REDIS_HOST}:{REDIS_PORT}/0",
-                "--redis-prefix", self.prefix,
-                "--scrypt-n", "16",
-                *self.extraArgs,
-            ]
-        )  # fmt: skip
+            clusterChatArgs(freePort(), name, mysqlURL(self.database), REDIS_URL, self.prefix) + self.extraArgs
+        )
         return options
 
     async def startServer(self, name):

@@ -17,12 +17,12 @@ from chatproto import messages as m
 from chatproto.tap import Options, makeService
 from tests.chat_helpers import TCPClientsMixin, listeningPorts
 from tests.cluster_helpers import (
-    REDIS_HOST,
-    REDIS_PORT,
+    REDIS_URL,
     MariaDBServer,
     RedisServer,
     SyncRedis,
     canConnect,
+    clusterChatArgs,
     deleteRedisPrefix,
     dropDatabase,
     freePort,
@@ -31,6 +31,7 @@ from tests.cluster_helpers import (
     uniqueName,
     uniquePrefix,
     until,
+    useFreshCluster,
 )
 
 
@@ -39,17 +40,7 @@ class FaultTestCase(TCPClientsMixin, unittest.TestCase):
 
     async def startServer(self, name, db, redisURL, prefix, extra=()):
         options = Options()
-        options.parseOptions(
-            [
-                "--port", f"tcp:{freePort()}:interface=127.0.0.1",
-                "--name", name,
-                "--db", db,
-                "--redis", redisURL,
-                "--redis-prefix", prefix,
-                "--scrypt-n", "16",
-                *extra,
-            ]
-        )  # fmt: skip
+        options.parseOptions(clusterChatArgs(freePort(), name, db, redisURL, prefix) + list(extra))
         top = makeService(options, reactor)
         chat = next(s for s in top if hasattr(s, "whenReady"))
         cluster = chat.presence.cluster
@@ -190,34 +181,21 @@ class RedisFrozenTests(unittest.TestCase):
 
 class ServerKilledTests(FaultTestCase):
     async def setUp(self):
-        self.database = uniqueName("db")
-        self.prefix = uniquePrefix()
-        self.addCleanup(dropDatabase, self.database)
-        self.addCleanup(deleteRedisPrefix, self.prefix)
-        self.redis = SyncRedis()
-        self.addCleanup(self.redis.close)
+        useFreshCluster(self)
 
     async def test_killedServersUsersGoOffline(self):
         """chat2 (a twistd process) is killed with SIGKILL: its users count
         as offline within the registry TTL, without anybody cleaning up,
         and chat1's users are unaffected."""
-        redisURL = f"redis://{REDIS_HOST}:{REDIS_PORT}/0"
+        redisURL = REDIS_URL
         db = mysqlURL(self.database)
         _, chat1, port1 = await self.startServer("chat1", db, redisURL, self.prefix)
         port2 = freePort()
         directory = self.mktemp()
         os.makedirs(directory)
         process = twistdChat(
-            [
-                "--port", f"tcp:{port2}:interface=127.0.0.1",
-                "--name", "chat2",
-                "--db", db,
-                "--redis", redisURL,
-                "--redis-prefix", self.prefix,
-                "--scrypt-n", "16",
-            ],
-            os.path.join(directory, "chat2.log"),
-        )  # fmt: skip
+            clusterChatArgs(port2, "chat2", db, redisURL, self.prefix), os.path.join(directory, "chat2.log")
+        )
         self.addCleanup(process.kill)
         await until(
             lambda: (not process.alive() and self.fail(process.output()))
@@ -270,7 +248,7 @@ class MySQLRestartTests(FaultTestCase):
         """mariadbd killed: requests that need the database get an error
         reply (errno 30) within the retry time, no hang; after a restart
         the same chat server works again by itself, with its data."""
-        redisURL = f"redis://{REDIS_HOST}:{REDIS_PORT}/0"
+        redisURL = REDIS_URL
         _, chat, port = await self.startServer("chat1", self.mariadb.url("chat"), redisURL, self.prefix)
         chat.store.retryFor = 1.0
         a, b = await self.register(port, "alice"), await self.register(port, "bob")
@@ -298,7 +276,7 @@ class MySQLRestartTests(FaultTestCase):
     async def test_restartDuringTraffic(self):
         """A restart while requests are in flight: each gets either its
         answer or errno 30, never silence; afterwards all work."""
-        redisURL = f"redis://{REDIS_HOST}:{REDIS_PORT}/0"
+        redisURL = REDIS_URL
         _, chat, port = await self.startServer("chat1", self.mariadb.url("chat"), redisURL, self.prefix)
         chat.store.retryFor = 3.0
         a = await self.register(port, "alice")

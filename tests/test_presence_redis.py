@@ -17,8 +17,7 @@ from chatproto.config import RedisURL, parseRedisURL
 from chatproto.interfaces import ClaimResult, IRelayReceiver, Location, PresenceUnavailable
 from chatproto.redispresence import RedisCluster
 from tests.cluster_helpers import (
-    REDIS_HOST,
-    REDIS_PORT,
+    REDIS_URL as _REDIS_URL,
     SyncRedis,
     deleteRedisPrefix,
     freePort,
@@ -27,7 +26,7 @@ from tests.cluster_helpers import (
 )
 from tests.contract_presence import PresenceContract, RecordingReceiver
 
-REDIS_URL = parseRedisURL(f"redis://{REDIS_HOST}:{REDIS_PORT}/0")
+REDIS_URL = parseRedisURL(_REDIS_URL)
 
 
 @implementer(IRelayReceiver)
@@ -344,7 +343,7 @@ class UnreachableTests(ClusterMixin, unittest.TestCase):
     async def test_wrongPasswordKeepsRetrying(self):
         """A failed AUTH does not turn reconnection off: the link keeps
         trying (here it never succeeds, and stop ends it)."""
-        url = RedisURL(REDIS_HOST, REDIS_PORT, password="not-the-password")
+        url = RedisURL(REDIS_URL.host, REDIS_URL.port, password="not-the-password")
         cluster = self.newCluster("a", url=url)
         cluster.presence.start(lambda: 0).addErrback(lambda f: None)
         await until(lambda: cluster.commands._failures >= 3, 10, what="repeated attempts")
