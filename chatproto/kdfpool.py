@@ -98,12 +98,12 @@ class KDFPool(service.Service):
 
     def startService(self) -> None:
         super().startService()
-        useMmapForLargeBlocks()
         self._start()
 
     def _start(self) -> None:
         if not self._started:
             self._started = True
+            useMmapForLargeBlocks()
             self._pool.start()
             # Also stopped with the reactor when used outside a service.
             self._shutdownTrigger = self._reactor.addSystemEventTrigger("during", "shutdown", self._stop)
@@ -132,11 +132,16 @@ class KDFPool(service.Service):
         # Used outside twistd (a script, a test): start on first use.
         self._start()
         self.pending += 1
+        self._peak = max(self._peak, self.pending)
         d = threads.deferToThreadPool(self._reactor, self._pool, f, *args)
         return d.addBoth(self._done)
 
+    _peak = 0
+
     def _done(self, result):
         self.pending -= 1
-        if self.pending == 0:
+        if self.pending == 0 and self._peak > self.threads:
+            # A burst (work had to queue) is over.
+            self._peak = 0
             trimMemory()
         return result
