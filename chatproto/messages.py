@@ -219,6 +219,12 @@ def parseJSON(line: bytes) -> Request:
     seq = obj.get("seq")
     if isinstance(seq, (dict, list)):
         seq = None
+    elif isinstance(seq, str) and not seq.isascii():
+        try:
+            seq.encode("utf-8")
+        except UnicodeEncodeError:
+            # A lone surrogate could not be echoed back.
+            raise RequestError(E_BAD_FIELD, "field 'seq' is not valid Unicode") from None
     try:
         return validate(msgid, obj, seq)
     except RequestError as e:

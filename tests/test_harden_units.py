@@ -380,6 +380,15 @@ class HostileJSONTests(unittest.TestCase):
             self.assertEqual(self.errno(b'{"msgid":21,"seq":' + value + b"}"), m.E_BAD_JSON, value)
         self.assertEqual(self.errno(b'{"msgid":21,"seq":1.5e300}'), 0)
 
+    def test_unencodableSeqRefused(self):
+        """A seq is echoed: one that cannot be written as UTF-8 is refused
+        (it used to fail while replying, an internal error)."""
+        self.assertEqual(self.errno(b'{"msgid":21,"seq":"\\ud800"}'), m.E_BAD_FIELD)
+        h = Harness()
+        client = h.connect()
+        reply = client.request({"msgid": 21, "seq": "\ud800"})
+        self.assertEqual(reply["errno"], m.E_BAD_FIELD)
+
     def test_neverWritten(self):
         self.assertRaises(ValueError, m.encode, {"msgid": 22, "seq": float("nan")})
 
@@ -394,6 +403,7 @@ class HostileJSONTests(unittest.TestCase):
             b'{"msgid":21,"seq":{"a":[1,{"b":NaN}]}}',
             b"\xff\xfe{}",
             b'{"msgid":21}' + b" " * 10 + b"x",
+            b'{"msgid":21,"seq":"\\udc00"}',
         ]
         for line in lines:
             try:
