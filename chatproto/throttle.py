@@ -8,7 +8,8 @@ key.  Keys forget their failures after C{maxDelay} of quiet.
 
 Attempts in flight count: L{LoginThrottle.admit} is asked before the
 password is checked and marks the attempt as in flight, L{LoginThrottle.finish}
-reports its outcome.  A key with C{failures + in flight >= allowed} admits
+reports its outcome (L{LoginThrottle.abandon}: none, the check did not
+run).  A key with C{failures + in flight >= allowed} admits
 one attempt at a time, after the delay, so parallel guesses are throttled
 exactly like sequential ones.  At most C{maxKeys} keys are remembered (the
 least recently used are forgotten first), so memory is bounded whatever the
@@ -89,6 +90,21 @@ class LoginThrottle:
             if not state.inFlight and not state.failures:
                 del self._state[key]
         self._bound()
+
+    def abandon(self, *keys) -> None:
+        """
+        The attempt L{admit} let through for C{keys} ended without an
+        outcome (the check could not run: storage unavailable, the KDF pool
+        busy, or a second throttle refused it): it no longer counts.
+        """
+        for key in keys:
+            state = self._state.get(key)
+            if state is None:
+                continue
+            if state.inFlight:
+                state.inFlight -= 1
+            if not state.inFlight and not state.failures:
+                del self._state[key]
 
     def _wait(self, state: _Key, now: float) -> float:
         wait = state.until - now

@@ -70,7 +70,18 @@ class ThrottleInFlightTests(unittest.TestCase):
         t = LoginThrottle(clock, allowed=1)
         t.admit("acct")
         self.assertGreater(t.admit("acct", "other-addr"), 0)
-        self.assertNotIn("other-addr", t._state)
+        self.assertEqual(len(t), 1)
+
+    def test_abandonedAttemptDoesNotCount(self):
+        """A check that could not run (busy, storage down) frees its slot
+        and is no failure."""
+        clock = Clock()
+        t = LoginThrottle(clock, allowed=1)
+        self.assertEqual(t.admit("k"), 0.0)
+        self.assertGreater(t.admit("k"), 0)
+        t.abandon("k")
+        self.assertEqual(len(t), 0)
+        self.assertEqual(t.admit("k"), 0.0)
 
     def test_noOverflowAfterManyFailures(self):
         """The old delay was 2**failures: past ~1,030 failures it raised
@@ -393,23 +404,46 @@ class HostileJSONTests(unittest.TestCase):
         self.assertRaises(ValueError, m.encode, {"msgid": 22, "seq": float("nan")})
 
     def test_noInputIsAnInternalError(self):
-        """Every hostile line is a RequestError, never another exception."""
+        """Every hostile line gets a clear error reply that is strict JSON,
+        never errno 31, before and after logging in."""
         lines = [
+            b'{"msgid":1,"id":%d,"password":"x"}' % 2**70,
             b'{"msgid":1,"id":1e400,"password":"x"}',
             b'{"msgid":1,"id":' + b"9" * 5000 + b',"password":"x"}',
             b'{"msgid":' + b"9" * 30 + b"}",
             b'{"msgid":6,"toid":1,"msg":"\\ud800"}',
             b'{"msgid":6,"toid":true,"msg":"x"}',
+            b'{"msgid":6,"toid":%d,"msg":"x"}' % -(2**66),
+            b'{"msgid":7,"friendid":%d}' % 2**64,
+            b'{"msgid":9,"groupid":%d}' % 2**63,
             b'{"msgid":21,"seq":{"a":[1,{"b":NaN}]}}',
-            b"\xff\xfe{}",
-            b'{"msgid":21}' + b" " * 10 + b"x",
+            b'{"msgid":21,"seq":NaN}',
+            b'{"msgid":21,"seq":-Infinity}',
+            b'{"msgid":21,"seq":1e999}',
             b'{"msgid":21,"seq":"\\udc00"}',
+            b'{"msgid":21,"seq":' + b"[" * 3000 + b"]" * 3000 + b"}",
+            b"\xff\xfe{}",
+            b"login:100000000000000000000:x",
+            b"chat:99999999999999999999999:x",
         ]
-        for line in lines:
-            try:
-                m.parseJSON(line)
-            except RequestError as e:
-                self.assertNotEqual(e.errno, m.E_INTERNAL)
+
+        def strict(text):
+            return json.loads(text, parse_constant=lambda c: self.fail(f"{c} written"))
+
+        h = Harness()
+        uid = h.register("probe")
+        for client in (h.connect(), h.login(uid)):
+            for line in lines:
+                client.sendRaw(line + b"\n")
+                replies = client.lines()
+                self.assertEqual(len(replies), 1, (line[:60], replies))
+                if replies[0].startswith("{"):
+                    reply = strict(replies[0])
+                    self.assertNotIn(reply["errno"], (0, m.E_INTERNAL), line[:60])
+                else:
+                    self.assertRegex(replies[0], r"^error 1[0-9]: ", line[:60])
+            # The connection still works.
+            self.assertEqual(client.request({"msgid": 21})["msgid"], m.PONG_MSG)
 
 
 class NameTests(unittest.TestCase):
