@@ -86,6 +86,19 @@ class StartUpFailureTests(unittest.TestCase):
         self.assertEqual(code, 1, output)
         self.assertIn("cannot start: ", output)
 
+    async def test_mysqlUnreachable(self):
+        """MySQL refuses connections: after the store's retries (about 5 s)
+        twistd stops with status 1 (it used to exit 0)."""
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            closed = s.getsockname()[1]  # nothing listens there once closed
+        logfile = os.path.abspath(self.mktemp()) + ".log"
+        code, output = await self.twistd(
+            "--db", f"mysql://root@127.0.0.1:{closed}/chat", "--port", "tcp:0:interface=127.0.0.1", logfile=logfile
+        )
+        self.assertEqual(code, 1, output)
+        self.assertIn("cannot start: database unavailable", output)
+
     async def test_barePortIsTCP(self):
         port = freePort()
         exited = Exited()
