@@ -7,6 +7,7 @@ The command line wins over the file; the file wins over the defaults.
 from __future__ import annotations
 
 import configparser
+import math
 from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -21,6 +22,8 @@ def readIni(path: str, section: str) -> dict[str, str]:
             parser.read_file(f)
     except OSError as e:
         raise usage.UsageError(f"cannot read config file {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise usage.UsageError(f"config file {path} is not UTF-8 (byte {e.start})") from None
     except configparser.Error as e:
         raise usage.UsageError(f"bad config file {path}: {e}") from None
     if not parser.has_section(section):
@@ -74,17 +77,24 @@ class IniOptions(usage.Options):
         """Validate and convert the merged values."""
 
 
-def number(options, name: str, kind=float, minimum=None):
-    """Convert option C{name} to C{kind}, with a clear usage error."""
+def number(options, name: str, kind=float, minimum=None, maximum=None):
+    """
+    Convert option C{name} to C{kind}, finite and within C{minimum} and
+    C{maximum} (inclusive), with a clear usage error.
+    """
     value = options[name]
     if value is None or value == "":
         return None
     try:
-        value = kind(value)
-    except (TypeError, ValueError):
+        value = kind(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError, OverflowError):
         raise usage.UsageError(f"--{name} must be a number, not {options[name]!r}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise usage.UsageError(f"--{name} must be a finite number, not {options[name]!r}")
     if minimum is not None and value < minimum:
         raise usage.UsageError(f"--{name} must be at least {minimum}")
+    if maximum is not None and value > maximum:
+        raise usage.UsageError(f"--{name} must be at most {maximum}")
     options[name] = value
     return value
 

@@ -13,6 +13,13 @@ from __future__ import annotations
 #: Marker yielded in place of a line that exceeded the maximum length.
 TOO_LONG = object()
 
+#: Bytes a blank line may consist of (it is skipped like an empty one).
+_BLANK = frozenset(b" \t\r")
+
+
+def _isBlank(line: bytes) -> bool:
+    return line[0] in _BLANK and not line.strip(b" \t\r")
+
 
 class LineFramer:
     """
@@ -30,7 +37,8 @@ class LineFramer:
         """
         Add C{data} and return the complete lines it finishes (bytes, without
         the terminator and without a trailing C{\\r}), with L{TOO_LONG} in
-        the place of each line over the maximum.  Empty lines are skipped.
+        the place of each line over the maximum.  Blank lines (empty, or
+        only spaces and tabs) are skipped.
         """
         if b"\0" in data:
             data = data.replace(b"\0", b"\n")
@@ -52,7 +60,7 @@ class LineFramer:
                 line = line[:-1]
             if len(line) > maxLength:
                 out.append(TOO_LONG)
-            elif line:
+            elif line and not _isBlank(line):
                 out.append(line)
         # One byte more is allowed for a "\r" before the terminator.
         if len(rest) > maxLength + 1:
@@ -76,7 +84,7 @@ class LineFramer:
             rest = rest[:-1]
         if len(rest) > self.maxLength:
             return TOO_LONG
-        return rest or None
+        return rest if rest and not _isBlank(rest) else None
 
     @property
     def buffered(self) -> int:

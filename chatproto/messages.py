@@ -9,6 +9,9 @@ where its client reads them.  Everything from 11 on is this server's addition
 from __future__ import annotations
 
 import json
+import math
+import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,6 +112,14 @@ MAX_PASSWORD = 128
 MAX_GROUPNAME = 64
 MAX_GROUPDESC = 512
 
+#: Ids (and every other integer field) are signed 64-bit, as the stores keep them.
+MIN_ID = -(2**63)
+MAX_ID = 2**63 - 1
+
+#: Deepest nesting of JSON arrays and objects accepted in a request; a
+#: request needs 1 (scalar C{seq} values) and json's parser recurses.
+MAX_JSON_DEPTH = 32
+
 
 @dataclass(frozen=True)
 class Spec:
@@ -173,6 +184,8 @@ def validate(msgid: Any, fields: dict[str, Any], seq: Any = None) -> Request:
             raise RequestError(
                 E_BAD_FIELD, f"field {field!r} must be {_TYPE_NAMES[kind]}"
             )
+        elif kind is int and not MIN_ID <= value <= MAX_ID:
+            raise RequestError(E_BAD_FIELD, f"field {field!r} is out of range (signed 64-bit)")
         elif kind is str and not value.isascii():
             try:
                 value.encode("utf-8")
@@ -190,10 +203,13 @@ def parseJSON(line: bytes) -> Request:
     @raise RequestError: with L{E_BAD_JSON}, L{E_BAD_MESSAGE},
         L{E_UNKNOWN_MSGID} or L{E_BAD_FIELD}.
     """
+    if line.count(b"{") + line.count(b"[") > MAX_JSON_DEPTH:
+        # Only then is the nesting measured (brackets in strings not counted).
+        checkDepth(line)
     try:
         # Lines are UTF-8 (RFC 8259); decoding first skips json's sniffing.
         obj = _decode(line.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise RequestError(E_BAD_JSON, f"malformed JSON: {e}") from None
     if not isinstance(obj, dict):
         raise RequestError(E_BAD_MESSAGE)
@@ -203,6 +219,12 @@ def parseJSON(line: bytes) -> Request:
     seq = obj.get("seq")
     if isinstance(seq, (dict, list)):
         seq = None
+    elif isinstance(seq, str) and not seq.isascii():
+        try:
+            seq.encode("utf-8")
+        except UnicodeEncodeError:
+            # A lone surrogate could not be echoed back.
+            raise RequestError(E_BAD_FIELD, "field 'seq' is not valid Unicode") from None
     try:
         return validate(msgid, obj, seq)
     except RequestError as e:
@@ -210,19 +232,65 @@ def parseJSON(line: bytes) -> Request:
         raise
 
 
+_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def checkDepth(line: bytes, limit: int | None = None) -> None:
+    """
+    Refuse JSON nested deeper than C{limit} (default L{MAX_JSON_DEPTH})
+    before it reaches json's recursive parser.
+
+    @raise RequestError: with L{E_BAD_JSON}.
+    """
+    limit = MAX_JSON_DEPTH if limit is None else limit
+    depth = 0
+    for token in _TOKENS.findall(line):
+        if token in (b"{", b"["):
+            depth += 1
+            if depth > limit:
+                raise RequestError(E_BAD_JSON, f"malformed JSON: nested deeper than {limit}")
+        elif token in (b"}", b"]"):
+            depth -= 1
+
+
+def _refuseConstant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finiteFloat(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
+#: Unicode categories no name may hold: controls (C0, DEL, C1), format
+#: characters (bidi overrides, zero-width joiners...), surrogates, and the
+#: line and paragraph separators.
+_NAME_REFUSED = frozenset(("Cc", "Cf", "Cs", "Zl", "Zp"))
+
+
 def checkName(name: str, limit: int = MAX_NAME, what: str = "name") -> str:
     """
-    Normalise and check a user or group name.
+    Normalise (Unicode NFC, surrounding white space removed) and check a
+    user or group name, so that one name has one spelling: C{"\u00e9"}
+    and C{"e\u0301"} are the same name.
 
     @raise RequestError: with L{E_INVALID} and a reason.
     """
-    name = name.strip()
+    name = unicodedata.normalize("NFC", name).strip()
     if not name:
         raise RequestError(E_INVALID, f"{what} must not be empty")
     if len(name) > limit:
         raise RequestError(E_INVALID, f"{what} is longer than {limit} characters")
-    if ":" in name or any(c < " " or c == "\x7f" for c in name):
-        raise RequestError(E_INVALID, f"{what} must not contain ':' or control characters")
+    if ":" in name:
+        raise RequestError(E_INVALID, f"{what} must not contain ':'")
+    if not name.isprintable():
+        for c in name:
+            if c != " " and unicodedata.category(c) in _NAME_REFUSED:
+                raise RequestError(
+                    E_INVALID, f"{what} must not contain control, format or separator characters (U+{ord(c):04X})"
+                )
     return name
 
 
@@ -234,8 +302,9 @@ def checkPassword(password: str) -> str:
     return password
 
 
-_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
-_decode = json.JSONDecoder().decode
+# NaN and Infinity are not JSON: refused on input (E_BAD_JSON), never written.
+_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+_decode = json.JSONDecoder(parse_constant=_refuseConstant, parse_float=_finiteFloat).decode
 _string = json.encoder.encode_basestring  # the C version when available
 
 

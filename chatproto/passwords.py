@@ -2,6 +2,11 @@
 Password hashing with a slow salted KDF (scrypt), off the reactor thread.
 
 Stored form: C{scrypt$N$r$p$salt$hash} with salt and hash in base64.
+
+With a L{chatproto.kdfpool.KDFPool} the work runs in that dedicated,
+bounded pool; when its queue is full L{PasswordHasher.hash} and
+L{PasswordHasher.verify} fail at once with a L{RequestError}
+(C{E_UNAVAILABLE}, "busy, retry").
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import hashlib
 import hmac
 import os
 
-from twisted.internet import defer, threads
+from twisted.internet import defer
 
 
 def _b64(b: bytes) -> str:
@@ -23,19 +28,26 @@ class PasswordHasher:
     @param reactor: runs the KDF in its thread pool (None: run it inline,
         for tests of pure protocol logic).
     @param n: scrypt's cost; 2**14 takes about 50 ms and 16 MiB.
+    @param pool: the L{chatproto.kdfpool.KDFPool} to run the KDF in
+        (default, given a reactor: a new one sized to the cores, queue 64).
     """
 
-    def __init__(self, reactor=None, n: int = 2**14, r: int = 8, p: int = 1) -> None:
+    def __init__(self, reactor=None, n: int = 2**14, r: int = 8, p: int = 1, pool=None) -> None:
         self._reactor = reactor
         self.n, self.r, self.p = n, r, p
+        if pool is None and reactor is not None:
+            from chatproto.kdfpool import KDFPool
+
+            pool = KDFPool(reactor)
+        self.pool = pool
         # Verifying against this when an account does not exist costs the
         # same time as a real check, so timing does not tell which ids exist.
         self._dummy = self._hashSync("not a password")
 
     def _run(self, f, *args) -> defer.Deferred:
-        if self._reactor is None:
+        if self.pool is None:
             return defer.maybeDeferred(f, *args)
-        return threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(), f, *args)
+        return self.pool.run(f, *args)
 
     def _hashSync(self, password: str) -> str:
         salt = os.urandom(16)

@@ -4,13 +4,19 @@ C{twistd chat}: options and the service tree.
 
 from __future__ import annotations
 
+import atexit
+import os
 import socket
+import sys
 
 from twisted.application import service
 from twisted.logger import Logger
 from twisted.python import usage
 
+from twisted.python.failure import Failure
+
 from chatproto.config import IniOptions, number, parseDatabaseURL, parseRedisURL
+from chatproto.listening import CheckedEndpoint, describeFailure
 
 log = Logger()
 
@@ -34,6 +40,14 @@ class Options(IniOptions):
         "weight": "1",
         "redis-prefix": "chat:",
         "scrypt-n": "16384",
+        "login-timeout": "30",
+        "output-high-water": str(256 * 1024),
+        "output-cap": str(4 * 1024 * 1024),
+        "mailbox-max-messages": "1000",
+        "mailbox-max-bytes": str(1024 * 1024),
+        "register-burst": "100",
+        "register-rate": "1",
+        "kdf-queue": "64",
     }
     optParameters = [
         ["config", "c", None, "ini file with a [chat] section"],
@@ -47,10 +61,20 @@ class Options(IniOptions):
         ["idle-timeout", None, None, "seconds of silence before a connection is closed (default 300; 0: never)"],
         ["max-line", None, None, "longest line accepted, in bytes (default 65536)"],
         ["scrypt-n", None, None, "scrypt cost for new passwords (default 16384)"],
+        ["login-timeout", None, None, "seconds a connection may stay without logging in (default 30; 0: never)"],
+        ["output-high-water", None, None, "unsent bytes past which a client's requests are not read (default 262144)"],
+        ["output-cap", None, None, "unsent bytes past which a client is logged out (default 4194304)"],
+        ["mailbox-max-messages", None, None, "offline messages kept per recipient (default 1000)"],
+        ["mailbox-max-bytes", None, None, "bytes of offline messages kept per recipient (default 1048576)"],
+        ["register-burst", None, None, "registrations one address may make at once (default 100)"],
+        ["register-rate", None, None, "registrations per second per address after the burst (default 1)"],
+        ["kdf-threads", None, None, "threads hashing passwords (default: the number of cores)"],
+        ["kdf-queue", None, None, "password checks that may wait for a thread; more are refused (default 64)"],
     ]
 
     def opt_port(self, endpoint: str) -> None:
-        """Listen on this endpoint (repeatable; default tcp:6000)."""
+        """Listen on this endpoint (repeatable; default tcp:6000; a bare
+        port number means tcp:PORT)."""
         self["port"].append(endpoint)
 
     opt_p = opt_port
@@ -58,13 +82,32 @@ class Options(IniOptions):
     def checkValues(self) -> None:
         if self["on-relogin"] not in RELOGIN_MODES:
             raise usage.UsageError(f"--on-relogin must be kick or reject, not {self['on-relogin']!r}")
-        number(self, "idle-timeout", float, 0)
-        number(self, "max-line", int, 64)
-        number(self, "weight", int, 0)
-        n = number(self, "scrypt-n", int, 2)
+        self["port"] = [bareToTCP(p) for p in self["port"]]
+        day = 86400
+        number(self, "idle-timeout", float, 0, 365 * day)
+        number(self, "login-timeout", float, 0, day)
+        number(self, "max-line", int, 64, 16 * 1024 * 1024)
+        number(self, "weight", int, 0, 1_000_000)
+        # scrypt needs 128 * n * r bytes; 2**16 (64 MiB) is within its maxmem.
+        n = number(self, "scrypt-n", int, 2, 2**16)
         if n & (n - 1):
             raise usage.UsageError("--scrypt-n must be a power of two")
+        number(self, "output-high-water", int, 1024, 2**30)
+        number(self, "output-cap", int, 1024, 2**30)
+        if self["output-cap"] < self["output-high-water"]:
+            raise usage.UsageError("--output-cap must be at least --output-high-water")
+        number(self, "mailbox-max-messages", int, 1, 10_000_000)
+        number(self, "mailbox-max-bytes", int, 1024, 2**31)
+        number(self, "register-burst", int, 1, 1_000_000)
+        number(self, "register-rate", float, 0.001, 1_000_000)
+        from chatproto.kdfpool import defaultThreads
+
+        if self["kdf-threads"] is None:
+            self["kdf-threads"] = str(defaultThreads())
+        number(self, "kdf-threads", int, 1, 256)
+        number(self, "kdf-queue", int, 0, 100_000)
         self["db-url"] = parseDatabaseURL(self["db"])
+        checkDatabasePath(self["db-url"])
         self["redis-url"] = parseRedisURL(self["redis"]) if self["redis"] else None
         host, port = advertisedAddress(self["port"][0], self["advertise"])
         if port == 0 and self["redis-url"] is not None:
@@ -72,6 +115,25 @@ class Options(IniOptions):
         self["advertise-host"], self["advertise-port"] = host, port
         if not self["name"]:
             self["name"] = f"{socket.gethostname()}:{port}"
+
+
+def bareToTCP(endpoint: str) -> str:
+    """C{7410} means C{tcp:7410} (and C{haproxy:7410}, C{haproxy:tcp:7410})."""
+    prefix = ""
+    if endpoint.startswith("haproxy:"):
+        prefix, endpoint = "haproxy:", endpoint[len("haproxy:") :]
+    if endpoint.strip().isdigit():
+        endpoint = "tcp:" + endpoint.strip()
+    return prefix + endpoint
+
+
+def checkDatabasePath(dbURL) -> None:
+    """An SQLite file must be creatable: its directory must exist."""
+    if dbURL.kind != "sqlite" or dbURL.path == ":memory:" or dbURL.path.startswith("file:"):
+        return
+    directory = os.path.dirname(os.path.abspath(dbURL.path))
+    if not os.path.isdir(directory):
+        raise usage.UsageError(f"--db sqlite:{dbURL.path}: no such directory {directory}")
 
 
 def advertisedAddress(endpoint: str, advertise: str | None) -> tuple[str, int]:
@@ -84,7 +146,10 @@ def advertisedAddress(endpoint: str, advertise: str | None) -> tuple[str, int]:
         if not sep or not port.isdigit():
             raise usage.UsageError(f"--advertise must be HOST:PORT, not {advertise!r}")
         return host.strip("[]"), int(port)
-    args, kwargs = _endpointArgs(endpoint)
+    try:
+        args, kwargs = _endpointArgs(endpoint)
+    except ValueError as e:
+        raise usage.UsageError(f"bad --port {endpoint!r}: {e}") from None
     port = kwargs.get("port", args[0] if args else "0")
     host = kwargs.get("interface", "") or "127.0.0.1"
     if host in ("0.0.0.0", "::"):
@@ -137,7 +202,47 @@ def buildPresence(options, reactor):
     return cluster.presence, cluster.relay
 
 
+def _exitNonZero() -> None:
+    # Runs at interpreter exit, after twistd has stopped and removed its pid
+    # file: only the status changes.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
+
+
+class StartFailure:
+    """
+    What happens when the server cannot start once twistd runs (storage or
+    Redis unreachable, a port lost later): one critical log line, the
+    reactor stops, and with C{exitStatus} the process exits with status 1.
+    """
+
+    def __init__(self, reactor, exitStatus: bool) -> None:
+        self._reactor = reactor
+        self._exitStatus = exitStatus
+        self.failed = False
+
+    def __call__(self, reason) -> None:
+        line = reason if isinstance(reason, str) else describeFailure(reason)
+        log.critical("cannot start: {error}", error=line)
+        if self.failed:
+            return
+        self.failed = True
+        if self._exitStatus:
+            atexit.register(_exitNonZero)
+        if self._reactor.running:
+            self._reactor.stop()
+        else:
+            self._reactor.callWhenRunning(self._reactor.stop)
+
+
 def makeService(options, reactor=None) -> service.MultiService:
+    """
+    The service tree.  Called by twistd (no C{reactor}): a start-up failure
+    also makes the process exit non-zero.  A C{--port} that cannot be used
+    raises L{SystemExit} with one line.
+    """
+    exitStatus = reactor is None
     if reactor is None:
         from twisted.internet import reactor
     from chatproto.passwords import PasswordHasher
@@ -146,27 +251,33 @@ def makeService(options, reactor=None) -> service.MultiService:
     from twisted.application.internet import StreamServerEndpointService
 
     from chatproto.endpoints import serverEndpoint
+    from chatproto.kdfpool import KDFPool
     from chatproto.limits import raiseOpenFilesLimit
+
+    startFailed = StartFailure(reactor, exitStatus)
+    endpoints = []
+    for description in options["port"]:
+        try:
+            endpoint = serverEndpoint(reactor, description)
+        except Exception as e:  # any parser's error: one line, no traceback
+            raise SystemExit(f"cannot use --port {description}: {describeFailure(Failure(e))}") from None
+        endpoints.append(CheckedEndpoint(endpoint, description, startFailed))
 
     raiseOpenFilesLimit()
     store = buildStore(options["db-url"], reactor)
     presence, relay = buildPresence(options, reactor)
-    hasher = PasswordHasher(reactor, n=options["scrypt-n"])
+    kdf = KDFPool(reactor, threads=options["kdf-threads"], queue=options["kdf-queue"])
+    hasher = PasswordHasher(reactor, n=options["scrypt-n"], pool=kdf)
     chat = ChatService(store, presence, relay, hasher, reactor, onRelogin=options["on-relogin"])
-
-    def startFailed(failure):
-        log.critical("cannot start: {error}", error=failure.getErrorMessage())
-        if reactor.running:
-            reactor.stop()
-
     chat.onStartFailure = startFailed
     top = service.MultiService()
-    # Added first, stopped last: listeners close before sessions are ended.
+    # Stopped last: hashing still running for a session is waited for.
+    kdf.setServiceParent(top)
+    # Added before the listeners, stopped after them: listeners close
+    # before sessions are ended.
     chat.setServiceParent(top)
     idle = options["idle-timeout"] or None
     factory = ChatFactory(chat, reactor, maxLength=options["max-line"], idleTimeout=idle)
-    for endpoint in options["port"]:
-        listener = StreamServerEndpointService(serverEndpoint(reactor, endpoint), factory)
-        listener._raiseSynchronously = True  # as strports.service: a port in use stops twistd
-        listener.setServiceParent(top)
+    for endpoint in endpoints:
+        StreamServerEndpointService(endpoint, factory).setServiceParent(top)
     return top

@@ -8,6 +8,7 @@ replies and incoming messages are rendered as readable lines.
 from __future__ import annotations
 
 import json
+import unicodedata
 
 from chatproto import messages as m
 from chatproto.messages import Request, RequestError, validate
@@ -102,8 +103,44 @@ def _loads(x):
     return json.loads(x) if isinstance(x, str) else x
 
 
+#: Characters shown escaped: controls (C0, DEL, C1: CR, LF, NEL among
+#: them), format characters (bidi overrides, zero-width...), surrogates and
+#: the line and paragraph separators (U+2028, U+2029).
+_HIDDEN = frozenset(("Cc", "Cf", "Cs", "Zl", "Zp"))
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def visible(text: str) -> str:
+    """
+    C{text} with every character that could break or disguise a line
+    replaced by a visible escape (C{\\n}, C{\\r}, C{\\t}, C{\\u202e}...),
+    so that nothing a user sent can start a line of its own or reorder one.
+    """
+    if text.isprintable():
+        return text
+    out = []
+    for c in text:
+        if c == " " or unicodedata.category(c) not in _HIDDEN:
+            out.append(c)
+        elif c in _ESCAPES:
+            out.append(_ESCAPES[c])
+        elif ord(c) <= 0xFFFF:
+            out.append(f"\\u{ord(c):04x}")
+        else:
+            out.append(f"\\U{ord(c):08x}")
+    return "".join(out)
+
+
 def render(msg: dict) -> list[str]:
-    """The text lines a person sees for the outgoing C{msg}."""
+    """
+    The text lines a person sees for the outgoing C{msg}.  Whatever users
+    supplied (messages, names, group descriptions, offline messages) is
+    passed through L{visible}: each rendered line stays one line.
+    """
+    return [visible(line) for line in _render(msg)]
+
+
+def _render(msg: dict) -> list[str]:
     msgid = msg.get("msgid")
     errno = msg.get("errno", 0)
     if msgid == m.ONE_CHAT_MSG:
@@ -122,7 +159,7 @@ def render(msg: dict) -> list[str]:
         if offline:
             lines.append(f"{len(offline)} offline message(s):")
             for payload in offline:
-                lines += render(_loads(payload))
+                lines += _render(_loads(payload))
         return lines
     if msgid == m.REG_MSG_ACK:
         return [f"registered: your id is {msg['id']}; log in with login:{msg['id']}:PASSWORD"]

@@ -91,3 +91,133 @@ class ChatOptionsTests(unittest.TestCase):
         self.assertEqual(advertisedAddress("tcp:port=6005:interface=10.0.0.2", None), ("10.0.0.2", 6005))
         self.assertEqual(advertisedAddress("haproxy:tcp:6006", None), ("127.0.0.1", 6006))
         self.assertEqual(advertisedAddress("tcp:1", "chat1.example:7000"), ("chat1.example", 7000))
+
+
+class HardeningOptionsTests(unittest.TestCase):
+    """The limits of issue 9: defaults, ini keys, range checks."""
+
+    def parse(self, *argv):
+        options = Options()
+        options.parseOptions(list(argv))
+        return options
+
+    def test_defaults(self):
+        from chatproto.kdfpool import defaultThreads
+
+        o = self.parse()
+        self.assertEqual(
+            {k: o[k] for k in NEW_OPTIONS},
+            {
+                "login-timeout": 30.0,
+                "output-high-water": 256 * 1024,
+                "output-cap": 4 * 1024 * 1024,
+                "mailbox-max-messages": 1000,
+                "mailbox-max-bytes": 1024 * 1024,
+                "register-burst": 100,
+                "register-rate": 1.0,
+                "kdf-threads": defaultThreads(),
+                "kdf-queue": 64,
+            },
+        )
+
+    def test_fromFileAndCommandLine(self):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(
+                "[chat]\nlogin_timeout = 10\noutput-high-water = 65536\noutput-cap = 1048576\n"
+                "mailbox-max-messages = 50\nmailbox-max-bytes = 20000\nregister-burst = 5\n"
+                "register-rate = 0.5\nkdf-threads = 3\nkdf-queue = 7\n"
+            )
+        o = self.parse("--config", path, "--kdf-queue", "9")
+        self.assertEqual(
+            [o[k] for k in NEW_OPTIONS], [10.0, 65536, 1048576, 50, 20000, 5, 0.5, 3, 9]
+        )
+
+    def test_rangeChecked(self):
+        for argv in (
+            ["--idle-timeout", "nan"],
+            ["--idle-timeout", "inf"],
+            ["--idle-timeout", "-1"],
+            ["--login-timeout", "nan"],
+            ["--login-timeout", "1e9"],
+            ["--max-line", "1e3"],
+            ["--max-line", "99999999999"],
+            ["--output-high-water", "10"],
+            ["--output-cap", "2000", "--output-high-water", "4000"],
+            ["--mailbox-max-messages", "0"],
+            ["--register-burst", "0"],
+            ["--register-rate", "0"],
+            ["--register-rate", "nan"],
+            ["--kdf-threads", "0"],
+            ["--kdf-queue", "-1"],
+            ["--scrypt-n", str(2**20)],
+            ["--weight", "-1"],
+            ["--port", "tcp:x"],
+        ):
+            self.assertRaises(usage.UsageError, self.parse, *argv)
+
+    def test_barePort(self):
+        o = self.parse("--port", "7410", "--port", "haproxy:7411", "--port", "tcp:7412")
+        self.assertEqual(o["port"], ["tcp:7410", "haproxy:tcp:7411", "tcp:7412"])
+        self.assertEqual(o["advertise-port"], 7410)
+
+    def test_configNotUTF8(self):
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(b"[chat]\nname = caf\xe9\n")
+        e = self.assertRaises(usage.UsageError, self.parse, "--config", path)
+        self.assertIn("not UTF-8", str(e))
+
+    def test_sqliteDirectoryMustExist(self):
+        e = self.assertRaises(usage.UsageError, self.parse, "--db", "sqlite:/no/such/dir/x.db")
+        self.assertIn("/no/such/dir", str(e))
+        self.parse("--db", "sqlite::memory:")
+
+
+NEW_OPTIONS = (
+    "login-timeout",
+    "output-high-water",
+    "output-cap",
+    "mailbox-max-messages",
+    "mailbox-max-bytes",
+    "register-burst",
+    "register-rate",
+    "kdf-threads",
+    "kdf-queue",
+)
+
+
+class MakeServiceTests(unittest.TestCase):
+    def test_badPortIsOneLine(self):
+        from twisted.internet.testing import MemoryReactorClock
+
+        from chatproto.tap import makeService
+
+        options = Options()
+        options.parseOptions(["--port", "bogus:1", "--db", "sqlite::memory:"])
+        e = self.assertRaises(SystemExit, makeService, options, MemoryReactorClock())
+        self.assertEqual(str(e), "cannot use --port bogus:1: Unknown endpoint type: 'bogus'")
+
+    def test_kdfPoolIsAChildService(self):
+        from twisted.internet.testing import MemoryReactorClock
+
+        from chatproto.kdfpool import KDFPool
+        from chatproto.tap import makeService
+
+        options = Options()
+        options.parseOptions(["--port", "tcp:0", "--db", "sqlite::memory:", "--kdf-threads", "3", "--kdf-queue", "5"])
+        top = makeService(options, MemoryReactorClock())
+        [pool] = [s for s in top if isinstance(s, KDFPool)]
+        self.assertEqual((pool.threads, pool.queue), (3, 5))
+
+    def test_startFailureStopsTheReactor(self):
+        from twisted.internet.testing import MemoryReactorClock
+
+        from chatproto.tap import StartFailure
+
+        reactor = MemoryReactorClock()
+        failed = StartFailure(reactor, exitStatus=False)
+        failed("database unavailable")
+        self.assertTrue(failed.failed)
+        reactor.run()  # MemoryReactor: runs the when-running calls
+        self.assertTrue(reactor.hasStopped)

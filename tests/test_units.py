@@ -156,6 +156,7 @@ class PasswordTests(unittest.TestCase):
         from twisted.internet import reactor
 
         hasher = PasswordHasher(reactor, n=16)
+        self.addCleanup(hasher.pool.stopService)
         d = hasher.hash("pw")
         d.addCallback(lambda stored: hasher.verify("pw", stored))
         return d.addCallback(self.assertTrue)
