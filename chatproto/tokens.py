@@ -213,6 +213,23 @@ class MemoryTokenStore:
         account.seq += 1
         account.entries[h] = _Entry(now + self.ttl, account.seq)
 
+    def prune(self) -> int:
+        """
+        Forget every expired token, of accounts not touched since too (the
+        Redis store's keys expire by themselves; here, call this now and
+        then, e.g. hourly from a C{LoopingCall} on the same clock).
+        Returns how many entries were removed.
+        """
+        now = self.clock.seconds()
+        removed = 0
+        for uid in list(self.accounts):
+            account = self.accounts[uid]
+            before = len(account.entries)
+            self._load(uid, now)
+            removed += before - len(account.entries)
+            self._settle(uid, account)
+        return removed
+
     # --- ITokenStore ---------------------------------------------------------
 
     def issue(self, uid: int) -> defer.Deferred:

@@ -253,6 +253,17 @@ class MemoryTokenStoreTests(TokenStoreContract, unittest.TestCase):
         account = self.store.accounts.get(uid)
         return len(account.entries) if account else 0
 
+    async def test_prune(self):
+        """prune() forgets accounts nobody touched since their tokens
+        expired, and keeps live ones."""
+        await self.store.issue(7)
+        self.clock.advance(TTL / 2)
+        live = await self.store.issue(8)
+        self.clock.advance(TTL / 2 + 1)
+        self.assertEqual(self.store.prune(), 1)
+        self.assertEqual(list(self.store.accounts), [8])
+        self.assertIsNotNone(await self.store.resume(8, live))
+
     async def test_graceZero(self):
         """With no grace period a consumed token stops at once."""
         store = MemoryTokenStore(self.clock, ttl=TTL, grace=0)
