@@ -118,7 +118,12 @@ class Loop:
     def connect(self, host: str, port: int, index: int) -> Conn:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.connect((host, port))
+        sock.settimeout(5)
+        try:
+            sock.connect((host, port))
+        except OSError:
+            sock.close()
+            raise
         sock.setblocking(False)
         conn = Conn(sock, index)
         self.sel.register(sock, selectors.EVENT_READ, conn)
@@ -690,6 +695,9 @@ def runStorm(args, targets) -> dict:
         result[f"replies_errno_{errno}"] = count
     for pid, c0 in cpu0.items():
         result[f"server_{pid}_cpu_s"] = round(cpuSeconds(pid) - c0, 2)
+    if args.server is not None and args.server.pid != victim and args.server.poll() is None:
+        # the restarted server: all of its CPU since the kill, start-up included
+        result[f"restarted_server_{args.server.pid}_cpu_s"] = round(cpuSeconds(args.server.pid), 2)
     report(result, args.json)
     if not down:
         print(f"no connection dropped within 5 s of killing {victim}: is it a chat server behind --target?")
