@@ -12,6 +12,11 @@ servers) and Redis, then drives one-to-one traffic with bench/chatload.py:
    goes from a user on server 1 to a user on server 2 (relayed through
    Redis).
 
+Besides rates and latencies it reports, for every run, the CPU time each
+process (chat1, chat2, redis-server) spent per delivered message: its
+utime+stime from /proc/PID/stat before and after the measured window,
+divided by the messages delivered in that window.
+
 Each is measured closed loop (as fast as it goes, --window messages in
 flight per sender) and open loop at --rate messages/s (the latency at that
 load).  Everything shares this machine: both servers, Redis, MariaDB and
@@ -145,7 +150,7 @@ def load(label: str, targets, pids, args, rate: float) -> dict:
         argv += ["--rate", str(rate)]
     for target in targets:
         argv += ["--target", f"127.0.0.1:{target}"]
-    for pid in [*pids, args.ourPids[0]]:  # the servers, and redis-server
+    for pid in args.ourPids:  # redis-server and both chat servers, idle or not
         argv += ["--pid", str(pid)]
     print(f"\n== {label}", flush=True)
     ours = [os.getpid(), *args.ourPids]
@@ -232,6 +237,14 @@ def main(argv=None) -> None:
             f" {r['others_cores']:>7}"
         )
     print("(others: cores' worth of CPU used by unrelated processes during the whole run, login included)")
+    print("\n== CPU per delivered message, per process (µs; utime+stime from /proc/PID/stat over the measured window)")
+    print(f"{'run':<36} {'chat1':>8} {'chat2':>8} {'redis':>8} {'total':>8}")
+    for r in results:
+        per = [r.get(f"server_{pid}_cpu_us_per_msg") for pid in args.ourPids]
+        total = round(sum(x for x in per if x is not None), 1) if any(x is not None for x in per) else "-"
+        per = ["-" if x is None else x for x in per]
+        r["cpu_us_per_msg"] = {"chat1": per[1], "chat2": per[2], "redis": per[0]}
+        print(f"{r['label']:<36} {per[1]:>8} {per[2]:>8} {per[0]:>8} {total:>8}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
