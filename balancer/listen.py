@@ -19,6 +19,8 @@ from twisted.internet.endpoints import (
 )
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
+from balancer import _twisted
+
 
 class SocketEndpoint:
     """
@@ -83,28 +85,31 @@ def server_endpoint(
     """
     The endpoint for C{--listen DESCRIPTION}.  With C{reuse_port}, C{tcp:}
     and C{ssl:} endpoints are rebuilt as L{SocketEndpoint}s; with C{lean},
-    C{tcp:} endpoints are rebuilt as lean L{SocketEndpoint}s.
+    C{tcp:} endpoints are rebuilt as lean L{SocketEndpoint}s.  Without
+    Twisted's endpoint internals (L{balancer._twisted.endpointFields}) the
+    parsed endpoint is used as it is (C{--workers} then fails).
     """
     endpoint = serverFromString(reactor, description)
-    if isinstance(endpoint, (TCP4ServerEndpoint, TCP6ServerEndpoint)):
+    isTCP = isinstance(endpoint, (TCP4ServerEndpoint, TCP6ServerEndpoint))
+    isSSL = isinstance(endpoint, SSL4ServerEndpoint)
+    if isTCP or isSSL:
         if "backlog=" not in description:
-            endpoint._backlog = backlog
-        if reuse_port or lean:
+            _twisted.setBacklog(endpoint, backlog)
+        fields = _twisted.endpointFields(endpoint) if (reuse_port or lean) else None
+        if fields is None:
+            if reuse_port:
+                raise ValueError(
+                    f"--workers cannot rebuild {description!r} on this Twisted version"
+                )
+            return endpoint
+        port, interface, endpointBacklog, tlsContext = fields
+        if isTCP:
             return SocketEndpoint(
-                reactor, endpoint._port, endpoint._interface, endpoint._backlog,
-                reuse_port=reuse_port, lean=lean,
+                reactor, port, interface, endpointBacklog, reuse_port=reuse_port, lean=lean
             )
-    elif isinstance(endpoint, SSL4ServerEndpoint):
-        if "backlog=" not in description:
-            endpoint._backlog = backlog
         if reuse_port:
-            return SocketEndpoint(
-                reactor,
-                endpoint._port,
-                endpoint._interface,
-                endpoint._backlog,
-                endpoint._sslContextFactory,
-            )
-    elif reuse_port:
+            return SocketEndpoint(reactor, port, interface, endpointBacklog, tlsContext)
+        return endpoint
+    if reuse_port:
         raise ValueError(f"--workers needs tcp: or ssl: listen endpoints, not {description!r}")
     return endpoint

@@ -16,7 +16,8 @@ client connection with one of the algorithms:
    weight; ties broken by smooth weighted round-robin.
 
 Backup peers are used only when no primary peer is usable; C{down} and
-draining peers are never chosen.
+draining peers are never chosen; a peer whose first health check has not
+completed is chosen only when no peer has passed one.
 """
 
 from __future__ import annotations
@@ -185,7 +186,7 @@ class Selector:
             if peer in tried or not peer.usable(now):
                 continue
             (backup if peer.backup else primary).append(peer)
-        return primary, backup
+        return _checkedFirst(primary), _checkedFirst(backup)
 
     def has_usable(self) -> bool:
         primary, backup = self.usable()
@@ -224,8 +225,20 @@ class Selector:
     def succeeded(self, peer: Peer) -> None:
         peer.passive.succeeded()
 
-    def tries(self) -> int:
-        return len(self.peers)
+
+def _checkedFirst(peers: list[Peer]) -> list[Peer]:
+    """
+    C{peers} without those whose first health check has not completed,
+    unless no peer has completed one (checks off, or all just added): a
+    backend not yet checked is not preferred over one that passed.
+    """
+    unchecked = 0
+    for peer in peers:
+        if peer.active.last_result is None:
+            unchecked += 1
+    if unchecked == 0 or unchecked == len(peers):
+        return peers
+    return [p for p in peers if p.active.last_result is not None]
 
 
 def _conns(peer: Peer) -> int:

@@ -1,0 +1,337 @@
+"""
+The one place where the balancer touches private Twisted internals.
+
+Three speed-ups need them:
+
+ - B{fast write}: send on a plain TCP transport's socket at once when
+   nothing is queued, and shut its writing side at once (C{dataBuffer},
+   C{_tempDataLen}, C{_writeDisconnecting}, C{_shouldShutdown},
+   C{_closeWriteConnection}), and read straight into the forwarding code
+   (an instance C{doRead});
+ - B{lean dispatch}: an epoll loop without C{log.callWithLogger}
+   (C{_poller}, C{_selectables}, C{_doReadOrWrite},
+   C{_disconnectSelectable});
+ - B{endpoint fields}: the port, interface, backlog and TLS context of a
+   parsed C{tcp:}/C{ssl:} server endpoint (C{_port}, C{_interface},
+   C{_backlog}, C{_sslContextFactory}), to rebuild it with
+   C{SO_REUSEPORT} or as a lean listener;
+
+and one more builds a C{tcp.Server} transport around an already connected
+socket without the C{dup()} of C{adoptStreamConnection}.
+
+L{selfCheck} verifies at start-up that this Twisted version has them all;
+each feature that is missing falls back to the public path (plain
+C{transport.write}/C{loseWriteConnection}, the stock epoll loop, the parsed
+endpoint as it is, C{adoptStreamConnection}) with one log line saying so.
+No other balancer module names a private attribute of another library.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any, Callable
+
+from twisted.internet import main, protocol, tcp
+from twisted.logger import Logger
+
+log = Logger()
+
+_EAGAIN = (BlockingIOError, InterruptedError)
+
+# feature -> (the class whose instances must have these attributes, names)
+_TRANSPORT_ATTRS = (
+    "dataBuffer", "_tempDataLen", "_writeDisconnecting", "_writeDisconnected",
+    "_shouldShutdown", "producerPaused", "disconnecting", "connected", "socket",
+)
+_TRANSPORT_METHODS = ("_closeWriteConnection", "stopWriting", "stopReading", "doRead")
+_REACTOR_ATTRS = ("_poller", "_selectables", "_doReadOrWrite", "_disconnectSelectable")
+_ENDPOINT_ATTRS = ("_port", "_interface", "_backlog")
+
+
+class _Features:
+    """
+    Which private paths are usable (set by L{selfCheck}).
+    """
+
+    fastWrite = True
+    leanDispatch = True
+    endpointFields = True
+    adoptSocket = True
+    checked = False
+
+
+features = _Features()
+
+
+def _probeTransport() -> list[str]:
+    """
+    The private transport names this Twisted lacks (checked on a real
+    C{tcp.Server} around a socket pair, never connected to a reactor).
+    """
+    a, b = socket.socketpair()
+    try:
+        t = tcp.Server(a, protocol.Protocol(), ("127.0.0.1", 0), None, 0, _NoReactor())
+        missing = [n for n in _TRANSPORT_ATTRS if not hasattr(t, n)]
+        missing += [n for n in _TRANSPORT_METHODS if not callable(getattr(t, n, None))]
+        return missing
+    except Exception as e:  # the constructor itself changed
+        return [f"tcp.Server(...): {e}"]
+    finally:
+        a.close()
+        b.close()
+
+
+class _NoReactor:
+    """
+    Just enough reactor for a C{tcp.Server} that is never started.
+    """
+
+    def addReader(self, reader: Any) -> None:
+        pass
+
+    def removeReader(self, reader: Any) -> None:
+        pass
+
+
+def _probeEndpoint() -> list[str]:
+    from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
+
+    tcpEndpoint = TCP4ServerEndpoint(None, 0, 50, "127.0.0.1")
+    missing = [n for n in _ENDPOINT_ATTRS if not hasattr(tcpEndpoint, n)]
+    sslEndpoint = SSL4ServerEndpoint(None, 0, None, 50, "127.0.0.1")
+    if not hasattr(sslEndpoint, "_sslContextFactory"):
+        missing.append("_sslContextFactory")
+    return missing
+
+
+def _probeReactor(reactor: Any) -> list[str]:
+    try:
+        from twisted.internet.epollreactor import EPollReactor
+    except ImportError:  # pragma: no cover - not Linux
+        return ["epollreactor"]
+    if not isinstance(reactor, EPollReactor):
+        return []  # nothing to speed up: not a failure of the check
+    return [n for n in _REACTOR_ATTRS if not hasattr(reactor, n)]
+
+
+def selfCheck(reactor: Any = None) -> _Features:
+    """
+    Verify that this Twisted has every private attribute used here; turn
+    off (with one log line each) the features whose attributes are
+    missing.  With C{reactor}, also check the lean dispatch against it.
+    """
+    missing = _probeTransport()
+    if missing:
+        features.fastWrite = features.adoptSocket = False
+        log.warn(
+            "Twisted transports lack {names}: forwarding with transport.write",
+            names=", ".join(missing),
+        )
+    missing = _probeEndpoint()
+    if missing:
+        features.endpointFields = False
+        log.warn(
+            "Twisted endpoints lack {names}: listening on endpoints as parsed "
+            "(no SO_REUSEPORT, no lean listener)",
+            names=", ".join(missing),
+        )
+    if reactor is not None:
+        missing = _probeReactor(reactor)
+        if missing:
+            features.leanDispatch = False
+            log.warn(
+                "the epoll reactor lacks {names}: using the stock epoll loop",
+                names=", ".join(missing),
+            )
+    features.checked = True
+    return features
+
+
+def _ensureChecked() -> None:
+    if not features.checked:
+        selfCheck()
+
+
+# -- transports ----------------------------------------------------------------
+
+
+def plainSocket(transport: Any) -> socket.socket | None:
+    """
+    The socket of a plain (non-TLS) TCP transport that L{sendNow} and
+    L{shutWriteNow} may use, or C{None} (then use the transport's public
+    methods).
+    """
+    if not features.fastWrite:
+        return None
+    if isinstance(transport, tcp.Connection) and not getattr(transport, "TLS", False):
+        return transport.socket
+    return None
+
+
+def queueEmpty(transport: Any) -> bool:
+    """
+    Whether C{transport} (one with a L{plainSocket}) has nothing queued.
+    """
+    return not transport._tempDataLen and not transport.dataBuffer
+
+
+def queuedBytes(transport: Any) -> int:
+    """
+    Bytes queued in C{transport} and not yet sent.
+    """
+    return len(transport.dataBuffer) + transport._tempDataLen
+
+
+def sendNow(transport: Any, sock: socket.socket | None, data: bytes) -> None:
+    """
+    Write C{data} to C{transport}: C{send()} at once on C{sock} (its
+    L{plainSocket}) when nothing is queued, and queue only what the kernel
+    did not take, which keeps ordering and Twisted's flow control.
+    """
+    if sock is not None and not transport._tempDataLen and not transport.dataBuffer:
+        try:
+            sent = sock.send(data)
+        except OSError:
+            # EAGAIN, or an error Twisted finds on its own write
+            sent = 0
+        if sent == len(data):
+            return
+        data = data[sent:]
+    transport.write(data)
+
+
+def shutWriteNow(transport: Any, lastDirection: bool) -> bool:
+    """
+    C{transport.loseWriteConnection()} done at once for a plain TCP
+    transport with nothing queued: C{shutdown(SHUT_WR)} now instead of
+    watching for writability to do it on a later turn.  When
+    C{lastDirection} (the peer has finished sending too), the transport is
+    closed instead.  Returns C{False} when it could not (then call
+    C{loseWriteConnection}).
+    """
+    t = transport
+    if not (
+        plainSocket(t) is not None
+        and t.connected
+        and not (t.disconnecting or t._writeDisconnecting or t.producerPaused)
+        and not (t.dataBuffer or t._tempDataLen)
+    ):
+        return False
+    # What FileDescriptor.doWrite does once the buffer is empty.
+    t._writeDisconnecting = t._writeDisconnected = True
+    # Writing is shut already: close() needs no shutdown() first.
+    t._shouldShutdown = False
+    t.stopWriting()
+    if lastDirection:
+        t.stopReading()
+        t.connectionLost(protocol.connectionDone)
+    else:
+        t._closeWriteConnection()
+    return True
+
+
+def installFastRead(transport: Any, onData: Callable[[bytes], None]) -> bool:
+    """
+    Make C{transport} (with a L{plainSocket}) read straight into
+    C{onData}, skipping two layers of Python calls per chunk
+    (C{tcp.Connection.doRead} -> C{_dataReceived} -> C{dataReceived}).
+    """
+    sock = plainSocket(transport)
+    if sock is None:
+        return False
+    recv = sock.recv
+
+    def doRead() -> Any:
+        try:
+            data = recv(65536)
+        except _EAGAIN:
+            return None
+        except OSError:
+            return main.CONNECTION_LOST
+        if not data:
+            return main.CONNECTION_DONE
+        onData(data)
+        return None
+
+    transport.doRead = doRead
+    return True
+
+
+def removeFastRead(transport: Any) -> None:
+    transport.__dict__.pop("doRead", None)
+
+
+def adoptSocket(
+    reactor: Any, sock: socket.socket, proto: protocol.Protocol, addr: Any, describe: str
+) -> Any:
+    """
+    Make connected C{sock} the transport of C{proto}, reading at once: a
+    C{tcp.Server} built around it (no C{dup()}), or with the fallback
+    C{reactor.adoptStreamConnection} (C{sock} is closed after its dup).
+    C{proto.makeConnection} is called by the caller for the first and by
+    Twisted for the second: it returns whether the caller must call it.
+    """
+    _ensureChecked()
+    if features.adoptSocket:
+        t = tcp.Server(sock, proto, addr, None, 0, reactor)
+        t.repstr = describe
+        return t
+    factory = protocol.Factory.forProtocol(lambda: proto)
+    factory.noisy = False
+    try:
+        reactor.adoptStreamConnection(sock.fileno(), sock.family, factory)
+    finally:
+        sock.close()
+    return None
+
+
+# -- the epoll reactor -------------------------------------------------------------
+
+
+def epollInternals(reactor: Any) -> tuple[Any, dict[int, Any], Any, Any] | None:
+    """
+    C{(poller, selectables, doReadOrWrite, disconnectSelectable)} of an
+    epoll reactor, or C{None} (another reactor, or lean dispatch turned
+    off by L{selfCheck}).
+    """
+    if _probeReactor(reactor) or not features.leanDispatch:
+        return None
+    try:
+        from twisted.internet.epollreactor import EPollReactor
+    except ImportError:  # pragma: no cover
+        return None
+    if not isinstance(reactor, EPollReactor):
+        return None
+    return (
+        reactor._poller, reactor._selectables, reactor._doReadOrWrite,
+        reactor._disconnectSelectable,
+    )
+
+
+# -- endpoints -----------------------------------------------------------------------
+
+
+def endpointFields(endpoint: Any) -> tuple[int, str, int, Any] | None:
+    """
+    C{(port, interface, backlog, sslContextFactory or None)} of a parsed
+    C{tcp:}/C{ssl:} server endpoint, or C{None} when unavailable.
+    """
+    _ensureChecked()
+    if not features.endpointFields:
+        return None
+    try:
+        return (
+            endpoint._port, endpoint._interface, endpoint._backlog,
+            getattr(endpoint, "_sslContextFactory", None),
+        )
+    except AttributeError:
+        return None
+
+
+def setBacklog(endpoint: Any, backlog: int) -> None:
+    """
+    Set the listen backlog of a parsed C{tcp:}/C{ssl:} server endpoint
+    (no-op without L{endpointFields}).
+    """
+    if features.endpointFields and hasattr(endpoint, "_backlog"):
+        endpoint._backlog = backlog
