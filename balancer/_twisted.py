@@ -16,8 +16,14 @@ Three speed-ups need them:
    C{_backlog}, C{_sslContextFactory}), to rebuild it with
    C{SO_REUSEPORT} or as a lean listener;
 
-and one more builds a C{tcp.Server} transport around an already connected
-socket without the C{dup()} of C{adoptStreamConnection}.
+and more for the lean data path: a C{tcp.Server} transport built around an
+already connected socket without the C{dup()} of C{adoptStreamConnection};
+the epoll reactor's descriptor bookkeeping (C{_reads}, C{_writes},
+C{_selectables}) kept directly, so that a connected backend socket is
+switched from writing to reading with one C{epoll_ctl} and a closed socket
+needs none (L{fdOps}); and the standard library's C{socket._accept}, which
+skips the Python-level C{socket} wrapper per accepted client
+(L{acceptor}).
 
 L{selfCheck} verifies at start-up that this Twisted version has them all;
 each feature that is missing falls back to the public path (plain
@@ -28,6 +34,7 @@ No other balancer module names a private attribute of another library.
 
 from __future__ import annotations
 
+import select
 import socket
 from typing import Any, Callable
 
@@ -44,7 +51,10 @@ _TRANSPORT_ATTRS = (
     "_shouldShutdown", "producerPaused", "disconnecting", "connected", "socket",
 )
 _TRANSPORT_METHODS = ("_closeWriteConnection", "stopWriting", "stopReading", "doRead")
-_REACTOR_ATTRS = ("_poller", "_selectables", "_doReadOrWrite", "_disconnectSelectable")
+_REACTOR_ATTRS = (
+    "_poller", "_selectables", "_doReadOrWrite", "_disconnectSelectable", "_reads", "_writes",
+)
+_SOCKET_ATTRS = ("_accept",)
 _ENDPOINT_ATTRS = ("_port", "_interface", "_backlog")
 
 
@@ -57,6 +67,7 @@ class _Features:
     leanDispatch = True
     endpointFields = True
     adoptSocket = True
+    rawAccept = True
     checked = False
 
 
@@ -135,6 +146,10 @@ def selfCheck(reactor: Any = None) -> _Features:
             "(no SO_REUSEPORT, no lean listener)",
             names=", ".join(missing),
         )
+    missing = [n for n in _SOCKET_ATTRS if not hasattr(socket.socket, n)]
+    if missing:
+        features.rawAccept = False
+        log.warn("socket.socket lacks {names}: accepting with socket.accept", names=", ".join(missing))
     if reactor is not None:
         missing = _probeReactor(reactor)
         if missing:
@@ -335,3 +350,151 @@ def setBacklog(endpoint: Any, backlog: int) -> None:
     """
     if features.endpointFields and hasattr(endpoint, "_backlog"):
         endpoint._backlog = backlog
+
+
+class _PublicFDs:
+    """
+    Descriptor bookkeeping through the reactor's C{IReactorFDSet} methods.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self.addReader = reactor.addReader
+        self.removeReader = reactor.removeReader
+        self.addWriter = reactor.addWriter
+        self.removeWriter = reactor.removeWriter
+
+    def writerToReader(self, old: Any, new: Any) -> None:
+        """
+        The socket of writer C{old} is now read by C{new} (not written).
+        """
+        self.removeWriter(old)
+        self.addReader(new)
+
+    def forget(self, selectable: Any, reading: bool, writing: bool) -> None:
+        """
+        Stop watching C{selectable}, whose socket is closed next.
+        """
+        if reading:
+            self.removeReader(selectable)
+        if writing:
+            self.removeWriter(selectable)
+
+
+class _EpollFDs:
+    """
+    The same, kept directly in an epoll reactor's state: what its
+    C{_add}/C{_remove} do, without their layers, plus the two shortcuts.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self.poller = reactor._poller
+        self.reads: set[int] = reactor._reads
+        self.writes: set[int] = reactor._writes
+        self.selectables: dict[int, Any] = reactor._selectables
+
+    def addReader(self, x: Any) -> None:
+        fd = x.fileno()
+        if fd in self.reads:
+            return
+        if fd in self.writes:
+            self.poller.modify(fd, _EPOLLIN | _EPOLLOUT)
+        else:
+            self.poller.register(fd, _EPOLLIN)
+        self.reads.add(fd)
+        self.selectables[fd] = x
+
+    def addWriter(self, x: Any) -> None:
+        fd = x.fileno()
+        if fd in self.writes:
+            return
+        if fd in self.reads:
+            self.poller.modify(fd, _EPOLLIN | _EPOLLOUT)
+        else:
+            self.poller.register(fd, _EPOLLOUT)
+        self.writes.add(fd)
+        self.selectables[fd] = x
+
+    def removeReader(self, x: Any) -> None:
+        fd = x.fileno()
+        if fd not in self.reads:
+            return
+        if fd in self.writes:
+            self.poller.modify(fd, _EPOLLOUT)
+        else:
+            del self.selectables[fd]
+            self.poller.unregister(fd)
+        self.reads.remove(fd)
+
+    def removeWriter(self, x: Any) -> None:
+        fd = x.fileno()
+        if fd not in self.writes:
+            return
+        if fd in self.reads:
+            self.poller.modify(fd, _EPOLLIN)
+        else:
+            del self.selectables[fd]
+            self.poller.unregister(fd)
+        self.writes.remove(fd)
+
+    def writerToReader(self, old: Any, new: Any) -> None:
+        fd = new.fileno()
+        if fd in self.writes and fd not in self.reads and self.selectables.get(fd) is old:
+            # one epoll_ctl instead of a delete and an add
+            self.poller.modify(fd, _EPOLLIN)
+            self.writes.remove(fd)
+            self.reads.add(fd)
+            self.selectables[fd] = new
+        else:
+            self.removeWriter(old)
+            self.addReader(new)
+
+    def forget(self, selectable: Any, reading: bool, writing: bool) -> None:
+        # close() takes the socket out of the epoll set (nothing dup()s it)
+        fd = selectable.fileno()
+        self.reads.discard(fd)
+        self.writes.discard(fd)
+        if self.selectables.get(fd) is selectable:
+            del self.selectables[fd]
+
+
+_EPOLLIN = getattr(select, "EPOLLIN", 1)
+_EPOLLOUT = getattr(select, "EPOLLOUT", 4)
+
+
+def fdOps(reactor: Any) -> Any:
+    """
+    Descriptor bookkeeping for the lean data path: C{addReader},
+    C{removeReader}, C{addWriter}, C{removeWriter}, C{writerToReader(old,
+    new)} and C{forget(selectable, reading, writing)} (before its socket is
+    closed); kept directly in an epoll reactor's state when L{selfCheck}
+    allows, else through the reactor's public methods.
+    """
+    _ensureChecked()
+    if features.leanDispatch and not _probeReactor(reactor):
+        try:
+            from twisted.internet.epollreactor import EPollReactor
+        except ImportError:  # pragma: no cover
+            EPollReactor = None
+        if EPollReactor is not None and isinstance(reactor, EPollReactor):
+            return _EpollFDs(reactor)
+    return _PublicFDs(reactor)
+
+
+def acceptor(listener: socket.socket) -> Callable[[], tuple[Any, Any]]:
+    """
+    C{listener.accept}, or a leaner equivalent (a C-level socket object
+    without the Python wrapper class) when L{selfCheck} allows.  The
+    accepted socket is blocking, as with C{accept}.
+    """
+    _ensureChecked()
+    if not (features.rawAccept and isinstance(listener, socket.socket)):
+        return listener.accept
+    rawAccept = listener._accept
+    make = socket.SocketType
+    family, kind = int(listener.family), socket.SOCK_STREAM
+
+    def accept() -> tuple[Any, Any]:
+        fd, addr = rawAccept()
+        return make(family, kind, 0, fd), addr
+
+    return accept

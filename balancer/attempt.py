@@ -5,7 +5,6 @@ on either data path.
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 from twisted.internet import protocol
@@ -55,10 +54,10 @@ class Attempt(protocol.ClientFactory):
     def buildProtocol(self, addr: Any) -> BackendSide:
         return BackendSide(self)
 
-    def connected(self, backend: BackendSide | socket.socket) -> None:
+    def connected(self, backend: BackendSide | RawConnect) -> None:
         """
         Connected: C{backend} is a L{BackendSide}, or for a lean client the
-        connected socket.
+        L{RawConnect} with the connected socket.
         """
         self.connector = self.deferred = None
         if self.done:
@@ -102,8 +101,9 @@ class Attempt(protocol.ClientFactory):
             self.deferred.cancel()
 
 
-def _closeBackend(backend: BackendSide | socket.socket) -> None:
-    if isinstance(backend, socket.socket):
-        backend.close()
+def _closeBackend(backend: BackendSide | RawConnect) -> None:
+    if isinstance(backend, RawConnect):
+        backend.waiting = True  # still registered as the socket's writer
+        backend.disconnect()
     else:
         backend.transport.abortConnection()

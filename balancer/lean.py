@@ -80,13 +80,13 @@ class _Half:
     """
 
     __slots__ = (
-        "sock", "fileno", "reactor", "client", "other", "pending", "reading", "eof", "shut", "rx"
+        "sock", "fileno", "fds", "client", "other", "pending", "reading", "eof", "shut", "rx"
     )
 
-    def __init__(self, sock: socket.socket, reactor: Any, client: LeanClient) -> None:
+    def __init__(self, sock: socket.socket, fds: Any, client: LeanClient) -> None:
         self.sock = sock
         self.fileno = sock.fileno
-        self.reactor = reactor
+        self.fds = fds  # the factory's balancer._twisted.fdOps
         self.client: LeanClient | None = client
         self.other: _Half | None = None
         self.pending = b""
@@ -101,12 +101,12 @@ class _Half:
     def startReading(self) -> None:
         if not self.reading:
             self.reading = True
-            self.reactor.addReader(self)
+            self.fds.addReader(self)
 
     def stopReading(self) -> None:
         if self.reading:
             self.reading = False
-            self.reactor.removeReader(self)
+            self.fds.removeReader(self)
 
     def doRead(self) -> None:
         try:
@@ -120,9 +120,16 @@ class _Half:
         other = self.other
         if not data:
             self.eof = True
-            self.stopReading()
             if other is not None and not other.pending:
+                if self.shut:
+                    # the other direction is done too: close the pair
+                    # (no need to stop reading a socket about to close)
+                    self.client.abort()
+                    return
+                self.stopReading()
                 other.shutWrite()
+                return
+            self.stopReading()
             # else: once other's pending bytes are out (doWrite), or once
             # the backend is connected (LeanClient.backendConnected)
         elif other is None:
@@ -146,7 +153,7 @@ class _Half:
         if sent == len(data):
             return True
         self.pending = data[sent:]
-        self.reactor.addWriter(self)
+        self.fds.addWriter(self)
         return False
 
     def doWrite(self) -> None:
@@ -162,7 +169,7 @@ class _Half:
             self.pending = data[sent:]
             return
         self.pending = b""
-        self.reactor.removeWriter(self)
+        self.fds.removeWriter(self)
         source = self.other
         if source.eof:
             self.shutWrite()
@@ -207,7 +214,7 @@ class LeanClient(_Half):
     lean = True
 
     def __init__(self, factory: Any, sock: socket.socket, addr: tuple[Any, ...]) -> None:
-        _Half.__init__(self, sock, factory.reactor, self)
+        _Half.__init__(self, sock, factory.fds, self)
         self.factory = factory
         self.addr = addr
         self.backend: _Half | None = None
@@ -236,18 +243,21 @@ class LeanClient(_Half):
         if self.held.add(data):
             self.stopReading()
 
-    def backendConnected(self, sock: socket.socket, peer: Any) -> None:
+    def backendConnected(self, connect: Any, peer: Any) -> None:
         """
-        L{balancer.rawconnect.RawConnect} connected C{sock} to C{peer}: send
-        the PROXY header and the held bytes, then forward both ways.
+        L{balancer.rawconnect.RawConnect} C{connect} connected its socket to
+        C{peer}: send the PROXY header and the held bytes, then forward
+        both ways.  The socket, watched for writability while connecting,
+        is now watched for reading by the backend half.
         """
         self.attempt = None
         self.tried = None
         self.peer = peer
-        backend = _Half(sock, self.reactor, self)
+        backend = _Half(connect.sock, self.fds, self)
         self.backend = self.other = backend
         backend.other = self
-        backend.startReading()
+        backend.reading = True
+        self.fds.writerToReader(connect, backend)
         f = self.factory
         held, self.held = self.held, None
         if f.proxy_protocol is not None:
@@ -283,7 +293,7 @@ class LeanClient(_Half):
         self.closed = True
         self.client = None
         t = _twisted.adoptSocket(
-            self.reactor, self.sock, server, self.addr, f"<ServerSide from {self.addr}>"
+            f.reactor, self.sock, server, self.addr, f"<ServerSide from {self.addr}>"
         )
         if t is not None:
             server.connected = 1
@@ -319,14 +329,12 @@ class LeanClient(_Half):
         self.closed = True
         f = self.factory
         f.clients.discard(self)
-        reactor = self.reactor
+        fds = self.fds
         for half in (self, self.backend):
             if half is not None:
-                if half.reading:
+                if half.reading or half.pending:
+                    fds.forget(half, half.reading, bool(half.pending))
                     half.reading = False
-                    reactor.removeReader(half)
-                if half.pending:
-                    reactor.removeWriter(half)
                 half.sock.close()
                 half.client = half.other = None
         attempt = self.attempt
@@ -354,6 +362,7 @@ class LeanPort:
         self.fileno = sock.fileno
         self.factory = factory
         self._resume: Any = None
+        self._accept = _twisted.acceptor(sock)
         reactor.addReader(self)
 
     def logPrefix(self) -> str:
@@ -363,7 +372,7 @@ class LeanPort:
         return _address(self.sock.getsockname())
 
     def doRead(self) -> None:
-        accept = self.sock.accept
+        accept = self._accept
         factory = self.factory
         for _ in range(ACCEPT_BATCH):
             try:

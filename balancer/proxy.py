@@ -27,6 +27,7 @@ from twisted.internet.interfaces import IReactorFDSet
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from balancer import _twisted
 from balancer.attempt import Attempt
 from balancer.earlydata import HOLD_LIMIT
 from balancer.idletimeout import IdleSweep
@@ -77,6 +78,8 @@ class BalancerFactory(protocol.Factory):
         self.clients: set[Any] = set()
         self.on_finished: list[Any] = []
         self.deadlines = ConnectDeadlines(reactor)
+        # descriptor bookkeeping of the lean path and RawConnect
+        self.fds = _twisted.fdOps(reactor) if self.raw_connect else None
         self.idleSweep = IdleSweep(reactor, self.clients, proxy_timeout)
 
     @property

@@ -101,9 +101,11 @@ class RawConnect:
         self.addr = addr
         self.waiting = False  # watched for writability
         self.reactor = reactor = attempt.factory.reactor
+        self.fds = attempt.factory.fds
         self.timer: Any = None
         try:
-            self.sock = sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            # the C socket type (public as SocketType): no Python wrapper
+            self.sock = sock = socket.SocketType(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         except OSError as e:  # EMFILE...: as connectTCP reports it
             self.sock = None
             reason = Failure(error.ConnectBindError(e.errno, e.strerror))
@@ -118,26 +120,30 @@ class RawConnect:
             return
         self.waiting = True
         attempt.factory.deadlines.add(self, timeout)
-        reactor.addWriter(self)
+        self.fds.addWriter(self)
 
     def logPrefix(self) -> str:
         return "RawConnect"
 
     def doWrite(self) -> None:
-        self._stop()
         err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
+            self._stop()
             self._fail(err)
             return
         attempt, self.attempt = self.attempt, None
         if attempt is None:  # pragma: no cover - cancelled meanwhile
+            self._stop()
             self.sock.close()
             return
         if attempt.client.lean:
-            # the lean path forwards on the socket itself
+            # The lean path forwards on the socket itself; the backend half
+            # takes over its reactor registration (LeanClient.backendConnected).
+            self.waiting = False
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            attempt.connected(self.sock)
+            attempt.connected(self)
             return
+        self._stop()
         from balancer.sides import BackendSide
 
         backend = BackendSide(attempt)
@@ -182,7 +188,7 @@ class RawConnect:
             self.timer = None
         if self.waiting:
             self.waiting = False
-            self.reactor.removeWriter(self)
+            self.fds.removeWriter(self)
 
     def disconnect(self) -> None:
         """

@@ -124,7 +124,9 @@ class LeanPathTimeoutTests(SynchronousTestCase):
         factory.accept(client)
         bApp, bLb = self.pair()
         peer.connection_started()
-        client.backendConnected(bLb, peer)
+        from tests.test_balancer_fastpath import connected
+
+        client.backendConnected(connected(factory, bLb), peer)
         return factory, reactor, peer, client, cApp, bApp
 
     def test_silent_backend_closes_client(self):

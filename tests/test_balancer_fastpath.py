@@ -163,6 +163,7 @@ class RawConnectUnitTests(SynchronousTestCase):
 
         class FakeFactory:
             reactor = FDClock()
+            fds = reactor
             deadlines = ConnectDeadlines(reactor)
 
         class FakeAttempt:
@@ -192,7 +193,7 @@ class RawConnectUnitTests(SynchronousTestCase):
             raise OSError(errno.EMFILE, "Too many open files")
 
         attempt = self._attempt()
-        self.patch(rawconnect.socket, "socket", no_socket)
+        self.patch(rawconnect.socket, "SocketType", no_socket)
         rawconnect.RawConnect(attempt, socket.AF_INET, ("127.0.0.1", 1), 1.0)
         self.assertEqual(attempt.failures, [])
         attempt.factory.reactor.advance(0)
@@ -233,11 +234,29 @@ class _FDSet:
         self.writers.discard(w)
 
 
+def connected(factory, sock):
+    """
+    What L{RawConnect} hands a lean client once C{sock} is connected: an
+    object with the socket, registered as its writer.
+    """
+
+    class Connected:
+        pass
+
+    c = Connected()
+    c.sock, c.fileno = sock, sock.fileno
+    factory.fds.addWriter(c)
+    return c
+
+
 class _Factory:
     proxy_protocol = None
 
     def __init__(self):
+        from balancer._twisted import fdOps
+
         self.reactor = _FDSet()
+        self.fds = fdOps(self.reactor)
         self.clients = set()
         self.released = []
 
@@ -281,7 +300,7 @@ class LeanUnitTests(SynchronousTestCase):
         # all of it reaches the backend once connected, and reading resumes
         held = client.held.size
         b_app, b_lb = self.pair()
-        client.backendConnected(b_lb, "peer")
+        client.backendConnected(connected(factory, b_lb), "peer")
         got = 0
         while got < held:
             got += len(b_app.recv(1 << 20))
@@ -300,7 +319,7 @@ class LeanUnitTests(SynchronousTestCase):
         c_app.send(b"early")
         client.doRead()
         b_app, b_lb = self.pair()
-        client.backendConnected(b_lb, "peer")
+        client.backendConnected(connected(factory, b_lb), "peer")
         self.assertEqual(b_app.recv(100), b"early")
         backend = client.backend
         b_app.setblocking(False)
@@ -375,6 +394,7 @@ class LeanPortAcceptTests(SynchronousTestCase):
         reactor = MemoryReactorClock()
         factory = _Factory()
         factory.reactor = reactor
+        factory.fds = reactor
         listener = FakeListener()
         return reactor, listener, LeanPort(reactor, listener, factory)
 
