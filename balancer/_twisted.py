@@ -1,7 +1,6 @@
 """
-The one place where the balancer touches private Twisted internals.
-
-Three speed-ups need them:
+The one place where the balancer touches private Twisted (and stdlib
+socket) internals.  The speed-ups that need them:
 
  - B{fast write}: send on a plain TCP transport's socket at once when
    nothing is queued, and shut its writing side at once (C{dataBuffer},
@@ -15,15 +14,12 @@ Three speed-ups need them:
    parsed C{tcp:}/C{ssl:} server endpoint (C{_port}, C{_interface},
    C{_backlog}, C{_sslContextFactory}), to rebuild it with
    C{SO_REUSEPORT} or as a lean listener;
-
-and more for the lean data path: a C{tcp.Server} transport built around an
-already connected socket without the C{dup()} of C{adoptStreamConnection};
-the epoll reactor's descriptor bookkeeping (C{_reads}, C{_writes},
-C{_selectables}) kept directly, so that a connected backend socket is
-switched from writing to reading with one C{epoll_ctl} and a closed socket
-needs none (L{fdOps}); and the standard library's C{socket._accept}, which
-skips the Python-level C{socket} wrapper per accepted client
-(L{acceptor}).
+ - B{lean path}: a C{tcp.Server} built around a connected socket without
+   the C{dup()} of C{adoptStreamConnection}; the epoll reactor's
+   descriptor bookkeeping (C{_reads}, C{_writes}, C{_selectables}) kept
+   directly (L{fdOps}: one C{epoll_ctl} to switch a connected backend
+   socket from writing to reading, none before a close); C{socket._accept}
+   without the Python C{socket} wrapper (L{acceptor}).
 
 L{selfCheck} verifies at start-up that this Twisted version has them all;
 each feature that is missing falls back to the public path (plain
@@ -41,11 +37,12 @@ from typing import Any, Callable
 from twisted.internet import main, protocol, tcp
 from twisted.logger import Logger
 
+from balancer.fdset import PublicFDs
+
 log = Logger()
 
 _EAGAIN = (BlockingIOError, InterruptedError)
 
-# feature -> (the class whose instances must have these attributes, names)
 _TRANSPORT_ATTRS = (
     "dataBuffer", "_tempDataLen", "_writeDisconnecting", "_writeDisconnected",
     "_shouldShutdown", "producerPaused", "disconnecting", "connected", "socket",
@@ -93,15 +90,8 @@ def _probeTransport() -> list[str]:
 
 
 class _NoReactor:
-    """
-    Just enough reactor for a C{tcp.Server} that is never started.
-    """
-
-    def addReader(self, reader: Any) -> None:
-        pass
-
-    def removeReader(self, reader: Any) -> None:
-        pass
+    # just enough reactor for a tcp.Server that is never started
+    addReader = removeReader = staticmethod(lambda reader: None)
 
 
 def _probeEndpoint() -> list[str]:
@@ -112,6 +102,24 @@ def _probeEndpoint() -> list[str]:
     sslEndpoint = SSL4ServerEndpoint(None, 0, None, 50, "127.0.0.1")
     if not hasattr(sslEndpoint, "_sslContextFactory"):
         missing.append("_sslContextFactory")
+    return missing
+
+
+_reactorWarned = []
+
+
+def _reactorMissing(reactor: Any) -> list[str]:
+    """
+    L{_probeReactor}, logging once what is missing.
+    """
+    missing = _probeReactor(reactor)
+    if missing and not _reactorWarned:
+        _reactorWarned.append(True)
+        features.leanDispatch = False
+        log.warn(
+            "the epoll reactor lacks {names}: using the stock epoll loop and reactor.addReader",
+            names=", ".join(missing),
+        )
     return missing
 
 
@@ -151,20 +159,18 @@ def selfCheck(reactor: Any = None) -> _Features:
         features.rawAccept = False
         log.warn("socket.socket lacks {names}: accepting with socket.accept", names=", ".join(missing))
     if reactor is not None:
-        missing = _probeReactor(reactor)
-        if missing:
-            features.leanDispatch = False
-            log.warn(
-                "the epoll reactor lacks {names}: using the stock epoll loop",
-                names=", ".join(missing),
-            )
+        del _reactorWarned[:]
+        _reactorMissing(reactor)
     features.checked = True
     return features
 
 
-def _ensureChecked() -> None:
+def ensureChecked(reactor: Any = None) -> None:
+    """
+    L{selfCheck} once (the balancer's factory calls it at start-up).
+    """
     if not features.checked:
-        selfCheck()
+        selfCheck(reactor)
 
 
 # -- transports ----------------------------------------------------------------
@@ -181,13 +187,6 @@ def plainSocket(transport: Any) -> socket.socket | None:
     if isinstance(transport, tcp.Connection) and not getattr(transport, "TLS", False):
         return transport.socket
     return None
-
-
-def queueEmpty(transport: Any) -> bool:
-    """
-    Whether C{transport} (one with a L{plainSocket}) has nothing queued.
-    """
-    return not transport._tempDataLen and not transport.dataBuffer
 
 
 def queuedBytes(transport: Any) -> int:
@@ -286,7 +285,7 @@ def adoptSocket(
     C{proto.makeConnection} is called by the caller for the first and by
     Twisted for the second: it returns whether the caller must call it.
     """
-    _ensureChecked()
+    ensureChecked()
     if features.adoptSocket:
         t = tcp.Server(sock, proto, addr, None, 0, reactor)
         t.repstr = describe
@@ -309,7 +308,8 @@ def epollInternals(reactor: Any) -> tuple[Any, dict[int, Any], Any, Any] | None:
     epoll reactor, or C{None} (another reactor, or lean dispatch turned
     off by L{selfCheck}).
     """
-    if _probeReactor(reactor) or not features.leanDispatch:
+    ensureChecked()
+    if _reactorMissing(reactor) or not features.leanDispatch:
         return None
     try:
         from twisted.internet.epollreactor import EPollReactor
@@ -331,7 +331,7 @@ def endpointFields(endpoint: Any) -> tuple[int, str, int, Any] | None:
     C{(port, interface, backlog, sslContextFactory or None)} of a parsed
     C{tcp:}/C{ssl:} server endpoint, or C{None} when unavailable.
     """
-    _ensureChecked()
+    ensureChecked()
     if not features.endpointFields:
         return None
     try:
@@ -350,34 +350,6 @@ def setBacklog(endpoint: Any, backlog: int) -> None:
     """
     if features.endpointFields and hasattr(endpoint, "_backlog"):
         endpoint._backlog = backlog
-
-
-class _PublicFDs:
-    """
-    Descriptor bookkeeping through the reactor's C{IReactorFDSet} methods.
-    """
-
-    def __init__(self, reactor: Any) -> None:
-        self.addReader = reactor.addReader
-        self.removeReader = reactor.removeReader
-        self.addWriter = reactor.addWriter
-        self.removeWriter = reactor.removeWriter
-
-    def writerToReader(self, old: Any, new: Any) -> None:
-        """
-        The socket of writer C{old} is now read by C{new} (not written).
-        """
-        self.removeWriter(old)
-        self.addReader(new)
-
-    def forget(self, selectable: Any, reading: bool, writing: bool) -> None:
-        """
-        Stop watching C{selectable}, whose socket is closed next.
-        """
-        if reading:
-            self.removeReader(selectable)
-        if writing:
-            self.removeWriter(selectable)
 
 
 class _EpollFDs:
@@ -415,26 +387,20 @@ class _EpollFDs:
         self.selectables[fd] = x
 
     def removeReader(self, x: Any) -> None:
-        fd = x.fileno()
-        if fd not in self.reads:
-            return
-        if fd in self.writes:
-            self.poller.modify(fd, _EPOLLOUT)
-        else:
-            del self.selectables[fd]
-            self.poller.unregister(fd)
-        self.reads.remove(fd)
+        self._remove(x.fileno(), self.reads, self.writes, _EPOLLOUT)
 
     def removeWriter(self, x: Any) -> None:
-        fd = x.fileno()
-        if fd not in self.writes:
+        self._remove(x.fileno(), self.writes, self.reads, _EPOLLIN)
+
+    def _remove(self, fd: int, primary: set[int], other: set[int], otherFlags: int) -> None:
+        if fd not in primary:
             return
-        if fd in self.reads:
-            self.poller.modify(fd, _EPOLLIN)
+        if fd in other:
+            self.poller.modify(fd, otherFlags)
         else:
             del self.selectables[fd]
             self.poller.unregister(fd)
-        self.writes.remove(fd)
+        primary.remove(fd)
 
     def writerToReader(self, old: Any, new: Any) -> None:
         fd = new.fileno()
@@ -469,15 +435,15 @@ def fdOps(reactor: Any) -> Any:
     closed); kept directly in an epoll reactor's state when L{selfCheck}
     allows, else through the reactor's public methods.
     """
-    _ensureChecked()
-    if features.leanDispatch and not _probeReactor(reactor):
+    ensureChecked()
+    if not _reactorMissing(reactor) and features.leanDispatch:
         try:
             from twisted.internet.epollreactor import EPollReactor
         except ImportError:  # pragma: no cover
             EPollReactor = None
         if EPollReactor is not None and isinstance(reactor, EPollReactor):
             return _EpollFDs(reactor)
-    return _PublicFDs(reactor)
+    return PublicFDs(reactor)
 
 
 def acceptor(listener: socket.socket) -> Callable[[], tuple[Any, Any]]:
@@ -486,7 +452,7 @@ def acceptor(listener: socket.socket) -> Callable[[], tuple[Any, Any]]:
     without the Python wrapper class) when L{selfCheck} allows.  The
     accepted socket is blocking, as with C{accept}.
     """
-    _ensureChecked()
+    ensureChecked()
     if not (features.rawAccept and isinstance(listener, socket.socket)):
         return listener.accept
     rawAccept = listener._accept

@@ -33,6 +33,8 @@ log = Logger()
 def _makeDoPoll(internals: tuple[Any, dict[int, Any], Any, Any]) -> Any:
     poller, selectables, dispatch, disconnect = internals
     EPOLLIN = select.EPOLLIN
+    EPOLLOUT = select.EPOLLOUT
+    INOUT = EPOLLIN | EPOLLOUT
 
     def doPoll(timeout: float | None) -> None:
         if timeout is None:
@@ -49,9 +51,10 @@ def _makeDoPoll(internals: tuple[Any, dict[int, Any], Any, Any]) -> Any:
             if selectable is None:
                 continue
             try:
-                if event == EPOLLIN:
-                    # The common case, readable and nothing else: what
-                    # _doReadOrWrite does for it, minus its other checks.
+                if event & INOUT == EPOLLIN:
+                    # Readable, maybe with a hang-up or error, not writable:
+                    # what _doReadOrWrite does for it (read; a hang-up is
+                    # then seen by the read), minus its other checks.
                     try:
                         why = selectable.doRead()
                     except BaseException:
@@ -59,8 +62,18 @@ def _makeDoPoll(internals: tuple[Any, dict[int, Any], Any, Any]) -> Any:
                         log.failure("in doRead of {s}", s=selectable)
                     if why:
                         disconnect(selectable, why, True)
+                elif event == EPOLLOUT:
+                    # writable and nothing else (a connect completing)
+                    try:
+                        why = selectable.doWrite()
+                    except BaseException:
+                        why = sys.exc_info()[1]
+                        log.failure("in doWrite of {s}", s=selectable)
+                    if why:
+                        disconnect(selectable, why, False)
                 else:
-                    # hang-up, error, writable: Twisted's own handling
+                    # hang-up or error without input, both directions:
+                    # Twisted's own handling
                     dispatch(selectable, fd, event)
             except BaseException:
                 # connectionLost (or a broken selectable) raised: what

@@ -25,7 +25,7 @@ from balancer import _twisted
 class SocketEndpoint:
     """
     A TCP (or TLS-over-TCP) server endpoint that makes its listening socket
-    itself: with C{SO_REUSEPORT} set before C{bind()} when C{reuse_port},
+    itself: with C{SO_REUSEPORT} set before C{bind()} when C{reusePort},
     and accepting with a L{balancer.lean.LeanPort} when C{lean} (no TLS;
     the factory is then a L{balancer.proxy.BalancerFactory}).
     """
@@ -36,16 +36,16 @@ class SocketEndpoint:
         port: int,
         interface: str = "",
         backlog: int = 1024,
-        tls_context: Any = None,
-        reuse_port: bool = True,
+        tlsContext: Any = None,
+        reusePort: bool = True,
         lean: bool = False,
     ) -> None:
         self.reactor = reactor
         self.port = port
         self.interface = interface
         self.backlog = backlog
-        self.tls_context = tls_context
-        self.reuse_port = reuse_port
+        self.tlsContext = tlsContext
+        self.reusePort = reusePort
         self.lean = lean
 
     def listen(self, factory: Any) -> defer.Deferred[Any]:
@@ -56,7 +56,7 @@ class SocketEndpoint:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if self.reuse_port:
+            if self.reusePort:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((self.interface, self.port))
             sock.listen(self.backlog)
@@ -70,8 +70,8 @@ class SocketEndpoint:
                 port = LeanPort(self.reactor, sock, factory)
                 sock = None
                 return port
-            if self.tls_context is not None:
-                factory = TLSMemoryBIOFactory(self.tls_context, False, factory)
+            if self.tlsContext is not None:
+                factory = TLSMemoryBIOFactory(self.tlsContext, False, factory)
             return self.reactor.adoptStreamPort(sock.fileno(), family, factory)
         finally:
             # adoptStreamPort dup()s the descriptor
@@ -105,7 +105,7 @@ def server_endpoint(
         port, interface, endpointBacklog, tlsContext = fields
         if isTCP:
             return SocketEndpoint(
-                reactor, port, interface, endpointBacklog, reuse_port=reuse_port, lean=lean
+                reactor, port, interface, endpointBacklog, reusePort=reuse_port, lean=lean
             )
         if reuse_port:
             return SocketEndpoint(reactor, port, interface, endpointBacklog, tlsContext)

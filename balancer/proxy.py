@@ -65,6 +65,7 @@ class BalancerFactory(protocol.Factory):
         proxy_protocol: str | None = None,
         proxy_timeout: float = DEFAULT_PROXY_TIMEOUT,
     ) -> None:
+        _twisted.ensureChecked(reactor)
         self.reactor = reactor
         # connect to IP literals with RawConnect (needs a real reactor)
         self.raw_connect = IReactorFDSet.providedBy(reactor)
@@ -146,7 +147,7 @@ class BalancerFactory(protocol.Factory):
             # a host name or an endpoint string: Twisted's transports
             client = client.toTwisted()
         tried.add(peer)
-        peer.connection_started()
+        peer.connectionStarted()
         attempt = Attempt(self, client, peer)
         client.attempt = attempt
         attempt.start()
@@ -170,7 +171,7 @@ class BalancerFactory(protocol.Factory):
         """
         A connection (or attempt) of C{peer} is over.
         """
-        peer.connection_ended()
+        peer.connectionEnded()
         for callback in self.on_finished:
             callback(peer)
 

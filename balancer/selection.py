@@ -6,7 +6,7 @@ client connection with one of the algorithms:
 
  - C{round-robin}: nginx's smooth weighted round-robin, exactly as in
    C{ngx_stream_upstream_get_peer}: every usable peer adds its
-   C{effective_weight} to C{current_weight}, the largest wins and has the
+   C{effective_weight} to C{currentWeight}, the largest wins and has the
    total subtracted.  C{effective_weight} is cut by C{weight // max_fails}
    on every failure and grows back by one per selection round.
  - C{least-conn}: nginx's C{least_conn}: fewest active connections relative
@@ -58,13 +58,12 @@ class Peer:
         self.name = name or key
         self.weight = max(1, int(weight))
         self.effective_weight = self.weight
-        self.current_weight = 0
+        self.currentWeight = 0
         self.backup = backup
         self.down = down
         self.passive = PassiveHealth(max_fails, fail_timeout)
         self.active = ActiveHealth(rise, fall)
         self.draining = False
-        self.drain_deadline: float | None = None
         self.sources: set[str] = set()
         # counters
         self.conns = 0
@@ -79,7 +78,7 @@ class Peer:
     def __repr__(self) -> str:
         return f"<Peer {self.key} w={self.weight} state={self.state}>"
 
-    def set_weight(self, weight: int) -> None:
+    def setWeight(self, weight: int) -> None:
         weight = max(1, int(weight))
         if weight != self.weight:
             self.weight = weight
@@ -105,7 +104,7 @@ class Peer:
             return "down"
         return "up"
 
-    def load_logins(self) -> int:
+    def loadLogins(self) -> int:
         """
         The least-logins load estimate: registry logins plus connections sent
         since, or active connections when the registry says nothing.
@@ -120,33 +119,33 @@ class Peer:
 
     # accounting called by the proxy
 
-    def connection_started(self) -> None:
+    def connectionStarted(self) -> None:
         self.conns += 1
         self.pending += 1
 
-    def connection_ended(self) -> None:
+    def connectionEnded(self) -> None:
         self.conns -= 1
 
 
-def _smooth_pick(candidates: Iterable[Peer]) -> Peer | None:
+def _smoothPick(candidates: Iterable[Peer]) -> Peer | None:
     """
     One round of nginx's smooth weighted round-robin over C{candidates}.
     """
     best: Peer | None = None
     total = 0
     for peer in candidates:
-        peer.current_weight += peer.effective_weight
+        peer.currentWeight += peer.effective_weight
         total += peer.effective_weight
         if peer.effective_weight < peer.weight:
             peer.effective_weight += 1
-        if best is None or peer.current_weight > best.current_weight:
+        if best is None or peer.currentWeight > best.currentWeight:
             best = peer
     if best is not None:
-        best.current_weight -= total
+        best.currentWeight -= total
     return best
 
 
-def _least_pick(candidates: list[Peer], load: Callable[[Peer], int]) -> Peer | None:
+def _leastPick(candidates: list[Peer], load: Callable[[Peer], int]) -> Peer | None:
     """
     nginx's least_conn: the smallest C{load/weight}; ties broken by smooth
     weighted round-robin among the tied peers.
@@ -160,7 +159,7 @@ def _least_pick(candidates: list[Peer], load: Callable[[Peer], int]) -> Peer | N
         elif load(peer) * best.weight == load(best) * peer.weight:
             tied.append(peer)
     if len(tied) > 1:
-        return _smooth_pick(tied)
+        return _smoothPick(tied)
     return best
 
 
@@ -188,10 +187,6 @@ class Selector:
             (backup if peer.backup else primary).append(peer)
         return _checkedFirst(primary), _checkedFirst(backup)
 
-    def has_usable(self) -> bool:
-        primary, backup = self.usable()
-        return bool(primary or backup)
-
     def pick(self, tried: Collection[Peer] = ()) -> Peer | None:
         """
         Choose a peer not in C{tried}, or C{None} if none is usable.
@@ -201,11 +196,11 @@ class Selector:
         if not candidates:
             return None
         if self.algorithm == "round-robin":
-            best = _smooth_pick(candidates)
+            best = _smoothPick(candidates)
         elif self.algorithm == "least-conn":
-            best = _least_pick(candidates, _conns)
+            best = _leastPick(candidates, _conns)
         else:
-            best = _least_pick(candidates, Peer.load_logins)
+            best = _leastPick(candidates, Peer.loadLogins)
         assert best is not None
         best.passive.picked(self.clock.seconds())
         return best

@@ -45,12 +45,27 @@ ROOT = os.path.dirname(HERE)
 HOST = "127.0.0.1"
 REDIS_PORTS = (17001, 17002)
 IPERF_PORT = 17003
-PORTS = {  # target -> (redis proxy port, iperf proxy port)
-    "direct": (REDIS_PORTS[0], IPERF_PORT),
-    "nginx": (17100, 17101),
-    "balancer": (17200, 17201),
-    "portforward": (17300, 17301),
-}
+STATUS_PORT = 17281
+PORTS: dict[str, tuple[int, int]] = {}
+
+
+def set_ports(base: int) -> None:
+    """
+    Every port the benchmark uses, from C{base} (default 17000).
+    """
+    global REDIS_PORTS, IPERF_PORT, STATUS_PORT
+    REDIS_PORTS = (base + 1, base + 2)
+    IPERF_PORT = base + 3
+    STATUS_PORT = base + 281
+    PORTS.update({  # target -> (redis proxy port, iperf proxy port)
+        "direct": (REDIS_PORTS[0], IPERF_PORT),
+        "nginx": (base + 100, base + 101),
+        "balancer": (base + 200, base + 201),
+        "portforward": (base + 300, base + 301),
+    })
+
+
+set_ports(17000)
 TOOLS = ("redis-server", "redis-benchmark", "nginx", "iperf3")
 
 
@@ -183,7 +198,7 @@ stream {{
                 redis_backends += ["--backend", f"{HOST}:{port} max_fails=3 fail_timeout=30s"]
             p = self.spawn(twistd + [
                 "balancer", "--listen", f"tcp:{PORTS['balancer'][0]}:interface={HOST}",
-                *redis_backends, "--status", f"tcp:17281:interface={HOST}",
+                *redis_backends, "--status", f"tcp:{STATUS_PORT}:interface={HOST}",
                 "--check-interval", "2s", "--check-send", r"PING\r\n", "--check-expect", "PONG",
             ], env=env)
             # bulk test: a second balancer with the iperf3 backend
@@ -320,7 +335,11 @@ def main() -> int:
     ap.add_argument("--with-portforward", action="store_true",
                     help="also measure a bare twisted portforward")
     ap.add_argument("--only", default="small,pipelined,p99,conns,bulk,idle")
+    ap.add_argument("--port-base", type=int, default=17000,
+                    help="ports used: BASE+1..3 (redis, iperf3), +100.. nginx, +200.. balancer, "
+                         "+281 status, +300.. portforward")
     args = ap.parse_args()
+    set_ports(args.port_base)
     args.targets = args.targets.split(",") + (["portforward"] if args.with_portforward else [])
     missing = [t for t in TOOLS if not find_tool(t)]
     if missing:

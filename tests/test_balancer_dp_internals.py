@@ -32,6 +32,7 @@ class SelfCheckTests(SynchronousTestCase):
         self.events = []
         self.patch(_twisted, "features", _twisted._Features())
         self.patch(_twisted, "log", Logger(observer=self.events.append))
+        self.patch(_twisted, "_reactorWarned", [])
 
     def test_this_twisted_passes(self):
         """
@@ -139,6 +140,63 @@ class SelfCheckTests(SynchronousTestCase):
         self.assertEqual(len(self.events), 1)
         self.assertFalse(fastpoll.install(reactor))
         self.assertNotIn("doPoll", vars(reactor))
+        # the lean path's descriptor bookkeeping goes through addReader...
+        from balancer.fdset import PublicFDs
+
+        self.assertIsInstance(_twisted.fdOps(reactor), PublicFDs)
+        self.assertEqual(len(self.events), 1)
+
+    def test_epoll_fd_ops_keep_the_reactor_consistent(self):
+        """
+        With the internals, the lean path's bookkeeping is the reactor's
+        own: readers and writers it adds are the reactor's, a writer
+        switched to a reader is one, and a forgotten one is gone.
+        """
+        from twisted.internet.epollreactor import EPollReactor
+
+        reactor = EPollReactor()
+        self.addCleanup(reactor._poller.close)
+        fds = _twisted.fdOps(reactor)
+        self.assertNotIsInstance(fds, __import__("balancer.fdset").fdset.PublicFDs)
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        w, r = _Reader(reactor, a, []), _Reader(reactor, a, [])
+        fds.addWriter(w)
+        self.assertEqual(reactor.getWriters(), [w])
+        self.assertNotIn(w, reactor.getReaders())
+        fds.writerToReader(w, r)
+        self.assertEqual(reactor.getWriters(), [])
+        self.assertIn(r, reactor.getReaders())
+        b.send(b"x")
+        reactor.doIteration(0)
+        self.assertEqual(r.log, [("read", r, b"x")])
+        fds.forget(r, True, False)
+        self.assertNotIn(r, reactor.getReaders())
+
+    def test_missing_socket_accept_falls_back(self):
+        self.patch(_twisted, "_SOCKET_ATTRS", ("_gone",))
+        _twisted.selfCheck()
+        self.assertFalse(_twisted.features.rawAccept)
+        [event] = self.events
+        self.assertIn("_gone", event["names"])
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        self.assertEqual(_twisted.acceptor(listener), listener.accept)
+
+    def test_raw_accept_gives_a_working_socket(self):
+        _twisted.selfCheck()
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        client = socket.create_connection(listener.getsockname())
+        self.addCleanup(client.close)
+        accepted, addr = _twisted.acceptor(listener)()
+        self.addCleanup(accepted.close)
+        self.assertEqual(addr, client.getsockname())
+        client.send(b"hi")
+        self.assertEqual(accepted.recv(10), b"hi")
 
 
 class _ProtocolStub:
@@ -225,6 +283,28 @@ class LeanDispatchTests(SynchronousTestCase):
         self.assertIn(("read", good, b"y"), self.seen)
         self.assertIn(("lost", bad, RuntimeError), self.seen)
         self.assertTrue(any(e.get("log_failure") for e in self.logged))
+
+    def test_error_in_do_write_is_contained(self):
+        """
+        The writable-only fast branch: a C{doWrite} that raises is logged
+        and disconnects that selectable only.
+        """
+
+        class Writer(_Reader):
+            def doWrite(self):
+                raise RuntimeError("doWrite broke")
+
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        bad = Writer(self.reactor, a, self.seen)
+        self.reactor.addWriter(bad)
+        good, goodPeer = self.reader()
+        goodPeer.send(b"y")
+        self.reactor.doIteration(0)
+        self.assertIn(("read", good, b"y"), self.seen)
+        self.assertIn(("lost", bad, RuntimeError), self.seen)
+        self.assertNotIn(bad, self.reactor.getWriters())
 
     def test_error_in_connection_lost_does_not_escape(self):
         """

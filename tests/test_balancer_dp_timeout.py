@@ -123,7 +123,7 @@ class LeanPathTimeoutTests(SynchronousTestCase):
         client = LeanClient(factory, cLb, ("127.0.0.1", 1))
         factory.accept(client)
         bApp, bLb = self.pair()
-        peer.connection_started()
+        peer.connectionStarted()
         from tests.test_balancer_fastpath import connected
 
         client.backendConnected(connected(factory, bLb), peer)
@@ -214,7 +214,7 @@ class PoolDrainTimerTests(SynchronousTestCase):
         a, b = parse_backend("127.0.0.1:7001"), parse_backend("127.0.0.1:7002")
         pool.set_source("static", [a, b])
         peer = pool.peers[b.key]
-        peer.connection_started()
+        peer.connectionStarted()
         left = _Drained(peer)
 
         class Factory:
@@ -228,7 +228,7 @@ class PoolDrainTimerTests(SynchronousTestCase):
         clock.advance(0.2)
         self.assertEqual(left.closed, 1)
         self.assertIn(b.key, pool.draining)  # until its connection ends
-        peer.connection_ended()
+        peer.connectionEnded()
         pool.connection_ended(peer)
         self.assertNotIn(b.key, pool.draining)
         self.assertEqual(clock.getDelayedCalls(), [])
@@ -238,7 +238,7 @@ class PoolDrainTimerTests(SynchronousTestCase):
         pool = Pool(clock, Selector(clock), CheckSettings(enabled=False), drain_timeout=5.0)
         a = parse_backend("127.0.0.1:7001")
         pool.set_source("static", [a])
-        pool.peers[a.key].connection_started()
+        pool.peers[a.key].connectionStarted()
         pool.set_source("static", [])
         self.assertEqual(len(clock.getDelayedCalls()), 1)
         pool.set_source("static", [a])
