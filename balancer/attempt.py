@@ -32,9 +32,13 @@ class Attempt(protocol.ClientFactory):
         self.deferred: Any = None
         self.done = False
 
-    def start(self) -> None:
+    def start(self, sockaddr: tuple[int, Any] | None = None) -> None:
+        """
+        Connect; C{sockaddr} is the peer's L{peerSockaddr} if known.
+        """
         f = self.factory
-        sockaddr = peerSockaddr(self.peer) if f.raw_connect else None
+        if sockaddr is None and f.raw_connect:
+            sockaddr = peerSockaddr(self.peer)
         if sockaddr is not None:
             self.connector = RawConnect(self, sockaddr[0], sockaddr[1], f.connect_timeout)
             return

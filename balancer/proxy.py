@@ -143,14 +143,15 @@ class BalancerFactory(protocol.Factory):
             client.abort()
             self.clients.discard(client)
             return
-        if client.lean and peerSockaddr(peer) is None:
+        sockaddr = peerSockaddr(peer) if self.raw_connect else None
+        if client.lean and sockaddr is None:
             # a host name or an endpoint string: Twisted's transports
             client = client.toTwisted()
         tried.add(peer)
         peer.connectionStarted()
         attempt = Attempt(self, client, peer)
         client.attempt = attempt
-        attempt.start()
+        attempt.start(sockaddr)
 
     def attemptSucceeded(self, peer: Peer) -> None:
         peer.total += 1

@@ -86,6 +86,14 @@ class ConnectDeadlines:
         self.queue.clear()
 
 
+_NONBLOCKING_STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+_IN_PROGRESS = (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EINTR)
+
+
+def _newSocket(family: int, kind: int) -> socket.socket:
+    return socket.SocketType(family, kind)
+
+
 @implementer(IWriteDescriptor)
 class RawConnect:
     """
@@ -100,26 +108,27 @@ class RawConnect:
         self.attempt: Any = attempt
         self.addr = addr
         self.waiting = False  # watched for writability
-        self.reactor = reactor = attempt.factory.reactor
-        self.fds = attempt.factory.fds
+        factory = attempt.factory
+        self.reactor = factory.reactor
+        self.fds = factory.fds
         self.timer: Any = None
         try:
             # the C socket type (public as SocketType): no Python wrapper
-            self.sock = sock = socket.SocketType(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            self.sock = sock = _newSocket(family, _NONBLOCKING_STREAM)
         except OSError as e:  # EMFILE...: as connectTCP reports it
             self.sock = None
             reason = Failure(error.ConnectBindError(e.errno, e.strerror))
-            self.timer = reactor.callLater(0, self._failed, reason)
+            self.timer = self.reactor.callLater(0, self._failed, reason)
             return
         self.fileno = sock.fileno
         err = sock.connect_ex(addr)
-        if err and err not in (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EINTR):
+        if err and err not in _IN_PROGRESS:
             # Failed at once (ENETUNREACH...): report it on the next turn,
             # as connectTCP does.
-            self.timer = reactor.callLater(0, self._fail, err)
+            self.timer = self.reactor.callLater(0, self._fail, err)
             return
         self.waiting = True
-        attempt.factory.deadlines.add(self, timeout)
+        factory.deadlines.add(self, timeout)
         self.fds.addWriter(self)
 
     def logPrefix(self) -> str:

@@ -177,8 +177,11 @@ class Selector:
         self.algorithm = algorithm
         self.peers: list[Peer] = []
 
-    def usable(self, tried: Collection[Peer] = ()) -> tuple[list[Peer], list[Peer]]:
-        now = self.clock.seconds()
+    def usable(
+        self, tried: Collection[Peer] = (), now: float | None = None
+    ) -> tuple[list[Peer], list[Peer]]:
+        if now is None:
+            now = self.clock.seconds()
         primary: list[Peer] = []
         backup: list[Peer] = []
         for peer in self.peers:
@@ -191,7 +194,8 @@ class Selector:
         """
         Choose a peer not in C{tried}, or C{None} if none is usable.
         """
-        primary, backup = self.usable(tried)
+        now = self.clock.seconds()
+        primary, backup = self.usable(tried, now)
         candidates = primary or backup
         if not candidates:
             return None
@@ -202,7 +206,7 @@ class Selector:
         else:
             best = _leastPick(candidates, Peer.loadLogins)
         assert best is not None
-        best.passive.picked(self.clock.seconds())
+        best.passive.picked(now)
         return best
 
     def failed(self, peer: Peer) -> None:

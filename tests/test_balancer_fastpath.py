@@ -193,7 +193,7 @@ class RawConnectUnitTests(SynchronousTestCase):
             raise OSError(errno.EMFILE, "Too many open files")
 
         attempt = self._attempt()
-        self.patch(rawconnect.socket, "SocketType", no_socket)
+        self.patch(rawconnect, "_newSocket", no_socket)
         rawconnect.RawConnect(attempt, socket.AF_INET, ("127.0.0.1", 1), 1.0)
         self.assertEqual(attempt.failures, [])
         attempt.factory.reactor.advance(0)

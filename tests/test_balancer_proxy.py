@@ -330,17 +330,18 @@ class TransparencyTests(TestCase):
 
         realStart = attemptmod.Attempt.start
         started = []
-        self.patch(attemptmod.Attempt, "start", lambda attempt: started.append(attempt))
+        self.patch(attemptmod.Attempt, "start",
+                   lambda attempt, sockaddr=None: started.append((attempt, sockaddr)))
         (a,) = start_backends(self, "a")
         svc = yield start_balancer(self, make_config([a.address], check_interval=0))
         client = yield connect(svc.port)
         client.transport.write(b"early-")
         client.transport.write(b"bird")
-        [attempt] = yield wait_for(lambda: started)
+        [(attempt, sockaddr)] = yield wait_for(lambda: started)
         proxied = attempt.client
         yield wait_for(lambda: proxied.held is not None and proxied.held.size == 10)
         self.assertEqual((a.received, proxied.peer), (0, None))
-        realStart(attempt)
+        realStart(attempt, sockaddr)
         yield wait_for(lambda: bytes(client.data) == b"early-bird")
         self.assertIsNone(proxied.held)
         self.assertEqual(a.received, 10)
