@@ -464,3 +464,21 @@ def acceptor(listener: socket.socket) -> Callable[[], tuple[Any, Any]]:
         return make(family, kind, 0, fd), addr
 
     return accept
+
+
+# -- txredisapi ---------------------------------------------------------------------
+
+
+def setRedisMaxDelay(connection: Any, maxDelay: float) -> bool:
+    """
+    Cap the reconnection back-off of a txredisapi lazy connection (its
+    factory's C{maxDelay}, reached through the private C{_factory}).
+    Returns C{False}, with one log line, when the connection has no such
+    factory (the library's default back-off then applies).
+    """
+    factory = getattr(connection, "_factory", None)
+    if factory is None or not hasattr(factory, "maxDelay"):
+        log.warn("txredisapi connection has no _factory.maxDelay: default reconnect back-off")
+        return False
+    factory.maxDelay = maxDelay
+    return True

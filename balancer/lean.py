@@ -362,7 +362,7 @@ class LeanPort:
         self.fileno = sock.fileno
         self.factory = factory
         self._resume: Any = None
-        self._accept = _twisted.acceptor(sock)
+        self.acceptOne = _twisted.acceptor(sock)
         reactor.addReader(self)
 
     def logPrefix(self) -> str:
@@ -372,7 +372,7 @@ class LeanPort:
         return _address(self.sock.getsockname())
 
     def doRead(self) -> None:
-        accept = self._accept
+        accept = self.acceptOne
         factory = self.factory
         for _ in range(ACCEPT_BATCH):
             try:

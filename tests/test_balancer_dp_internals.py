@@ -372,3 +372,33 @@ class LeanDispatchTests(SynchronousTestCase):
         self.reactor.doIteration(0)
         self.assertIn(("read", r, b"z"), self.seen)
         self.assertTrue(fastpoll.install(self.reactor))
+
+
+class RedisMaxDelayTests(SynchronousTestCase):
+    def test_sets_factory_max_delay(self):
+        class Factory:
+            maxDelay = 3600
+
+        class Conn:
+            _factory = Factory()
+
+        conn = Conn()
+        self.assertTrue(_twisted.setRedisMaxDelay(conn, 5))
+        self.assertEqual(conn._factory.maxDelay, 5)
+
+    def test_fallback_without_factory(self):
+        events = []
+        self.patch(_twisted, "log", Logger(observer=events.append))
+        self.assertFalse(_twisted.setRedisMaxDelay(object(), 5))
+        self.assertEqual(len(events), 1)
+
+    def test_real_txredisapi_connection_has_it(self):
+        """
+        The txredisapi this project runs has the private attribute.
+        """
+        import txredisapi
+
+        factory = txredisapi.RedisFactory(None, 0, 1, isLazy=True, convertNumbers=False)
+        conn = txredisapi.ConnectionHandler(factory)
+        self.assertTrue(_twisted.setRedisMaxDelay(conn, 5))
+        self.assertEqual(factory.maxDelay, 5)

@@ -244,3 +244,33 @@ class PoolDrainTimerTests(SynchronousTestCase):
         pool.set_source("static", [a])
         self.assertEqual(clock.getDelayedCalls(), [])
         self.assertIn(a.key, pool.peers)
+
+
+class ProxiedClientInterfaceTests(SynchronousTestCase):
+    """
+    Both kinds of proxied client provide L{IProxiedClient}, the seam
+    C{dispatch}, L{Attempt}, the idle sweep and the pool use.
+    """
+
+    def test_server_side(self):
+        from zope.interface.verify import verifyObject
+
+        from balancer.interfaces import IProxiedClient
+
+        factory, reactor, peer = _factory()
+        factory.raw_connect = False
+        server = factory.buildProtocol(None)
+        server.makeConnection(StringTransport())
+        self.assertTrue(verifyObject(IProxiedClient, server))
+
+    def test_lean_client(self):
+        from zope.interface.verify import verifyObject
+
+        from balancer.interfaces import IProxiedClient
+        from balancer.lean import LeanClient
+
+        factory, reactor, peer = _factory()
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        self.assertTrue(verifyObject(IProxiedClient, LeanClient(factory, b, ("127.0.0.1", 1))))
