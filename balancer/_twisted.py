@@ -56,9 +56,7 @@ _ENDPOINT_ATTRS = ("_port", "_interface", "_backlog")
 
 
 class _Features:
-    """
-    Which private paths are usable (set by L{selfCheck}).
-    """
+    """Which private paths are usable (set by L{selfCheck})."""
 
     fastWrite = True
     leanDispatch = True
@@ -109,9 +107,7 @@ _reactorWarned = []
 
 
 def _reactorMissing(reactor: Any) -> list[str]:
-    """
-    L{_probeReactor}, logging once what is missing.
-    """
+    """L{_probeReactor}, logging once what is missing."""
     missing = _probeReactor(reactor)
     if missing and not _reactorWarned:
         _reactorWarned.append(True)
@@ -166,9 +162,7 @@ def selfCheck(reactor: Any = None) -> _Features:
 
 
 def ensureChecked(reactor: Any = None) -> None:
-    """
-    L{selfCheck} once (the balancer's factory calls it at start-up).
-    """
+    """L{selfCheck} once (the balancer's factory calls it at start-up)."""
     if not features.checked:
         selfCheck(reactor)
 
@@ -190,9 +184,7 @@ def plainSocket(transport: Any) -> socket.socket | None:
 
 
 def queuedBytes(transport: Any) -> int:
-    """
-    Bytes queued in C{transport} and not yet sent.
-    """
+    """Bytes queued in C{transport} and not yet sent."""
     return len(transport.dataBuffer) + transport._tempDataLen
 
 
