@@ -39,7 +39,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from balancer import _twisted
-from balancer.earlydata import HOLD_LIMIT, EarlyData, firstBytes
+from balancer.clientcore import ClientCore
+from balancer.earlydata import HOLD_LIMIT, EarlyData
 from balancer.interfaces import IProxiedClient
 from balancer.sides import ServerSide
 
@@ -200,10 +201,11 @@ class _Half:
 
 
 @implementer(IProxiedClient)
-class LeanClient(_Half):
+class LeanClient(ClientCore, _Half):
     """
     A client accepted by a L{LeanPort}: its socket, and the proxied
-    connection's state (an L{IProxiedClient}).
+    connection's state (an L{IProxiedClient}; the client-side state machine
+    is L{ClientCore}'s).
     """
 
     __slots__ = (
@@ -233,45 +235,36 @@ class LeanClient(_Half):
         backend = self.backend
         return self.rx + (backend.rx if backend is not None else 0)
 
-    def hold(self, data: bytes) -> None:
-        """
-        Keep bytes that arrive before the backend connection is up; stop
-        reading once more than L{balancer.earlydata.HOLD_LIMIT} are held.
-        """
-        if self.held is None:
-            self.held = EarlyData()
-        if self.held.add(data):
-            self.stopReading()
+    # -- ClientCore's primitives over raw sockets ----------------------------------
 
-    def backendConnected(self, connect: Any, peer: Any) -> None:
+    pauseReading = _Half.stopReading
+    resumeReading = _Half.startReading
+
+    def eofReceived(self) -> bool:
+        return self.eof
+
+    def passEOF(self) -> None:
+        self.backend.shutWrite()
+
+    def localAddress(self) -> IPv4Address | IPv6Address:
+        return _address(self.sock.getsockname())
+
+    def sendToBackend(self, data: bytes) -> bool:
+        # False: bytes are pending; reading resumes once they are out
+        # (_Half.doWrite)
+        return self.backend.send(data)
+
+    def linkBackend(self, connect: Any) -> None:
         """
-        L{balancer.rawconnect.RawConnect} C{connect} connected its socket to
-        C{peer}: send the PROXY header and the held bytes, then forward
-        both ways.  The socket, watched for writability while connecting,
-        is now watched for reading by the backend half.
+        L{balancer.rawconnect.RawConnect} C{connect} connected its socket:
+        the socket, watched for writability while connecting, is now
+        watched for reading by the backend half.
         """
-        self.attempt = None
-        self.tried = None
-        self.peer = peer
         backend = _Half(connect.sock, self.fds, self)
         self.backend = self.other = backend
         backend.other = self
         backend.reading = True
         self.fds.writerToReader(connect, backend)
-        f = self.factory
-        held, self.held = self.held, None
-        if f.proxy_protocol is not None:
-            data = firstBytes(f, self.clientAddress(), _address(self.sock.getsockname()), held)
-        elif held is not None:
-            data = held.take()
-        else:
-            data = b""
-        if data and not backend.send(data):
-            self.stopReading()  # until the held bytes are out (doWrite)
-        elif self.eof:
-            backend.shutWrite()
-        else:
-            self.startReading()
 
     def toTwisted(self) -> ServerSide:
         """

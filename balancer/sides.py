@@ -28,7 +28,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from balancer import _twisted
-from balancer.earlydata import EarlyData, firstBytes
+from balancer.clientcore import ClientCore
+from balancer.earlydata import EarlyData
 from balancer.interfaces import IProxiedClient
 
 
@@ -126,13 +127,14 @@ class _Side(protocol.Protocol):
 
 
 @implementer(IProxiedClient)
-class ServerSide(_Side):
+class ServerSide(ClientCore, _Side):
     """
-    A client connected to the balancer.
+    A client connected to the balancer (the client-side state machine is
+    L{ClientCore}'s).
     """
 
     log = Logger()
-    factory: Any
+    factory: Any = None
     backend: BackendSide | None = None
     peer: Any = None
     held: EarlyData | None = None
@@ -159,15 +161,10 @@ class ServerSide(_Side):
 
     def dataReceived(self, data: bytes) -> None:
         if self.other is None:
-            # Not connected to a backend yet: hold the data, and stop
-            # reading once HOLD_LIMIT bytes are held.  TLS handshakes and
-            # data in flight can still arrive while paused.
-            if self.held is None:
-                self.held = EarlyData()
+            # Not connected to a backend yet.  TLS handshakes and data in
+            # flight can still arrive while paused.
             self.rx += len(data)
-            if self.held.add(data) and not self.paused:
-                self.paused = True
-                self.transport.pauseProducing()
+            self.hold(data)
             return
         _Side.dataReceived(self, data)
 
@@ -181,25 +178,40 @@ class ServerSide(_Side):
         backend = self.backend
         return self.rx + (backend.rx if backend is not None else 0)
 
-    def backendConnected(self, backend: BackendSide, peer: Any) -> None:
-        self.attempt = None
-        self.tried = None
-        self.peer = peer
+    # -- ClientCore's primitives over Twisted transports ---------------------------
+
+    def pauseReading(self) -> None:
+        if not self.paused:
+            self.paused = True
+            self.transport.pauseProducing()
+
+    def resumeReading(self) -> None:
+        if self.paused:
+            self.paused = False
+            self.transport.resumeProducing()
+
+    def eofReceived(self) -> bool:
+        return self.pendingEOF
+
+    def passEOF(self) -> None:
+        _Side.readConnectionLost(self)
+
+    def localAddress(self) -> Any:
+        return self.transport.getHost()
+
+    def sendToBackend(self, data: bytes) -> bool:
+        # the transport queues what the kernel does not take; the producer
+        # registration does the backpressure
+        self.send(data)
+        return True
+
+    def linkBackend(self, backend: BackendSide) -> None:
         self.backend = backend
         self.link(backend)
         backend.link(self)
         t, bt = self.transport, backend.transport
-        held, self.held = self.held, None
-        data = firstBytes(self.factory, t.getPeer(), t.getHost(), held)
-        if data:
-            self.send(data)
         bt.registerProducer(t, True)
         t.registerProducer(bt, True)
-        if self.pendingEOF:
-            _Side.readConnectionLost(self)
-        elif self.paused:
-            self.paused = False
-            t.resumeProducing()
 
     def close(self) -> None:
         """
