@@ -21,9 +21,14 @@ STEPS = 4
 
 
 class IdleSweep:
+    """
+    @ivar expired: connections closed by the proxy timeout so far.
+    """
+
     log = Logger()
 
     def __init__(self, clock: Any, clients: set[Any], timeout: float) -> None:
+        self.expired = 0
         self.clock = clock
         self.clients = clients
         self.timeout = timeout
@@ -54,6 +59,7 @@ class IdleSweep:
                 client.idleSteps += 1
                 if client.idleSteps >= STEPS:
                     expired.append(client)
+        self.expired += len(expired)
         for client in expired:
             self.log.info(
                 "closing {client}: no data for {t}s (proxy timeout)",

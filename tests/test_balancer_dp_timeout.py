@@ -63,6 +63,7 @@ class TwistedPathTimeoutTests(SynchronousTestCase):
             reactor.advance(TIMEOUT / STEPS)
         self.assertTrue(client.disconnecting)
         self.assertEqual(backendTransport.value(), b"request")
+        self.assertEqual(factory.idleSweep.expired, 1)
 
     def test_traffic_keeps_it_open(self):
         """
@@ -156,6 +157,7 @@ class LeanPathTimeoutTests(SynchronousTestCase):
                 client.backend.doRead()
                 self.assertEqual(cApp.recv(100), b"pong")
         self.assertFalse(client.closed)
+        self.assertEqual(factory.idleSweep.expired, 0)
 
 
 class CheckedFirstTests(SynchronousTestCase):
