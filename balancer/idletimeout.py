@@ -57,7 +57,9 @@ class IdleSweep:
                 client.idleSteps = 0
             elif client.peer is not None:
                 client.idleSteps += 1
-                if client.idleSteps >= STEPS:
+                if client.idleSteps == STEPS:
+                    # once: a client whose close is under way is not
+                    # closed (or counted) again
                     expired.append(client)
         self.expired += len(expired)
         for client in expired:
