@@ -217,6 +217,11 @@ class RawConnectTests(TestCase):
 
     @defer.inlineCallbacks
     def test_timeout_goes_to_next(self):
+        from balancer.rawconnect import RawConnect
+
+        timedOut = []
+        realTimedOut = RawConnect.timedOut
+        self.patch(RawConnect, "timedOut", lambda raw: (timedOut.append(raw), realTimedOut(raw)))
         (live,) = start_backends(self, "live")
         hung = f"127.0.0.1:{hung_port(self)}"
         cfg = make_config([hung, live.address], check_interval=0, connect_timeout=0.2)
@@ -230,6 +235,9 @@ class RawConnectTests(TestCase):
         self.assertEqual(peer.failures, 1)
         self.assertEqual(peer.conns, 0)
         self.assertEqual(live.served, 2)
+        # the hand-made connect's deadline (not connectTCP's) timed it out
+        self.assertEqual(len(timedOut), 1)
+        self.assertEqual(timedOut[0].sock.fileno(), -1)
 
     @defer.inlineCallbacks
     def test_immediate_failure_goes_to_next(self):
@@ -253,6 +261,9 @@ class RawConnectTests(TestCase):
         yield wait_for(lambda: svc.factory.clients)
         server = next(iter(svc.factory.clients))
         raw = server.attempt.connector
+        from balancer.rawconnect import RawConnect
+
+        self.assertIsInstance(raw, RawConnect)
         # a reset, not an EOF (an EOF is held until the backend answers)
         client.transport.abortConnection()
         yield client.done
