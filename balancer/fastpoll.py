@@ -5,8 +5,15 @@ C{EPollReactor.doPoll} wraps every ready descriptor's handler in
 C{log.callWithLogger}, which pushes a logging context (a dict copy and three
 Python calls) per event; on a proxy that is a large share of the time per
 forwarded message.  L{install} replaces the reactor instance's C{doPoll}
-with the same loop minus that wrapper.  Errors are still caught and logged
-by C{_doReadOrWrite}; they only lose the "system" log prefix.
+with the same loop minus that wrapper, and L{uninstall} puts the stock one
+back.  Errors are contained as C{callWithLogger} contains them: an
+exception in a selectable's C{doRead}, C{doWrite} or C{connectionLost} is
+logged (without the "system" log prefix) and disconnects that selectable
+only; the other ready events of the same poll are still dispatched.
+
+The reactor's internals come from L{balancer._twisted.epollInternals};
+without them (another reactor, another Twisted) L{install} returns
+C{False} and the stock loop runs.
 """
 
 from __future__ import annotations
@@ -18,24 +25,16 @@ from typing import Any
 
 from twisted.logger import Logger
 
+from balancer import _twisted
+
 log = Logger()
 
 
-def install(reactor: Any) -> bool:
-    """
-    Speed up C{reactor} if it is an epoll reactor; return whether it was.
-    """
-    try:
-        from twisted.internet.epollreactor import EPollReactor
-    except ImportError:  # pragma: no cover - not Linux
-        return False
-    if not isinstance(reactor, EPollReactor):
-        return False
-    poller = reactor._poller
-    selectables = reactor._selectables
-    dispatch = reactor._doReadOrWrite
-    disconnect = reactor._disconnectSelectable
+def _makeDoPoll(internals: tuple[Any, dict[int, Any], Any, Any]) -> Any:
+    poller, selectables, dispatch, disconnect = internals
     EPOLLIN = select.EPOLLIN
+    EPOLLOUT = select.EPOLLOUT
+    INOUT = EPOLLIN | EPOLLOUT
 
     def doPoll(timeout: float | None) -> None:
         if timeout is None:
@@ -51,19 +50,59 @@ def install(reactor: Any) -> bool:
             selectable = get(fd)
             if selectable is None:
                 continue
-            if event == EPOLLIN:
-                # The common case, readable and nothing else: what
-                # _doReadOrWrite does for it, minus its other checks.
-                try:
-                    why = selectable.doRead()
-                except BaseException:
-                    why = sys.exc_info()[1]
-                    log.failure("in doRead of {s}", s=selectable)
-                if why:
-                    disconnect(selectable, why, True)
-            else:
-                dispatch(selectable, fd, event)
+            try:
+                if event & INOUT == EPOLLIN:
+                    # Readable, maybe with a hang-up or error, not writable:
+                    # what _doReadOrWrite does for it (read; a hang-up is
+                    # then seen by the read), minus its other checks.
+                    try:
+                        why = selectable.doRead()
+                    except BaseException:
+                        why = sys.exc_info()[1]
+                        log.failure("in doRead of {s}", s=selectable)
+                    if why:
+                        disconnect(selectable, why, True)
+                elif event == EPOLLOUT:
+                    # writable and nothing else (a connect completing)
+                    try:
+                        why = selectable.doWrite()
+                    except BaseException:
+                        why = sys.exc_info()[1]
+                        log.failure("in doWrite of {s}", s=selectable)
+                    if why:
+                        disconnect(selectable, why, False)
+                else:
+                    # hang-up or error without input, both directions:
+                    # Twisted's own handling
+                    dispatch(selectable, fd, event)
+            except BaseException:
+                # connectionLost (or a broken selectable) raised: what
+                # callWithLogger does, log it and go on with the others
+                log.failure("while handling events of {s}", s=selectable)
 
+    return doPoll
+
+
+def install(reactor: Any) -> bool:
+    """
+    Speed up C{reactor} if it is an epoll reactor; return whether it was.
+    """
+    if "doPoll" in vars(reactor):
+        return True  # installed already
+    internals = _twisted.epollInternals(reactor)
+    if internals is None:
+        return False
+    doPoll = _makeDoPoll(internals)
     reactor.doPoll = reactor.doIteration = doPoll
     log.info("using the lean epoll dispatch")
     return True
+
+
+def uninstall(reactor: Any) -> None:
+    """
+    Put the reactor's stock event dispatch back (no-op if not installed).
+    """
+    state = vars(reactor)
+    if state.pop("doPoll", None) is not None:
+        state.pop("doIteration", None)
+        log.info("using the stock epoll dispatch")

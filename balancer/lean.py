@@ -10,7 +10,7 @@ Python per connection.  Here, as in nginx:
    C{accept()}s until C{EAGAIN} (nginx's C{multi_accept}); accepted sockets
    inherit C{TCP_NODELAY} from it (Linux copies it to the child socket);
  - L{LeanClient} (the client's socket) and a L{_Half} (the backend's
-   socket, from L{balancer.proxy.RawConnect}) are the reactor's read and
+   socket, from L{balancer.rawconnect.RawConnect}) are the reactor's read and
    write descriptors themselves: a read is C{send()} to the other socket at
    once; what the kernel does not take is kept (one chunk at most), the
    destination is watched for writability and the source is not read until
@@ -18,11 +18,12 @@ Python per connection.  Here, as in nginx:
    other socket once its pending bytes are out (half-close), and the pair is
    closed when both directions are done, or at once on an error.
 
-Selection, retries, counting and draining are L{balancer.proxy}'s, shared
-with the Twisted path: a L{LeanClient} goes through
-L{BalancerFactory.dispatch} and L{Attempt} like a L{ServerSide}.  A client
-whose chosen backend L{RawConnect} cannot reach (a host name, C{tls:}) is
-handed over to the Twisted path (L{LeanClient.to_twisted}).
+Selection, retries, counting, draining, the early-data hold and the
+proxy timeout are shared with the Twisted path: a L{LeanClient} is an
+L{IProxiedClient} that goes through L{BalancerFactory.dispatch} and
+L{balancer.attempt.Attempt} like a L{balancer.sides.ServerSide}.  A client
+whose chosen backend L{balancer.rawconnect.RawConnect} cannot reach (a host
+name, C{tls:}) is handed over to the Twisted path (L{LeanClient.toTwisted}).
 """
 
 from __future__ import annotations
@@ -31,13 +32,17 @@ import errno
 import socket
 from typing import Any
 
-from twisted.internet import defer, tcp
+from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from balancer.proxy import HOLD_LIMIT, ServerSide
+from balancer import _twisted
+from balancer.clientcore import ClientCore
+from balancer.earlydata import HOLD_LIMIT, EarlyData
+from balancer.interfaces import IProxiedClient
+from balancer.sides import ServerSide
 
 _EAGAIN = (BlockingIOError, InterruptedError)
 
@@ -72,35 +77,37 @@ class _Half:
     @ivar reading: this socket is watched for reading.
     @ivar eof: this socket's peer has finished sending.
     @ivar shut: nothing more will be sent to this socket.
+    @ivar rx: reads from this socket (the proxy timeout's activity count).
     """
 
     __slots__ = (
-        "sock", "fileno", "reactor", "client", "other", "pending", "reading", "eof", "shut"
+        "sock", "fileno", "fds", "client", "other", "pending", "reading", "eof", "shut", "rx"
     )
 
-    def __init__(self, sock: socket.socket, reactor: Any, client: LeanClient) -> None:
+    def __init__(self, sock: socket.socket, fds: Any, client: LeanClient) -> None:
         self.sock = sock
         self.fileno = sock.fileno
-        self.reactor = reactor
+        self.fds = fds  # the factory's balancer._twisted.fdOps
         self.client: LeanClient | None = client
         self.other: _Half | None = None
         self.pending = b""
         self.reading = False
         self.eof = False
         self.shut = False
+        self.rx = 0
 
     def logPrefix(self) -> str:
         return "balancer"
 
-    def start_reading(self) -> None:
+    def startReading(self) -> None:
         if not self.reading:
             self.reading = True
-            self.reactor.addReader(self)
+            self.fds.addReader(self)
 
-    def stop_reading(self) -> None:
+    def stopReading(self) -> None:
         if self.reading:
             self.reading = False
-            self.reactor.removeReader(self)
+            self.fds.removeReader(self)
 
     def doRead(self) -> None:
         try:
@@ -110,18 +117,26 @@ class _Half:
         except OSError:
             self.client.abort()
             return
+        self.rx += 1
         other = self.other
         if not data:
             self.eof = True
-            self.stop_reading()
             if other is not None and not other.pending:
-                other.shut_write()
+                if self.shut:
+                    # the other direction is done too: close the pair
+                    # (no need to stop reading a socket about to close)
+                    self.client.abort()
+                    return
+                self.stopReading()
+                other.shutWrite()
+                return
+            self.stopReading()
             # else: once other's pending bytes are out (doWrite), or once
-            # the backend is connected (LeanClient.backend_connected)
+            # the backend is connected (LeanClient.backendConnected)
         elif other is None:
             self.client.hold(data)
         elif not other.send(data):
-            self.stop_reading()
+            self.stopReading()
 
     def send(self, data: bytes) -> bool:
         """
@@ -139,7 +154,7 @@ class _Half:
         if sent == len(data):
             return True
         self.pending = data[sent:]
-        self.reactor.addWriter(self)
+        self.fds.addWriter(self)
         return False
 
     def doWrite(self) -> None:
@@ -155,14 +170,14 @@ class _Half:
             self.pending = data[sent:]
             return
         self.pending = b""
-        self.reactor.removeWriter(self)
+        self.fds.removeWriter(self)
         source = self.other
         if source.eof:
-            self.shut_write()
+            self.shutWrite()
         else:
-            source.start_reading()
+            source.startReading()
 
-    def shut_write(self) -> None:
+    def shutWrite(self) -> None:
         """
         Nothing more is sent to this socket: pass the EOF on with
         C{shutdown(SHUT_WR)}, or close the pair when this was the last open
@@ -185,95 +200,100 @@ class _Half:
             self.client.abort()
 
 
-class LeanClient(_Half):
+@implementer(IProxiedClient)
+class LeanClient(ClientCore, _Half):
     """
     A client accepted by a L{LeanPort}: its socket, and the proxied
-    connection's state (the same attributes L{BalancerFactory.dispatch},
-    L{Attempt} and the L{balancer.pool.Pool} use on a L{ServerSide}).
+    connection's state (an L{IProxiedClient}; the client-side state machine
+    is L{ClientCore}'s).
     """
 
     __slots__ = (
-        "factory", "addr", "backend", "peer", "_attempt", "_tried", "_held", "_held_len", "closed"
+        "factory", "addr", "backend", "peer", "attempt", "tried", "held", "closed",
+        "idleMark", "idleSteps",
     )
 
     lean = True
 
     def __init__(self, factory: Any, sock: socket.socket, addr: tuple[Any, ...]) -> None:
-        _Half.__init__(self, sock, factory.reactor, self)
+        _Half.__init__(self, sock, factory.fds, self)
         self.factory = factory
         self.addr = addr
         self.backend: _Half | None = None
         self.peer: Any = None
-        self._attempt: Any = None
-        self._tried: set[Any] | None = set()
-        self._held: list[bytes] | None = None
-        self._held_len = 0
+        self.attempt: Any = None
+        self.tried: set[Any] | None = set()
+        self.held: EarlyData | None = None
         self.closed = False
+        self.idleMark = 0
+        self.idleSteps = 0
 
-    def client_address(self) -> IPv4Address | IPv6Address:
+    def clientAddress(self) -> IPv4Address | IPv6Address:
         return _address(self.addr)
 
-    def hold(self, data: bytes) -> None:
-        """
-        Keep bytes that arrive before the backend connection is up; stop
-        reading once more than L{HOLD_LIMIT} are held.
-        """
-        if self._held is None:
-            self._held = [data]
-        else:
-            self._held.append(data)
-        self._held_len += len(data)
-        if self._held_len > HOLD_LIMIT:
-            self.stop_reading()
+    def activity(self) -> int:
+        backend = self.backend
+        return self.rx + (backend.rx if backend is not None else 0)
 
-    def backend_connected(self, sock: socket.socket, peer: Any) -> None:
+    # -- ClientCore's primitives over raw sockets ----------------------------------
+
+    pauseReading = _Half.stopReading
+    resumeReading = _Half.startReading
+
+    def eofReceived(self) -> bool:
+        return self.eof
+
+    def passEOF(self) -> None:
+        self.backend.shutWrite()
+
+    def localAddress(self) -> IPv4Address | IPv6Address:
+        return _address(self.sock.getsockname())
+
+    def sendToBackend(self, data: bytes) -> bool:
+        # False: bytes are pending; reading resumes once they are out
+        # (_Half.doWrite)
+        return self.backend.send(data)
+
+    def linkBackend(self, connect: Any) -> None:
         """
-        L{RawConnect} connected C{sock} to C{peer}: send the PROXY header and
-        the held bytes, then forward both ways.
+        L{balancer.rawconnect.RawConnect} C{connect} connected its socket:
+        the socket, watched for writability while connecting, is now
+        watched for reading by the backend half.
         """
-        self._attempt = None
-        self._tried = None
-        self.peer = peer
-        backend = _Half(sock, self.reactor, self)
+        backend = _Half(connect.sock, self.fds, self)
         self.backend = self.other = backend
         backend.other = self
-        backend.start_reading()
-        f = self.factory
-        data = b""
-        if f.proxy_protocol is not None:
-            data = f.header_for(self.client_address(), _address(self.sock.getsockname()))
-        if self._held is not None:
-            data += b"".join(self._held)
-            self._held = None
-        if data and not backend.send(data):
-            self.stop_reading()  # until the held bytes are out (doWrite)
-        elif self.eof:
-            backend.shut_write()
-        else:
-            self.start_reading()
+        backend.reading = True
+        self.fds.writerToReader(connect, backend)
 
-    def to_twisted(self) -> ServerSide:
+    def toTwisted(self) -> ServerSide:
         """
         Hand this client over to the Twisted path (for a backend that
-        L{RawConnect} cannot reach): the same socket in a L{tcp.Server}
-        transport with a L{ServerSide}, which gets the held bytes.  An EOF
-        already read is read again by the transport.
+        L{balancer.rawconnect.RawConnect} cannot reach): the same socket in
+        a Twisted transport with a L{ServerSide}, which gets the held bytes.
+        An EOF already read is read again by the transport.
         """
         f = self.factory
-        self.stop_reading()
+        self.stopReading()
         server = ServerSide()
         server.factory = f
-        server._tried = self._tried
-        server._held, server._held_len = self._held, self._held_len
-        server.connected = 1
-        server.transport = t = tcp.Server(self.sock, server, self.addr, None, 0, self.reactor)
-        if self._held_len > HOLD_LIMIT:
-            server._paused = True
-            t.pauseProducing()
+        server.tried = self.tried
+        server.held = self.held
+        server.handedOver = True
+        server.rx = self.rx
         f.clients.discard(self)
         f.clients.add(server)
         self.closed = True
         self.client = None
+        t = _twisted.adoptSocket(
+            f.reactor, self.sock, server, self.addr, f"<ServerSide from {self.addr}>"
+        )
+        if t is not None:
+            server.connected = 1
+            server.transport = t
+        if self.held is not None and self.held.size > HOLD_LIMIT:
+            server.paused = True
+            server.transport.pauseProducing()
         return server
 
     def close(self) -> None:
@@ -287,11 +307,11 @@ class LeanClient(_Half):
             self.abort()
             return
         for half in (self, backend):
-            half.stop_reading()
+            half.stopReading()
             half.eof = True
         for half in (self, backend):
             if not (self.closed or half.pending or half.shut):
-                half.shut_write()
+                half.shutWrite()
 
     def abort(self) -> None:
         """
@@ -302,18 +322,16 @@ class LeanClient(_Half):
         self.closed = True
         f = self.factory
         f.clients.discard(self)
-        reactor = self.reactor
+        fds = self.fds
         for half in (self, self.backend):
             if half is not None:
-                if half.reading:
+                if half.reading or half.pending:
+                    fds.forget(half, half.reading, bool(half.pending))
                     half.reading = False
-                    reactor.removeReader(half)
-                if half.pending:
-                    reactor.removeWriter(half)
                 half.sock.close()
                 half.client = half.other = None
-        attempt = self._attempt
-        self._attempt = None
+        attempt = self.attempt
+        self.attempt = None
         if attempt is not None:
             attempt.cancel()
         peer = self.peer
@@ -337,6 +355,7 @@ class LeanPort:
         self.fileno = sock.fileno
         self.factory = factory
         self._resume: Any = None
+        self.acceptOne = _twisted.acceptor(sock)
         reactor.addReader(self)
 
     def logPrefix(self) -> str:
@@ -346,7 +365,7 @@ class LeanPort:
         return _address(self.sock.getsockname())
 
     def doRead(self) -> None:
-        accept = self.sock.accept
+        accept = self.acceptOne
         factory = self.factory
         for _ in range(ACCEPT_BATCH):
             try:

@@ -19,11 +19,13 @@ from twisted.internet.endpoints import (
 )
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
+from balancer import _twisted
+
 
 class SocketEndpoint:
     """
     A TCP (or TLS-over-TCP) server endpoint that makes its listening socket
-    itself: with C{SO_REUSEPORT} set before C{bind()} when C{reuse_port},
+    itself: with C{SO_REUSEPORT} set before C{bind()} when C{reusePort},
     and accepting with a L{balancer.lean.LeanPort} when C{lean} (no TLS;
     the factory is then a L{balancer.proxy.BalancerFactory}).
     """
@@ -34,16 +36,16 @@ class SocketEndpoint:
         port: int,
         interface: str = "",
         backlog: int = 1024,
-        tls_context: Any = None,
-        reuse_port: bool = True,
+        tlsContext: Any = None,
+        reusePort: bool = True,
         lean: bool = False,
     ) -> None:
         self.reactor = reactor
         self.port = port
         self.interface = interface
         self.backlog = backlog
-        self.tls_context = tls_context
-        self.reuse_port = reuse_port
+        self.tlsContext = tlsContext
+        self.reusePort = reusePort
         self.lean = lean
 
     def listen(self, factory: Any) -> defer.Deferred[Any]:
@@ -54,7 +56,7 @@ class SocketEndpoint:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if self.reuse_port:
+            if self.reusePort:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((self.interface, self.port))
             sock.listen(self.backlog)
@@ -68,8 +70,8 @@ class SocketEndpoint:
                 port = LeanPort(self.reactor, sock, factory)
                 sock = None
                 return port
-            if self.tls_context is not None:
-                factory = TLSMemoryBIOFactory(self.tls_context, False, factory)
+            if self.tlsContext is not None:
+                factory = TLSMemoryBIOFactory(self.tlsContext, False, factory)
             return self.reactor.adoptStreamPort(sock.fileno(), family, factory)
         finally:
             # adoptStreamPort dup()s the descriptor
@@ -83,28 +85,31 @@ def server_endpoint(
     """
     The endpoint for C{--listen DESCRIPTION}.  With C{reuse_port}, C{tcp:}
     and C{ssl:} endpoints are rebuilt as L{SocketEndpoint}s; with C{lean},
-    C{tcp:} endpoints are rebuilt as lean L{SocketEndpoint}s.
+    C{tcp:} endpoints are rebuilt as lean L{SocketEndpoint}s.  Without
+    Twisted's endpoint internals (L{balancer._twisted.endpointFields}) the
+    parsed endpoint is used as it is (C{--workers} then fails).
     """
     endpoint = serverFromString(reactor, description)
-    if isinstance(endpoint, (TCP4ServerEndpoint, TCP6ServerEndpoint)):
+    isTCP = isinstance(endpoint, (TCP4ServerEndpoint, TCP6ServerEndpoint))
+    isSSL = isinstance(endpoint, SSL4ServerEndpoint)
+    if isTCP or isSSL:
         if "backlog=" not in description:
-            endpoint._backlog = backlog
-        if reuse_port or lean:
+            _twisted.setBacklog(endpoint, backlog)
+        fields = _twisted.endpointFields(endpoint) if (reuse_port or lean) else None
+        if fields is None:
+            if reuse_port:
+                raise ValueError(
+                    f"--workers cannot rebuild {description!r} on this Twisted version"
+                )
+            return endpoint
+        port, interface, endpointBacklog, tlsContext = fields
+        if isTCP:
             return SocketEndpoint(
-                reactor, endpoint._port, endpoint._interface, endpoint._backlog,
-                reuse_port=reuse_port, lean=lean,
+                reactor, port, interface, endpointBacklog, reusePort=reuse_port, lean=lean
             )
-    elif isinstance(endpoint, SSL4ServerEndpoint):
-        if "backlog=" not in description:
-            endpoint._backlog = backlog
         if reuse_port:
-            return SocketEndpoint(
-                reactor,
-                endpoint._port,
-                endpoint._interface,
-                endpoint._backlog,
-                endpoint._sslContextFactory,
-            )
-    elif reuse_port:
+            return SocketEndpoint(reactor, port, interface, endpointBacklog, tlsContext)
+        return endpoint
+    if reuse_port:
         raise ValueError(f"--workers needs tcp: or ssl: listen endpoints, not {description!r}")
     return endpoint

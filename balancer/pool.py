@@ -115,7 +115,7 @@ class Pool:
         self.selector.peers.append(peer)
         self.log.info("backend {peer} added (weight {w})", peer=peer.key, w=peer.weight)
         if self.running:
-            self._start_checker(peer)
+            self._startChecker(peer)
         return peer
 
     def _update(self, peer: Peer, spec: BackendSpec) -> None:
@@ -124,7 +124,7 @@ class Pool:
                 "backend {peer} weight {old} -> {new}",
                 peer=peer.key, old=peer.weight, new=spec.weight,
             )
-            peer.set_weight(spec.weight)
+            peer.setWeight(spec.weight)
         peer.passive.max_fails = spec.max_fails
         peer.passive.fail_timeout = spec.fail_timeout
         peer.backup = spec.backup
@@ -134,7 +134,7 @@ class Pool:
 
     def _drain(self, peer: Peer) -> None:
         peer.draining = True
-        self._stop_checker(peer)
+        self._stopChecker(peer)
         self.selector.peers.remove(peer)
         self.draining[peer.key] = peer
         self.log.info(
@@ -142,7 +142,7 @@ class Pool:
         )
         if self.drain_timeout > 0 and peer.conns:
             self._timers[peer.key] = self.reactor.callLater(
-                self.drain_timeout, self._drain_deadline, peer
+                self.drain_timeout, self._drainDeadline, peer
             )
         self.connection_ended(peer)
 
@@ -155,9 +155,9 @@ class Pool:
         self.selector.peers.append(peer)
         self.log.info("backend {peer} back from draining", peer=peer.key)
         if self.running:
-            self._start_checker(peer)
+            self._startChecker(peer)
 
-    def _drain_deadline(self, peer: Peer) -> None:
+    def _drainDeadline(self, peer: Peer) -> None:
         self._timers.pop(peer.key, None)
         if self.draining.get(peer.key) is not peer:
             return
@@ -182,7 +182,7 @@ class Pool:
 
     # -- health checks ---------------------------------------------------------
 
-    def _start_checker(self, peer: Peer) -> None:
+    def _startChecker(self, peer: Peer) -> None:
         if not self.checks.enabled or "checker" in peer.extra:
             return
         c = self.checks
@@ -192,7 +192,7 @@ class Pool:
         peer.extra["checker"] = checker
         checker.start()
 
-    def _stop_checker(self, peer: Peer) -> None:
+    def _stopChecker(self, peer: Peer) -> None:
         checker = peer.extra.pop("checker", None)
         if checker is not None:
             checker.stop()
@@ -208,18 +208,18 @@ class Pool:
         for peer in self.peers.values():
             peer.active.rise, peer.active.fall = checks.rise, checks.fall
             if self.running:
-                self._stop_checker(peer)
-                self._start_checker(peer)
+                self._stopChecker(peer)
+                self._startChecker(peer)
 
     def start(self) -> None:
         self.running = True
         for peer in self.peers.values():
-            self._start_checker(peer)
+            self._startChecker(peer)
 
     def stop(self) -> None:
         self.running = False
         for peer in list(self.peers.values()) + list(self.draining.values()):
-            self._stop_checker(peer)
+            self._stopChecker(peer)
         for timer in self._timers.values():
             if timer.active():
                 timer.cancel()

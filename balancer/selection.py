@@ -6,7 +6,7 @@ client connection with one of the algorithms:
 
  - C{round-robin}: nginx's smooth weighted round-robin, exactly as in
    C{ngx_stream_upstream_get_peer}: every usable peer adds its
-   C{effective_weight} to C{current_weight}, the largest wins and has the
+   C{effective_weight} to C{currentWeight}, the largest wins and has the
    total subtracted.  C{effective_weight} is cut by C{weight // max_fails}
    on every failure and grows back by one per selection round.
  - C{least-conn}: nginx's C{least_conn}: fewest active connections relative
@@ -16,7 +16,8 @@ client connection with one of the algorithms:
    weight; ties broken by smooth weighted round-robin.
 
 Backup peers are used only when no primary peer is usable; C{down} and
-draining peers are never chosen.
+draining peers are never chosen; a peer whose first health check has not
+completed is chosen only when no peer has passed one.
 """
 
 from __future__ import annotations
@@ -57,13 +58,12 @@ class Peer:
         self.name = name or key
         self.weight = max(1, int(weight))
         self.effective_weight = self.weight
-        self.current_weight = 0
+        self.currentWeight = 0
         self.backup = backup
         self.down = down
         self.passive = PassiveHealth(max_fails, fail_timeout)
         self.active = ActiveHealth(rise, fall)
         self.draining = False
-        self.drain_deadline: float | None = None
         self.sources: set[str] = set()
         # counters
         self.conns = 0
@@ -78,7 +78,7 @@ class Peer:
     def __repr__(self) -> str:
         return f"<Peer {self.key} w={self.weight} state={self.state}>"
 
-    def set_weight(self, weight: int) -> None:
+    def setWeight(self, weight: int) -> None:
         weight = max(1, int(weight))
         if weight != self.weight:
             self.weight = weight
@@ -104,7 +104,7 @@ class Peer:
             return "down"
         return "up"
 
-    def load_logins(self) -> int:
+    def loadLogins(self) -> int:
         """
         The least-logins load estimate: registry logins plus connections sent
         since, or active connections when the registry says nothing.
@@ -119,33 +119,33 @@ class Peer:
 
     # accounting called by the proxy
 
-    def connection_started(self) -> None:
+    def connectionStarted(self) -> None:
         self.conns += 1
         self.pending += 1
 
-    def connection_ended(self) -> None:
+    def connectionEnded(self) -> None:
         self.conns -= 1
 
 
-def _smooth_pick(candidates: Iterable[Peer]) -> Peer | None:
+def _smoothPick(candidates: Iterable[Peer]) -> Peer | None:
     """
     One round of nginx's smooth weighted round-robin over C{candidates}.
     """
     best: Peer | None = None
     total = 0
     for peer in candidates:
-        peer.current_weight += peer.effective_weight
+        peer.currentWeight += peer.effective_weight
         total += peer.effective_weight
         if peer.effective_weight < peer.weight:
             peer.effective_weight += 1
-        if best is None or peer.current_weight > best.current_weight:
+        if best is None or peer.currentWeight > best.currentWeight:
             best = peer
     if best is not None:
-        best.current_weight -= total
+        best.currentWeight -= total
     return best
 
 
-def _least_pick(candidates: list[Peer], load: Callable[[Peer], int]) -> Peer | None:
+def _leastPick(candidates: list[Peer], load: Callable[[Peer], int]) -> Peer | None:
     """
     nginx's least_conn: the smallest C{load/weight}; ties broken by smooth
     weighted round-robin among the tied peers.
@@ -159,7 +159,7 @@ def _least_pick(candidates: list[Peer], load: Callable[[Peer], int]) -> Peer | N
         elif load(peer) * best.weight == load(best) * peer.weight:
             tied.append(peer)
     if len(tied) > 1:
-        return _smooth_pick(tied)
+        return _smoothPick(tied)
     return best
 
 
@@ -177,36 +177,36 @@ class Selector:
         self.algorithm = algorithm
         self.peers: list[Peer] = []
 
-    def usable(self, tried: Collection[Peer] = ()) -> tuple[list[Peer], list[Peer]]:
-        now = self.clock.seconds()
+    def usable(
+        self, tried: Collection[Peer] = (), now: float | None = None
+    ) -> tuple[list[Peer], list[Peer]]:
+        if now is None:
+            now = self.clock.seconds()
         primary: list[Peer] = []
         backup: list[Peer] = []
         for peer in self.peers:
             if peer in tried or not peer.usable(now):
                 continue
             (backup if peer.backup else primary).append(peer)
-        return primary, backup
-
-    def has_usable(self) -> bool:
-        primary, backup = self.usable()
-        return bool(primary or backup)
+        return _checkedFirst(primary), _checkedFirst(backup)
 
     def pick(self, tried: Collection[Peer] = ()) -> Peer | None:
         """
         Choose a peer not in C{tried}, or C{None} if none is usable.
         """
-        primary, backup = self.usable(tried)
+        now = self.clock.seconds()
+        primary, backup = self.usable(tried, now)
         candidates = primary or backup
         if not candidates:
             return None
         if self.algorithm == "round-robin":
-            best = _smooth_pick(candidates)
+            best = _smoothPick(candidates)
         elif self.algorithm == "least-conn":
-            best = _least_pick(candidates, _conns)
+            best = _leastPick(candidates, _conns)
         else:
-            best = _least_pick(candidates, Peer.load_logins)
+            best = _leastPick(candidates, Peer.loadLogins)
         assert best is not None
-        best.passive.picked(self.clock.seconds())
+        best.passive.picked(now)
         return best
 
     def failed(self, peer: Peer) -> None:
@@ -224,8 +224,20 @@ class Selector:
     def succeeded(self, peer: Peer) -> None:
         peer.passive.succeeded()
 
-    def tries(self) -> int:
-        return len(self.peers)
+
+def _checkedFirst(peers: list[Peer]) -> list[Peer]:
+    """
+    C{peers} without those whose first health check has not completed,
+    unless no peer has completed one (checks off, or all just added): a
+    backend not yet checked is not preferred over one that passed.
+    """
+    unchecked = 0
+    for peer in peers:
+        if peer.active.last_result is None:
+            unchecked += 1
+    if unchecked == 0 or unchecked == len(peers):
+        return peers
+    return [p for p in peers if p.active.last_result is not None]
 
 
 def _conns(peer: Peer) -> int:

@@ -16,6 +16,7 @@ Figures:
   pipelined  the same with -P 16
   p99        redis-benchmark -c 1 -t ping_inline: p99 latency (ms)
   conn/s     redis-benchmark -c 50 -k 0 -t ping_inline: one connection per request
+  conn-cpu   proxy CPU per new connection (us) in the conn/s run
   bulk       iperf3 -t 3 through the proxy (Gbit/s)
   cpu-us     proxy CPU (utime+stime from /proc/PID/stat) per small request
   idle KiB   proxy RSS growth per idle proxied connection (--idle of them)
@@ -44,12 +45,27 @@ ROOT = os.path.dirname(HERE)
 HOST = "127.0.0.1"
 REDIS_PORTS = (17001, 17002)
 IPERF_PORT = 17003
-PORTS = {  # target -> (redis proxy port, iperf proxy port)
-    "direct": (REDIS_PORTS[0], IPERF_PORT),
-    "nginx": (17100, 17101),
-    "balancer": (17200, 17201),
-    "portforward": (17300, 17301),
-}
+STATUS_PORT = 17281
+PORTS: dict[str, tuple[int, int]] = {}
+
+
+def set_ports(base: int) -> None:
+    """
+    Every port the benchmark uses, from C{base} (default 17000).
+    """
+    global REDIS_PORTS, IPERF_PORT, STATUS_PORT
+    REDIS_PORTS = (base + 1, base + 2)
+    IPERF_PORT = base + 3
+    STATUS_PORT = base + 281
+    PORTS.update({  # target -> (redis proxy port, iperf proxy port)
+        "direct": (REDIS_PORTS[0], IPERF_PORT),
+        "nginx": (base + 100, base + 101),
+        "balancer": (base + 200, base + 201),
+        "portforward": (base + 300, base + 301),
+    })
+
+
+set_ports(17000)
 TOOLS = ("redis-server", "redis-benchmark", "nginx", "iperf3")
 
 
@@ -182,7 +198,7 @@ stream {{
                 redis_backends += ["--backend", f"{HOST}:{port} max_fails=3 fail_timeout=30s"]
             p = self.spawn(twistd + [
                 "balancer", "--listen", f"tcp:{PORTS['balancer'][0]}:interface={HOST}",
-                *redis_backends, "--status", f"tcp:17281:interface={HOST}",
+                *redis_backends, "--status", f"tcp:{STATUS_PORT}:interface={HOST}",
                 "--check-interval", "2s", "--check-send", r"PING\r\n", "--check-expect", "PONG",
             ], env=env)
             # bulk test: a second balancer with the iperf3 backend
@@ -244,10 +260,18 @@ stream {{
         rows = self.redis_benchmark(PORTS[target][0], "-c", "1", "-n", "20000", "-t", "ping_inline")
         return float(rows[0]["p99_latency_ms"])
 
-    def conns(self, target: str) -> float:
+    def conns(self, target: str) -> tuple[float, float | None]:
+        """
+        New connections per second, and the proxy's CPU microseconds per
+        connection (C{None} for the direct target).
+        """
+        n = 20000
+        pids = self.pids[target]
+        cpu0 = cpu_seconds(pids) if pids else 0.0
         rows = self.redis_benchmark(PORTS[target][0], "-c", "50", "-k", "0",
-                                    "-n", "20000", "-t", "ping_inline")
-        return float(rows[0]["rps"])
+                                    "-n", str(n), "-t", "ping_inline")
+        cpu1 = cpu_seconds(pids) if pids else 0.0
+        return float(rows[0]["rps"]), ((cpu1 - cpu0) * 1e6 / n if pids else None)
 
     def bulk(self, target: str) -> float:
         out = subprocess.run(
@@ -311,7 +335,11 @@ def main() -> int:
     ap.add_argument("--with-portforward", action="store_true",
                     help="also measure a bare twisted portforward")
     ap.add_argument("--only", default="small,pipelined,p99,conns,bulk,idle")
+    ap.add_argument("--port-base", type=int, default=17000,
+                    help="ports used: BASE+1..3 (redis, iperf3), +100.. nginx, +200.. balancer, "
+                         "+281 status, +300.. portforward")
     args = ap.parse_args()
+    set_ports(args.port_base)
     args.targets = args.targets.split(",") + (["portforward"] if args.with_portforward else [])
     missing = [t for t in TOOLS if not find_tool(t)]
     if missing:
@@ -341,7 +369,10 @@ def main() -> int:
                 if "p99" in only:
                     r.setdefault("p99", []).append(bench.p99(target))
                 if "conns" in only:
-                    r.setdefault("conns", []).append(bench.conns(target))
+                    cps, cpu = bench.conns(target)
+                    r.setdefault("conns", []).append(cps)
+                    if cpu is not None:
+                        r.setdefault("conn_cpu", []).append(cpu)
                 if "bulk" in only:
                     r.setdefault("bulk", []).append(bench.bulk(target))
                 print(f"round {rnd + 1} {target}: " + ", ".join(
@@ -365,6 +396,7 @@ def main() -> int:
 def report(results: dict[str, dict[str, list[float]]], args: argparse.Namespace) -> None:
     cols = [("small", "small req/s", "{:,.0f}"), ("pipelined", "pipelined req/s", "{:,.0f}"),
             ("p99", "p99 ms", "{:.3f}"), ("conns", "new conn/s", "{:,.0f}"),
+            ("conn_cpu", "CPU us/conn", "{:.1f}"),
             ("bulk", "bulk Gbit/s", "{:.2f}"), ("cpu", "CPU us/req", "{:.1f}"),
             ("idle", f"KiB/idle conn ({args.idle})", "{:.2f}")]
     med = {t: {k: statistics.median(v) for k, v in r.items()} for t, r in results.items()}
@@ -380,10 +412,14 @@ def report(results: dict[str, dict[str, list[float]]], args: argparse.Namespace)
         print("balancer vs nginx-1 (targets):")
         checks = []
         for key, target, better in (("small", 0.75, "ratio"), ("pipelined", 0.75, "ratio"),
-                                    ("conns", 0.75, "ratio"), ("bulk", 1.0, "ratio")):
+                                    ("conns", 0.9, "ratio"), ("bulk", 1.0, "ratio")):
             if key in n and key in b:
                 ratio = b[key] / n[key]
                 checks.append((key, f"{ratio:.2f}x (target >= {target}x)", ratio >= target))
+        if "conn_cpu" in b and "conn_cpu" in n:
+            ratio = b["conn_cpu"] / n["conn_cpu"]
+            checks.append(("conn_cpu", f"{ratio:.2f}x nginx's CPU per connection (target <= 1.2x)",
+                           ratio <= 1.2))
         if "cpu" in b:
             checks.append(("cpu", f"{b['cpu']:.1f} us/req (target <= 20)", b["cpu"] <= 20))
         if "p99" in b and "p99" in d:

@@ -173,7 +173,9 @@ def buffered(server: Any) -> int:
     """
     if server.lean:
         return len(server.pending)
-    return len(server.transport.dataBuffer) + server.transport._tempDataLen
+    from balancer._twisted import queuedBytes
+
+    return queuedBytes(server.transport)
 
 
 @defer.inlineCallbacks

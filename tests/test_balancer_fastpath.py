@@ -10,7 +10,9 @@ from twisted.protocols.haproxy._v1parser import V1Parser
 from twisted.protocols.haproxy._v2parser import V2Parser
 from twisted.trial.unittest import SynchronousTestCase
 
-from balancer.proxy import HOLD_LIMIT, BackendSide, ServerSide, _Side, proxy_header
+from balancer.earlydata import HOLD_LIMIT
+from balancer.proxyheader import proxyHeader as proxy_header
+from balancer.sides import BackendSide, ServerSide, _Side
 
 
 class HeaderTests(SynchronousTestCase):
@@ -67,7 +69,7 @@ class ForwardTests(SynchronousTestCase):
     def test_half_close_propagates(self):
         a, b, ta, tb = self.pair()
         a.readConnectionLost()
-        self.assertTrue(a.read_eof)
+        self.assertTrue(a.readEOF)
         self.assertTrue(tb.write_closed)
         self.assertFalse(tb.disconnecting)
         self.assertFalse(ta.disconnecting)
@@ -106,7 +108,7 @@ class ForwardTests(SynchronousTestCase):
         s.transport = t
         s.dataReceived(b"early")
         s.dataReceived(b"-data")
-        self.assertEqual(s._held, [b"early", b"-data"])
+        self.assertEqual(s.held.chunks, [b"early", b"-data"])
         self.assertEqual(t.producerState, "producing")
         s.dataReceived(b"x" * HOLD_LIMIT)
         self.assertEqual(t.producerState, "paused")
@@ -157,8 +159,12 @@ class RawConnectUnitTests(SynchronousTestCase):
             def removeWriter(self, writer):
                 pass
 
+        from balancer.rawconnect import ConnectDeadlines
+
         class FakeFactory:
             reactor = FDClock()
+            fds = reactor
+            deadlines = ConnectDeadlines(reactor)
 
         class FakeAttempt:
             factory = FakeFactory()
@@ -181,14 +187,14 @@ class RawConnectUnitTests(SynchronousTestCase):
 
         from twisted.internet import error
 
-        from balancer import proxy
+        from balancer import rawconnect
 
         def no_socket(*args, **kw):
             raise OSError(errno.EMFILE, "Too many open files")
 
         attempt = self._attempt()
-        self.patch(proxy.socket, "socket", no_socket)
-        proxy.RawConnect(attempt, socket.AF_INET, ("127.0.0.1", 1), 1.0)
+        self.patch(rawconnect, "_newSocket", no_socket)
+        rawconnect.RawConnect(attempt, socket.AF_INET, ("127.0.0.1", 1), 1.0)
         self.assertEqual(attempt.failures, [])
         attempt.factory.reactor.advance(0)
         [reason] = attempt.failures
@@ -197,10 +203,10 @@ class RawConnectUnitTests(SynchronousTestCase):
     def test_disconnect_before_failure_is_reported(self):
         import socket
 
-        from balancer import proxy
+        from balancer import rawconnect
 
         attempt = self._attempt()
-        raw = proxy.RawConnect(attempt, socket.AF_INET, ("255.255.255.255", 1), 1.0)
+        raw = rawconnect.RawConnect(attempt, socket.AF_INET, ("255.255.255.255", 1), 1.0)
         raw.disconnect()
         attempt.factory.reactor.advance(1)
         self.assertEqual(attempt.failures, [])
@@ -228,11 +234,29 @@ class _FDSet:
         self.writers.discard(w)
 
 
+def connected(factory, sock):
+    """
+    What L{RawConnect} hands a lean client once C{sock} is connected: an
+    object with the socket, registered as its writer.
+    """
+
+    class Connected:
+        pass
+
+    c = Connected()
+    c.sock, c.fileno = sock, sock.fileno
+    factory.fds.addWriter(c)
+    return c
+
+
 class _Factory:
     proxy_protocol = None
 
     def __init__(self):
+        from balancer._twisted import fdOps
+
         self.reactor = _FDSet()
+        self.fds = fdOps(self.reactor)
         self.clients = set()
         self.released = []
 
@@ -261,7 +285,7 @@ class LeanUnitTests(SynchronousTestCase):
         c_app, c_lb = self.pair()
         client = LeanClient(factory, c_lb, ("127.0.0.1", 1))
         factory.clients.add(client)
-        client.start_reading()
+        client.startReading()
         return factory, client, c_app
 
     def test_hold_stops_reading_past_limit(self):
@@ -271,12 +295,12 @@ class LeanUnitTests(SynchronousTestCase):
         while client.reading:
             c_app.send(chunk)
             client.doRead()
-        self.assertGreater(client._held_len, HOLD_LIMIT)
+        self.assertGreater(client.held.size, HOLD_LIMIT)
         self.assertNotIn(client, factory.reactor.readers)
         # all of it reaches the backend once connected, and reading resumes
-        held = client._held_len
+        held = client.held.size
         b_app, b_lb = self.pair()
-        client.backend_connected(b_lb, "peer")
+        client.backendConnected(connected(factory, b_lb), "peer")
         got = 0
         while got < held:
             got += len(b_app.recv(1 << 20))
@@ -295,7 +319,7 @@ class LeanUnitTests(SynchronousTestCase):
         c_app.send(b"early")
         client.doRead()
         b_app, b_lb = self.pair()
-        client.backend_connected(b_lb, "peer")
+        client.backendConnected(connected(factory, b_lb), "peer")
         self.assertEqual(b_app.recv(100), b"early")
         backend = client.backend
         b_app.setblocking(False)
@@ -370,6 +394,7 @@ class LeanPortAcceptTests(SynchronousTestCase):
         reactor = MemoryReactorClock()
         factory = _Factory()
         factory.reactor = reactor
+        factory.fds = reactor
         listener = FakeListener()
         return reactor, listener, LeanPort(reactor, listener, factory)
 

@@ -13,7 +13,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
 
 from balancer.config import BalancerConfig
-from balancer.proxy import HOLD_LIMIT
+from balancer.earlydata import HOLD_LIMIT
 
 from tests.balancer_helpers import (
     EchoBackend,
@@ -217,6 +217,11 @@ class RawConnectTests(TestCase):
 
     @defer.inlineCallbacks
     def test_timeout_goes_to_next(self):
+        from balancer.rawconnect import RawConnect
+
+        timedOut = []
+        realTimedOut = RawConnect.timedOut
+        self.patch(RawConnect, "timedOut", lambda raw: (timedOut.append(raw), realTimedOut(raw)))
         (live,) = start_backends(self, "live")
         hung = f"127.0.0.1:{hung_port(self)}"
         cfg = make_config([hung, live.address], check_interval=0, connect_timeout=0.2)
@@ -230,6 +235,9 @@ class RawConnectTests(TestCase):
         self.assertEqual(peer.failures, 1)
         self.assertEqual(peer.conns, 0)
         self.assertEqual(live.served, 2)
+        # the hand-made connect's deadline (not connectTCP's) timed it out
+        self.assertEqual(len(timedOut), 1)
+        self.assertEqual(timedOut[0].sock.fileno(), -1)
 
     @defer.inlineCallbacks
     def test_immediate_failure_goes_to_next(self):
@@ -252,7 +260,10 @@ class RawConnectTests(TestCase):
         client = yield connect(svc.port)
         yield wait_for(lambda: svc.factory.clients)
         server = next(iter(svc.factory.clients))
-        raw = server._attempt.connector
+        raw = server.attempt.connector
+        from balancer.rawconnect import RawConnect
+
+        self.assertIsInstance(raw, RawConnect)
         # a reset, not an EOF (an EOF is held until the backend answers)
         client.transport.abortConnection()
         yield client.done
@@ -322,15 +333,29 @@ class TransparencyTests(TestCase):
     @defer.inlineCallbacks
     def test_data_before_backend_connect_is_held(self):
         """
-        Bytes the client sends at once (before the backend connection is
-        up) arrive first and intact.
+        Bytes the client sends before the backend connection is up are
+        held (the attempt is not started until they are) and arrive first
+        and intact once it is.
         """
+        from balancer import attempt as attemptmod
+
+        realStart = attemptmod.Attempt.start
+        started = []
+        self.patch(attemptmod.Attempt, "start",
+                   lambda attempt, sockaddr=None: started.append((attempt, sockaddr)))
         (a,) = start_backends(self, "a")
-        svc = yield start_balancer(self, make_config([a.address]))
+        svc = yield start_balancer(self, make_config([a.address], check_interval=0))
         client = yield connect(svc.port)
         client.transport.write(b"early-")
         client.transport.write(b"bird")
+        [(attempt, sockaddr)] = yield wait_for(lambda: started)
+        proxied = attempt.client
+        yield wait_for(lambda: proxied.held is not None and proxied.held.size == 10)
+        self.assertEqual((a.received, proxied.peer), (0, None))
+        realStart(attempt, sockaddr)
         yield wait_for(lambda: bytes(client.data) == b"early-bird")
+        self.assertIsNone(proxied.held)
+        self.assertEqual(a.received, 10)
         client.transport.loseConnection()
         yield client.done
 
@@ -482,7 +507,7 @@ class LeanPathTests(TestCase):
         A backend given by host name is connected by connectTCP: the client
         is handed over to the Twisted path, bytes and counters intact.
         """
-        from balancer.proxy import ServerSide
+        from balancer.sides import ServerSide
 
         (a,) = start_backends(self, "a")
         addr = f"localhost:{a.portnum}"
@@ -518,9 +543,9 @@ class LeanPathTests(TestCase):
         client.transport.write(payload)
         client.transport.loseWriteConnection()
         server = yield wait_for(lambda: next(iter(svc.factory.clients), None))
-        yield wait_for(lambda: server._held_len > HOLD_LIMIT)
+        yield wait_for(lambda: server.held is not None and server.held.size > HOLD_LIMIT)
         self.assertFalse(server.reading)
-        self.assertLessEqual(server._held_len, HOLD_LIMIT + READ_SIZE)
+        self.assertLessEqual(server.held.size, HOLD_LIMIT + READ_SIZE)
         data = yield client.done
         self.assertEqual(hashlib.sha256(data).digest(), hashlib.sha256(payload).digest())
         self.assertTrue(client.eof)

@@ -67,7 +67,7 @@ class SmoothRoundRobinTests(SynchronousTestCase):
         sel.peers.append(Peer("z", backup=True, down=True))
         sel.peers[0].active.record(False)
         self.assertIsNone(sel.pick())
-        self.assertFalse(sel.has_usable())
+        self.assertEqual(sel.usable(), ([], []))
 
     def test_tried_excluded(self):
         sel = make(Clock(), a=1, b=1)
@@ -106,7 +106,7 @@ class SmoothRoundRobinTests(SynchronousTestCase):
 
     def test_set_weight(self):
         sel = make(Clock(), a=1, b=1)
-        sel.peers[0].set_weight(3)
+        sel.peers[0].setWeight(3)
         seq = sequence(sel, 8)
         self.assertEqual(seq.count("a"), 6)
 
@@ -132,7 +132,7 @@ class LeastConnTests(SynchronousTestCase):
     def test_spreads_as_connections_open(self):
         sel = make(Clock(), "least-conn", a=1, b=1, c=1)
         for _ in range(9):
-            sel.pick().connection_started()
+            sel.pick().connectionStarted()
         self.assertEqual([p.conns for p in sel.peers], [3, 3, 3])
 
 
@@ -144,7 +144,7 @@ class LeastLoginsTests(SynchronousTestCase):
         picks = []
         for _ in range(5):
             p = sel.pick()
-            p.connection_started()
+            p.connectionStarted()
             picks.append(p.key)
         # b gets the first three (7,8,9 < 10), then they alternate
         self.assertEqual("".join(picks[:3]), "bbb")
@@ -153,15 +153,15 @@ class LeastLoginsTests(SynchronousTestCase):
     def test_registry_update_resets_pending(self):
         peer = Peer("a")
         peer.set_logins(3)
-        peer.connection_started()
-        self.assertEqual(peer.load_logins(), 4)
+        peer.connectionStarted()
+        self.assertEqual(peer.loadLogins(), 4)
         peer.set_logins(4)
-        self.assertEqual(peer.load_logins(), 4)
+        self.assertEqual(peer.loadLogins(), 4)
 
     def test_without_registry_uses_connections(self):
         peer = Peer("a")
         peer.conns = 2
-        self.assertEqual(peer.load_logins(), 2)
+        self.assertEqual(peer.loadLogins(), 2)
 
 
 class PassiveHealthTests(SynchronousTestCase):
