@@ -38,6 +38,8 @@ class StartupFailed(SystemExit, Exception):
     exits non-zero with the message.
     """
 
+    __module__ = "balancer"  # shorter in twistd's one-line report
+
 
 def checkSettings(cfg: BalancerConfig) -> CheckSettings:
     return CheckSettings(
@@ -61,6 +63,11 @@ NOT_RELOADABLE = (
 
 def _reason(f: Failure) -> str:
     value = f.value
+    inner = getattr(value, "socketError", None)  # CannotListenError
+    if isinstance(inner, OSError) and inner.strerror:
+        return inner.strerror
+    if isinstance(value, OSError) and value.strerror:
+        return value.strerror
     text = str(value).strip() or type(value).__name__
     return text.splitlines()[0]
 
@@ -131,9 +138,9 @@ class BalancerService(service.MultiService):
         self._installDispatch()
         try:
             self._listen()
-        except StartupFailed as e:
+        except StartupFailed:
+            # (listening never fires: the process ends)
             self._uninstallDispatch()
-            self.listening.errback(Failure(e))
             raise
         self.pool.start()
         super().startService()
@@ -173,9 +180,9 @@ class BalancerService(service.MultiService):
         d.addBoth(result.append)
         if not result:
             d.cancel()
-            raise StartupFailed(f"balancer: cannot {what} on {description}: no answer")
+            raise StartupFailed(f"cannot {what} on {description}: no answer")
         if isinstance(result[0], Failure):
-            raise StartupFailed(f"balancer: cannot {what} on {description}: {_reason(result[0])}")
+            raise StartupFailed(f"cannot {what} on {description}: {_reason(result[0])}")
         return result[0]
 
     def _listen(self) -> None:
@@ -207,8 +214,9 @@ class BalancerService(service.MultiService):
                     self.workerStatus, statusDumpFactory(lambda: snapshot(self)),
                     "serve the worker status", reuse_port=False, backlog=50,
                 )
-        except StartupFailed as e:
-            self.log.critical("{why}", why=str(e))
+        except StartupFailed:
+            # SystemExit prints the message (to twistd's log, and to the
+            # terminal of a daemonizing twistd)
             for port in self.ports + [self.workerStatusPort]:
                 if port is not None:
                     port.stopListening()
