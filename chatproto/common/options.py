@@ -96,6 +96,8 @@ def mergeOptions(
             merged[name] = convert(value)
         except (ValueError, TypeError, OverflowError) as e:
             reason = str(e)
+            if len(reason) > 120:
+                reason = reason[:117] + "..."
             shown = repr(value) if len(str(value)) <= 60 else repr(str(value)[:60] + "...")
             raise OptionsError(
                 f"bad value for --{name}: {shown}" + (f" ({reason})" if reason else "")
