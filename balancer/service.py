@@ -88,7 +88,7 @@ class BalancerService(service.MultiService):
         cfg: BalancerConfig,
         reactor: Any = None,
         cmdline: dict[str, Any] | None = None,
-        reuse_port: bool = False,
+        reusePort: bool = False,
         handle_sighup: bool = True,
         workerStatus: str | None = None,
     ) -> None:
@@ -100,7 +100,7 @@ class BalancerService(service.MultiService):
         self.reactor = reactor
         self.config = cfg
         self.cmdline = cmdline or {}
-        self.reuse_port = reuse_port
+        self.reusePort = reusePort
         self.handleSighup = handle_sighup
         self.workerStatus = workerStatus
         self.workers: Any = None
@@ -108,6 +108,7 @@ class BalancerService(service.MultiService):
         self.reloadFailures = 0
         self.lastReloadError: str | None = None
         self.leanDispatch = False
+        self._dispatchShadowed: set[str] = set()
         self.selector = Selector(reactor, cfg.algorithm)
         self.pool = Pool(reactor, self.selector, checkSettings(cfg), cfg.drain_timeout)
         self.factory = BalancerFactory(
@@ -153,6 +154,11 @@ class BalancerService(service.MultiService):
             return
         from balancer import fastpoll
 
+        # without fastpoll.uninstall, stopService takes back the instance
+        # attributes install() sets (the reactor's own methods show again)
+        self._dispatchShadowed = {
+            name for name in ("doPoll", "doIteration") if name in vars(self.reactor)
+        } if hasattr(self.reactor, "__dict__") else set()
         # fastpoll.install returns whether it took over (None: older version)
         self.leanDispatch = fastpoll.install(self.reactor) is not False
 
@@ -164,6 +170,10 @@ class BalancerService(service.MultiService):
         uninstall = getattr(fastpoll, "uninstall", None)
         if uninstall is not None:
             uninstall(self.reactor)
+        elif hasattr(self.reactor, "__dict__"):
+            for name in ("doPoll", "doIteration"):
+                if name not in self._dispatchShadowed and name in vars(self.reactor):
+                    delattr(self.reactor, name)
         self.leanDispatch = False
 
     def _listenOne(self, description: str, factory: Any, what: str, **kw: Any) -> Any:
@@ -193,7 +203,7 @@ class BalancerService(service.MultiService):
                 # watch raw sockets (as it must for RawConnect)
                 port = self._listenOne(
                     description, self.factory, "listen",
-                    reuse_port=self.reuse_port, backlog=cfg.backlog,
+                    reuse_port=self.reusePort, backlog=cfg.backlog,
                     lean=self.factory.raw_connect,
                 )
                 self.proxy_ports.append(port)

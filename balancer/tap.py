@@ -153,7 +153,7 @@ def makeService(options: Options) -> service.IService:
         if options["worker-parent"] is not None:
             watchParent(reactor, options["worker-parent"])
     balancer = BalancerService(
-        cfg, reactor, options.cmdline(), reuse_port=cfg.workers > 1 or index is not None,
+        cfg, reactor, options.cmdline(), reusePort=cfg.workers > 1 or index is not None,
         workerStatus=options["worker-status"],
     )
     balancer.setServiceParent(top)

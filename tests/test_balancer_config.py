@@ -164,7 +164,7 @@ class OptionsTests(SynchronousTestCase):
         top = tap.makeService(options)
         names = [type(s).__name__ for s in top]
         self.assertEqual(names, ["BalancerService", "WorkerMonitor"])
-        self.assertTrue(list(top)[0].reuse_port)
+        self.assertTrue(list(top)[0].reusePort)
         monitor = list(top)[1]
         self.assertIs(list(top)[0].workers, monitor)
         self.assertEqual(sorted(monitor.argvs), [1])

@@ -343,3 +343,39 @@ class DiscoveryErrorTests(SynchronousTestCase):
     def test_sentinel_not_supported_yet(self):
         self.assertRaises(ConfigError, RedisDiscovery, MemoryReactorClock(),
                           "redis+sentinel://h:26379/m", "p:", 1.0, lambda *a: None)
+
+
+class DispatchRestoreTests(SynchronousTestCase):
+    def test_stop_restores_the_stock_loop_without_uninstall(self):
+        """
+        Without C{fastpoll.uninstall}, stopping the service takes back what
+        C{install} put on the reactor instance.
+        """
+        class LoopReactor(MemoryReactorClock):
+            def doIteration(self, timeout):
+                pass
+
+            doPoll = doIteration
+
+        reactor = LoopReactor()
+        stock = reactor.doIteration
+
+        def install(r):
+            r.doPoll = r.doIteration = lambda timeout: None
+            return True
+
+        self.patch(fastpoll, "install", install)
+        if hasattr(fastpoll, "uninstall"):
+            old = fastpoll.uninstall
+            del fastpoll.uninstall
+            self.addCleanup(setattr, fastpoll, "uninstall", old)
+        svc = BalancerService(
+            buildConfig({"backend": ["127.0.0.1:6000"], "check-interval": "0",
+                         "listen": ["tcp:0:interface=127.0.0.1"]}),
+            reactor, handle_sighup=False,
+        )
+        svc.startService()
+        self.assertNotEqual(reactor.doIteration, stock)
+        self.successResultOf(svc.stopService())
+        self.assertEqual(reactor.doIteration, stock)
+        self.assertNotIn("doPoll", vars(reactor))
