@@ -28,6 +28,9 @@ from chatproto.common.registry import ServerEntry, readRegistry
 
 #: longest wait between reconnection attempts to Redis
 MAX_RECONNECT_DELAY = 5.0
+#: after this many failed polls in a row the connection is made anew
+#: (txredisapi gives up for good after a refused AUTH)
+RECONNECT_AFTER = 3
 
 
 def parseTarget(url: str) -> RedisURL:
@@ -165,12 +168,22 @@ class RedisDiscovery(service.Service):
         why = f.getErrorMessage() or type(f.value).__name__
         self.lastError = why
         self.lastErrorTime = self.reactor.seconds()
+        if self.consecutiveErrors % RECONNECT_AFTER == 0 and self.running:
+            self.reconnect()
         if self.consecutiveErrors == 1 or self.consecutiveErrors % 60 == 0:
             self.log.warn(
                 "reading the chat server registry from Redis at {url} failed "
                 "({n} times in a row), keeping the last known servers: {why}",
                 url=self.redactedURL, n=self.consecutiveErrors, why=why,
             )
+
+    def reconnect(self) -> None:
+        """
+        Drop the connection and make a new one.
+        """
+        old, self.conn = self.conn, self.connect()
+        if old is not None:
+            defer.maybeDeferred(old.disconnect).addErrback(lambda f: None)
 
     @defer.inlineCallbacks
     def poll(self) -> Any:

@@ -106,6 +106,7 @@ class ACLDiscoveryTests(TestCase):
         admin = yield txredisapi.Connection("127.0.0.1", self.server.port, reconnect=False,
                                             convertNumbers=False)
         self.addCleanup(admin.disconnect)
+        self.admin = admin
         yield admin.execute_command(
             "ACL", "SETUSER", "balancer", "on", ">s3cret", "~p:*", "+smembers", "+hgetall",
             "+ping", "+select", "+info", "+client",
@@ -136,6 +137,37 @@ class ACLDiscoveryTests(TestCase):
                          [("127.0.0.1:6000", 2, "chat-a")])
         self.assertEqual(logins, {"127.0.0.1:6000": 4})
         self.assertEqual(d.errors, 0)
+
+    @defer.inlineCallbacks
+    def test_recovers_once_the_password_works(self):
+        """
+        txredisapi stops reconnecting after a refused AUTH; discovery makes
+        a new connection after a few failed polls, so fixing the password
+        on the Redis side is enough.
+        """
+        seen = []
+        d = RedisDiscovery(
+            reactor, f"redis://late:s3cret@127.0.0.1:{self.server.port}/0", "p:", 0.1,
+            lambda specs, logins: seen.append(specs),
+        )
+        d.pollTimeout = lambda: 0.3
+        d.startService()
+        try:
+            yield self.waitFor(lambda: d.errors >= 1)
+            self.assertEqual(seen, [])
+            yield self.admin.execute_command(
+                "ACL", "SETUSER", "late", "on", ">s3cret", "~p:*", "+smembers", "+hgetall",
+                "+ping", "+select", "+info", "+client",
+            )
+            yield self.waitFor(lambda: seen, timeout=15)
+        finally:
+            yield d.stopService()
+        self.assertEqual([s.address for s in seen[-1]], ["127.0.0.1:6000"])
+        self.assertEqual(d.consecutiveErrors, 0)
+        import gc
+
+        gc.collect()
+        self.flushLoggedErrors(ValueError)
 
     @defer.inlineCallbacks
     def test_wrong_password_is_counted(self):
