@@ -379,3 +379,72 @@ class DispatchRestoreTests(SynchronousTestCase):
         self.successResultOf(svc.stopService())
         self.assertEqual(reactor.doIteration, stock)
         self.assertNotIn("doPoll", vars(reactor))
+
+
+class RedisInternalsTests(SynchronousTestCase):
+    def test_sets_max_delay(self):
+        from balancer import _redisinternals
+
+        class Factory:
+            maxDelay = 10
+
+        class Conn:
+            _factory = Factory()
+
+        conn = Conn()
+        self.assertTrue(_redisinternals.selfCheck(conn))
+        self.assertTrue(_redisinternals.setMaxReconnectDelay(conn, 5))
+        self.assertEqual(conn._factory.maxDelay, 5)
+
+    def test_falls_back_without_the_attribute(self):
+        from balancer import _redisinternals
+
+        class Conn:
+            pass
+
+        conn = Conn()
+        self.assertFalse(_redisinternals.selfCheck(conn))
+        self.assertFalse(_redisinternals.setMaxReconnectDelay(conn, 5))
+        self.assertFalse(hasattr(conn, "_factory"))
+
+    def test_real_txredisapi_passes_the_check(self):
+        import txredisapi
+
+        from balancer import _redisinternals
+
+        conn = txredisapi.lazyConnection("127.0.0.1", 1, reconnect=False)
+        self.addCleanup(conn.disconnect)
+        self.assertTrue(_redisinternals.selfCheck(conn))
+
+
+class WatchParentTests(SynchronousTestCase):
+    def test_fallback_watch_stops_the_worker(self):
+        import os
+
+        from balancer import workers
+
+        self.patch(workers, "_setParentDeathSignal", lambda signum: False)
+        parent = [4242]
+        self.patch(os, "getppid", lambda: parent[0])
+        reactor = MemoryReactorClock()
+        loop = workers.watchParent(reactor, 4242, interval=1.0)
+        self.assertIsNotNone(loop)
+        for f, args, kwargs in reactor.whenRunningHooks:
+            f(*args, **kwargs)
+        reactor.advance(1)
+        self.assertFalse(reactor.hasStopped)
+        parent[0] = 1  # the parent died: we were reparented
+        reactor.advance(1)
+        self.assertTrue(reactor.hasStopped)
+        self.assertFalse(loop.running)
+
+    def test_parent_gone_before_the_watch(self):
+        import os
+
+        from balancer import workers
+
+        self.patch(workers, "_setParentDeathSignal", lambda signum: True)
+        self.patch(os, "getppid", lambda: 1)
+        reactor = MemoryReactorClock()
+        self.assertIsNone(workers.watchParent(reactor, 4242))
+        self.assertEqual([f for f, _, _ in reactor.whenRunningHooks], [reactor.stop])
