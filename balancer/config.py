@@ -1,18 +1,29 @@
 """
 Balancer configuration: nginx-style C{server} lines, durations, the ini
 file, and merging of built-in defaults, the ini file and the command line
-(command line wins).
+(command line wins, see L{chatproto.common.options}).
+
+Everything is validated here, before anything runs or is changed: every
+listen and backend endpoint string is parsed (without connecting or
+listening), numbers are range-checked, and every error is a
+L{ConfigError} whose message names the option and the value.
 """
 
 from __future__ import annotations
 
 import codecs
-import configparser
+import ipaddress
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from zope.interface import implementer
+from twisted.internet.interfaces import IReactorPluggableNameResolver
+
 from balancer.selection import ALGORITHMS
+from chatproto.common.options import OptionsError, mergeOptions, readSection
+from chatproto.common.redisurl import parseRedisURL
 
 
 class ConfigError(ValueError):
@@ -22,23 +33,29 @@ class ConfigError(ValueError):
 
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h|d)?\s*$")
+_DURATION = re.compile(r"^\s*([0-9]{1,12}(?:\.[0-9]{1,9})?|\.[0-9]{1,9})\s*(ms|s|m|h|d)?\s*$")
+#: the longest duration any option takes: 30 days
+MAX_DURATION = 30 * 86400.0
 
 
-def parse_duration(text: str | float | int) -> float:
+def parseDuration(text: str | float | int) -> float:
     """
     Parse nginx-style durations: C{"10s"}, C{"500ms"}, C{"1m"}, or plain
-    seconds (C{"2"}, C{"0.05"}).
+    seconds (C{"2"}, C{"0.05"}), at most L{MAX_DURATION}.
     """
     if isinstance(text, (int, float)):
-        return float(text)
-    m = _DURATION.match(text)
-    if not m:
-        raise ConfigError(f"not a duration: {text!r}")
-    return float(m.group(1)) * _UNITS[m.group(2) or "s"]
+        value = float(text)
+    else:
+        m = _DURATION.match(text)
+        if not m:
+            raise ConfigError("not a duration like 10s, 500ms, 1m or 0.5")
+        value = float(m.group(1)) * _UNITS[m.group(2) or "s"]
+    if not math.isfinite(value) or value < 0 or value > MAX_DURATION:
+        raise ConfigError("duration out of range (0 to 30d)")
+    return value
 
 
-def parse_bytes(text: str | None) -> bytes | None:
+def parseBytes(text: str | None) -> bytes | None:
     """
     Parse a check string with C-style escapes (C{"PING\\n"}).
     """
@@ -48,6 +65,35 @@ def parse_bytes(text: str | None) -> bytes | None:
         return codecs.escape_decode(text.encode("utf-8"))[0]
     except ValueError as e:
         raise ConfigError(f"bad escape in {text!r}: {e}") from None
+
+
+def _boundedInt(low: int, high: int) -> Any:
+    def convert(text: Any) -> int:
+        if isinstance(text, bool):
+            raise ConfigError(f"not a number: {text!r}")
+        if isinstance(text, int):
+            value = text
+        else:
+            s = str(text).strip()
+            if not re.match(r"^[0-9]{1,10}$", s):
+                raise ConfigError(f"not a whole number from {low} to {high}")
+            value = int(s)
+        if not low <= value <= high:
+            raise ConfigError(f"must be from {low} to {high}")
+        return value
+
+    return convert
+
+
+def _flag(text: Any) -> bool:
+    if isinstance(text, bool):
+        return text
+    value = str(text).strip().lower()
+    if value in ("1", "yes", "true", "on"):
+        return True
+    if value in ("0", "no", "false", "off"):
+        return False
+    raise ConfigError("not yes/no, true/false, on/off or 1/0")
 
 
 @dataclass(frozen=True)
@@ -69,17 +115,22 @@ class BackendSpec:
         return self.address
 
 
-def parse_backend(line: str) -> BackendSpec:
+MAX_WEIGHT = 1_000_000
+
+
+def parseBackend(line: str) -> BackendSpec:
     """
     Parse C{"HOST:PORT weight=N max_fails=N fail_timeout=10s [backup]
     [down]"}.  The address may also be a client endpoint string
-    (C{tls:host:port}, C{tcp:host=h:port=p}).
+    (C{tls:host:port}, C{tcp:host=h:port=p}); it is parsed now, so a
+    malformed one is an error here rather than when it is first used.
+    (C{backup} and C{down} together are allowed, as in nginx: down wins.)
     """
     words = line.split()
     if not words:
         raise ConfigError("empty backend line")
     address, args = words[0], words[1:]
-    normalize_address(address)
+    checkBackendAddress(address)
     values: dict[str, Any] = {}
     for word in args:
         if word in ("backup", "down"):
@@ -90,37 +141,38 @@ def parse_backend(line: str) -> BackendSpec:
             raise ConfigError(f"unknown backend parameter {word!r} in {line!r}")
         try:
             if key == "weight":
-                values["weight"] = int(value)
-                if values["weight"] < 1:
-                    raise ValueError(value)
+                values["weight"] = _boundedInt(1, MAX_WEIGHT)(value)
             elif key == "max_fails":
-                values["max_fails"] = int(value)
-                if values["max_fails"] < 0:
-                    raise ValueError(value)
+                values["max_fails"] = _boundedInt(0, MAX_WEIGHT)(value)
             elif key == "fail_timeout":
-                values["fail_timeout"] = parse_duration(value)
+                values["fail_timeout"] = parseDuration(value)
             elif key == "name":
                 values["name"] = value
             else:
                 raise ConfigError(f"unknown backend parameter {key!r} in {line!r}")
         except ValueError as e:
-            if isinstance(e, ConfigError):
+            if str(e).startswith("unknown backend parameter"):
                 raise
-            raise ConfigError(f"bad value for {key} in {line!r}") from None
-    if values.get("backup") and values.get("down"):
-        pass  # nginx allows both; down wins
+            raise ConfigError(f"bad value for {key} in {line!r} ({e})") from None
     return BackendSpec(address=address, **values)
 
 
-def normalize_address(address: str) -> tuple[str, int] | None:
+def normalizeAddress(address: str) -> tuple[str, int] | None:
     """
     Return C{(host, port)} for a plain TCP address (C{host:port},
     C{[v6]:port}, C{tcp:host=h:port=p}, C{tcp:h:p}), or C{None} for another
     client endpoint string (C{tls:...}, C{unix:...}).
     """
-    m = re.match(r"^\[([0-9a-fA-F:.]+)\]:(\d+)$", address)
-    if m:
-        return m.group(1), _port(m.group(2), address)
+    if address.startswith("["):
+        m = re.match(r"^\[([^\]]*)\]:([^:]*)$", address)
+        if not m:
+            raise ConfigError(f"bad address {address!r}: expected [IPv6]:PORT")
+        host = m.group(1)
+        try:
+            ipaddress.IPv6Address(host.split("%", 1)[0])
+        except ValueError:
+            raise ConfigError(f"bad IPv6 address in {address!r}") from None
+        return host, _port(m.group(2), address)
     if ":" not in address:
         raise ConfigError(f"backend address needs a port: {address!r}")
     head, _, rest = address.partition(":")
@@ -145,38 +197,122 @@ def normalize_address(address: str) -> tuple[str, int] | None:
     if rest.count(":"):
         # an endpoint type we do not know by name; leave it to the parser
         return None
+    if not head:
+        raise ConfigError(f"backend address needs a host: {address!r}")
     return head, _port(rest, address)
 
 
 def _port(text: str, address: str) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        raise ConfigError(f"bad port in {address!r}") from None
-    if not 0 < port < 65536:
+    if not text.isdigit() or len(text) > 5 or not 0 < int(text) < 65536:
         raise ConfigError(f"bad port in {address!r}")
-    return port
+    return int(text)
+
+
+@implementer(IReactorPluggableNameResolver)
+class _ParseOnlyReactor:
+    """
+    What endpoint parsers get when a string is only being checked: they
+    store the reactor, never call it.
+    """
+
+    nameResolver = None
+
+    def installNameResolver(self, resolver: Any) -> Any:  # pragma: no cover
+        raise NotImplementedError
+
+
+def _endpointError(e: BaseException) -> str:
+    if isinstance(e, TypeError):
+        return "missing or extra arguments"
+    if type(e).__name__ == "UnlistableError":
+        return "cannot read a directory it names (trustRoots?)"
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return text or type(e).__name__
+
+
+def _checkServerEndpoint(description: str) -> None:
+    from twisted.internet.endpoints import serverFromString
+
+    try:
+        serverFromString(_ParseOnlyReactor(), description)
+    except Exception as e:
+        raise ConfigError(_endpointError(e)) from None
+
+
+def checkBackendAddress(address: str) -> None:
+    """
+    Check a backend address completely: the plain forms by
+    L{normalizeAddress}, the others by Twisted's client endpoint parser
+    (which also reads C{trustRoots=} and certificate files).
+    """
+    if normalizeAddress(address) is not None:
+        return
+    from twisted.internet.endpoints import clientFromString
+
+    try:
+        clientFromString(_ParseOnlyReactor(), address)
+    except Exception as e:
+        raise ConfigError(f"bad backend address {address!r}: {_endpointError(e)}") from None
+
+
+def normalizeListen(description: str, option: str = "--listen") -> str:
+    """
+    A server endpoint description: a bare port number means C{tcp:PORT};
+    the string is parsed now (nothing listens yet).
+    """
+    description = description.strip()
+    if description.isdigit():
+        description = f"tcp:{description}"
+    if not description:
+        raise ConfigError(f"empty {option}")
+    try:
+        _checkServerEndpoint(description)
+    except ConfigError as e:
+        raise ConfigError(f"bad {option} {description!r}: {e}") from None
+    return description
+
+
+def _statusEndpoint(text: str) -> str:
+    text = text.strip()
+    if text.isdigit():
+        text = f"tcp:{text}"
+    _checkServerEndpoint(text)
+    return text
+
+
+def _proxyProtocol(text: str) -> str:
+    if text not in ("v1", "v2"):
+        raise ConfigError("must be v1 or v2")
+    return text
+
+
+def _algorithm(text: str) -> str:
+    if text not in ALGORITHMS:
+        raise ConfigError(f"must be one of {', '.join(ALGORITHMS)}")
+    return text
 
 
 # option name -> (built-in default, converter)
 SCALARS: dict[str, tuple[Any, Any]] = {
-    "algorithm": ("round-robin", str),
-    "connect-timeout": (1.0, parse_duration),
-    "tries": (None, int),
-    "check-interval": (2.0, parse_duration),
-    "check-timeout": (1.0, parse_duration),
-    "rise": (2, int),
-    "fall": (3, int),
-    "check-send": (None, parse_bytes),
-    "check-expect": (None, parse_bytes),
-    "redis": (None, str),
+    "algorithm": ("round-robin", _algorithm),
+    "connect-timeout": (1.0, parseDuration),
+    "tries": (None, _boundedInt(1, 1000)),
+    "check-interval": (2.0, parseDuration),
+    "check-timeout": (1.0, parseDuration),
+    "rise": (2, _boundedInt(1, 1000)),
+    "fall": (3, _boundedInt(1, 1000)),
+    "check-send": (None, parseBytes),
+    "check-expect": (None, parseBytes),
+    "redis": (None, None),  # checked in validate(): the value may hold a password
     "redis-prefix": ("chat:", str),
-    "discovery-interval": (1.0, parse_duration),
-    "proxy-protocol": (None, str),
-    "status": (None, str),
-    "drain-timeout": (0.0, parse_duration),
-    "workers": (1, int),
-    "backlog": (1024, int),
+    "discovery-interval": (1.0, parseDuration),
+    "proxy-protocol": (None, _proxyProtocol),
+    "proxy-timeout": (600.0, parseDuration),
+    "lean-dispatch": (True, _flag),
+    "status": (None, _statusEndpoint),
+    "drain-timeout": (0.0, parseDuration),
+    "workers": (1, _boundedInt(1, 256)),
+    "backlog": (1024, _boundedInt(1, 65535)),
 }
 LISTS: dict[str, list[str]] = {"listen": ["tcp:8000"], "backend": []}
 
@@ -198,6 +334,11 @@ class BalancerConfig:
     redis_prefix: str = "chat:"
     discovery_interval: float = 1.0
     proxy_protocol: str | None = None
+    #: longest time a proxied connection may go without a byte in either
+    #: direction (nginx's proxy_timeout); 0 turns it off
+    proxy_timeout: float = 600.0
+    #: install the lean epoll dispatch loop (balancer.fastpoll)
+    lean_dispatch: bool = True
     status: str | None = None
     drain_timeout: float = 0.0
     workers: int = 1
@@ -205,58 +346,38 @@ class BalancerConfig:
     config_file: str | None = None
 
 
-def read_ini(path: str) -> dict[str, Any]:
+def readIni(path: str) -> dict[str, Any]:
     """
     Read the C{[balancer]} section of an ini file into raw option values
     (strings, or lists of strings for C{listen}/C{backend}).
     """
-    parser = configparser.ConfigParser(interpolation=None)
     try:
-        with open(path, encoding="utf-8") as f:
-            parser.read_file(f)
-    except (OSError, configparser.Error) as e:
-        raise ConfigError(f"cannot read {path}: {e}") from None
-    if not parser.has_section("balancer"):
-        raise ConfigError(f"{path} has no [balancer] section")
-    raw: dict[str, Any] = {}
-    for key, value in parser.items("balancer"):
-        name = key.replace("_", "-")
-        if name in LISTS:
-            raw[name] = [v.strip() for v in value.splitlines() if v.strip()]
-        elif name in SCALARS:
-            raw[name] = value.strip()
-        else:
-            raise ConfigError(f"{path}: unknown option {key!r}")
-    return raw
+        return readSection(path, "balancer", SCALARS, LISTS)
+    except OptionsError as e:
+        raise ConfigError(str(e)) from None
 
 
-def build_config(
-    cmdline: dict[str, Any], file_values: dict[str, Any] | None = None
+def buildConfig(
+    cmdline: dict[str, Any], fileValues: dict[str, Any] | None = None
 ) -> BalancerConfig:
     """
-    Merge raw option values: C{cmdline} over C{file_values} over built-in
+    Merge raw option values: C{cmdline} over C{fileValues} over built-in
     defaults.  Values that are C{None} (scalars) or empty (lists) in
     C{cmdline} count as not given.
     """
-    file_values = file_values or {}
-    merged: dict[str, Any] = {}
-    for name, (default, convert) in SCALARS.items():
-        value = cmdline.get(name)
-        if value is None:
-            value = file_values.get(name)
-        if value is None or value == "":
-            merged[name] = default
-        else:
-            try:
-                merged[name] = convert(value)
-            except (ValueError, TypeError) as e:
-                raise ConfigError(f"bad value for --{name}: {value!r} ({e})") from None
-    for name, default in LISTS.items():
-        value = cmdline.get(name) or file_values.get(name) or default
-        merged[name] = list(value)
+    try:
+        merged = mergeOptions(cmdline, fileValues, SCALARS, LISTS)
+    except OptionsError as e:
+        raise ConfigError(str(e)) from None
+    backends = []
+    for line in merged["backend"]:
+        try:
+            backends.append(parseBackend(line))
+        except ConfigError as e:
+            raise ConfigError(f"--backend: {e}") from None
     cfg = BalancerConfig(
-        listen=merged["listen"],
-        backends=[parse_backend(line) for line in merged["backend"]],
+        listen=[normalizeListen(d) for d in merged["listen"]],
+        backends=backends,
         **{k.replace("-", "_"): merged[k] for k in SCALARS},
     )
     validate(cfg)
@@ -264,12 +385,9 @@ def build_config(
 
 
 def validate(cfg: BalancerConfig) -> None:
-    if cfg.algorithm not in ALGORITHMS:
-        raise ConfigError(
-            f"--algorithm must be one of {', '.join(ALGORITHMS)}, not {cfg.algorithm!r}"
-        )
-    if cfg.proxy_protocol not in (None, "v1", "v2"):
-        raise ConfigError("--proxy-protocol must be v1 or v2")
+    _algorithm(cfg.algorithm)
+    if cfg.proxy_protocol is not None:
+        _proxyProtocol(cfg.proxy_protocol)
     for name in ("rise", "fall", "workers"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name} must be at least 1")
@@ -277,19 +395,22 @@ def validate(cfg: BalancerConfig) -> None:
         raise ConfigError("--tries must be at least 1")
     if cfg.check_interval < 0:
         raise ConfigError("--check-interval must be positive (0 turns checks off)")
+    if cfg.proxy_timeout < 0:
+        raise ConfigError("--proxy-timeout must be positive (0 turns it off)")
     for name in ("connect_timeout", "check_timeout", "discovery_interval"):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive")
-    if cfg.check_expect is not None and cfg.check_send is None:
-        pass  # allowed: a banner check (expect what the server says first)
     keys = [b.key for b in cfg.backends]
     dupes = {k for k in keys if keys.count(k) > 1}
     if dupes:
         raise ConfigError(f"backend listed twice: {', '.join(sorted(dupes))}")
     if not cfg.backends and not cfg.redis:
         raise ConfigError("no backends: give --backend or --redis")
-    if cfg.redis and not re.match(r"^rediss?://", cfg.redis):
-        raise ConfigError("--redis must be a redis:// or rediss:// URL")
+    if cfg.redis:
+        try:
+            parseRedisURL(cfg.redis)
+        except ValueError as e:
+            raise ConfigError(f"bad --redis URL: {e}") from None
 
 
 def load(cmdline: dict[str, Any], path: str | None) -> BalancerConfig:
@@ -297,6 +418,12 @@ def load(cmdline: dict[str, Any], path: str | None) -> BalancerConfig:
     Build the configuration from the command line and the ini file at
     C{path} (re-read on every call, which is what SIGHUP does).
     """
-    cfg = build_config(cmdline, read_ini(path) if path else None)
+    cfg = buildConfig(cmdline, readIni(path) if path else None)
     cfg.config_file = path
     return cfg
+
+
+# Names the data path (balancer/pool.py) and the test helpers import; to be
+# renamed with them.
+normalize_address = normalizeAddress
+parse_backend = parseBackend

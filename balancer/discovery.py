@@ -1,25 +1,19 @@
 """
-Chat server discovery from the cluster registry in Redis.
+Chat server discovery from the cluster registry in Redis (format and
+reader: L{chatproto.common.registry}).
 
-The chat servers write (with prefix P, default C{chat:}):
-
- - C{P servers}: a SET of server names;
- - C{P server:NAME}: a HASH with C{name host port weight logins updated}
-   and a TTL of a few seconds that the server keeps refreshing.
-
-Every C{interval} L{RedisDiscovery} reads C{SMEMBERS} and then all the
-hashes in one pipeline.  A name whose hash is gone (expired or deleted)
-is a server that went away; such names are ignored (this reader never
-writes).  When Redis cannot be reached the last known set is kept, and the
-connection is retried forever.
+Every C{interval} L{RedisDiscovery} reads the registry and hands the
+servers to C{onUpdate} as backend specs.  When Redis cannot be reached the
+last known set is kept, the connection is retried forever, and the
+failures are counted (C{errors}, C{consecutiveErrors}, C{lastError},
+C{lastErrorTime}, shown by the status endpoint) and logged with the Redis
+URL (password left out).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
 
 import txredisapi
 from twisted.application import service
@@ -27,86 +21,50 @@ from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from balancer import _redisinternals
 from balancer.config import BackendSpec, ConfigError
+from chatproto.common.redisurl import RedisURL, parseRedisURL
+from chatproto.common.registry import ServerEntry, readRegistry
+
+#: longest wait between reconnection attempts to Redis
+MAX_RECONNECT_DELAY = 5.0
+#: after this many failed polls in a row the connection is made anew
+#: (txredisapi gives up for good after a refused AUTH)
+RECONNECT_AFTER = 3
 
 
-@dataclass(frozen=True)
-class RedisTarget:
-    host: str
-    port: int
-    db: int
-    password: str | None
-    username: str | None
-    tls: bool
-    ca_file: str | None
-
-
-def parse_redis_url(url: str) -> RedisTarget:
+def parseTarget(url: str) -> RedisURL:
     """
-    Parse C{redis://[user:password@]host[:port][/db]} or C{rediss://...}
-    (TLS, server certificate verified; C{?ca=/path/ca.pem} for a private
-    CA).
+    The Redis to discover from; C{redis+sentinel://} is not supported yet.
     """
-    parts = urlsplit(url)
-    if parts.scheme not in ("redis", "rediss"):
-        raise ConfigError(f"not a redis URL: {url!r}")
-    db = 0
-    path = parts.path.strip("/")
-    if path:
-        try:
-            db = int(path)
-        except ValueError:
-            raise ConfigError(f"bad database number in {url!r}") from None
-    query = parse_qs(parts.query)
-    return RedisTarget(
-        host=parts.hostname or "127.0.0.1",
-        port=parts.port or 6379,
-        db=db,
-        password=unquote(parts.password) if parts.password else None,
-        username=unquote(parts.username) if parts.username else None,
-        tls=parts.scheme == "rediss",
-        ca_file=query.get("ca", [None])[0],
-    )
+    try:
+        target = parseRedisURL(url)
+    except ValueError as e:
+        raise ConfigError(f"bad --redis URL: {e}") from None
+    if target.sentinels:
+        raise ConfigError("--redis: redis+sentinel:// is not supported by the balancer yet")
+    return target
 
 
-def parse_registry(
-    entries: list[tuple[str, dict[str, str]]],
-    max_fails: int = 1,
-    fail_timeout: float = 10.0,
+def toBackends(
+    entries: list[ServerEntry], maxFails: int = 1, failTimeout: float = 10.0
 ) -> tuple[list[BackendSpec], dict[str, int | None]]:
     """
-    Turn C{(name, hash)} pairs into backend specs and a logins map keyed by
-    backend key.  Empty hashes (expired servers) and malformed ones are
-    skipped.
+    Registry entries as backend specs, and a logins map keyed by backend
+    key.
     """
-    specs: list[BackendSpec] = []
-    logins: dict[str, int | None] = {}
-    for name, h in entries:
-        if not h:
-            continue
-        host = h.get("host", "")
-        try:
-            port = int(h.get("port", ""))
-            weight = max(1, int(h.get("weight") or 1))
-        except ValueError:
-            continue
-        if not host or not 0 < port < 65536:
-            continue
-        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        specs.append(
-            BackendSpec(
-                address=address,
-                weight=weight,
-                max_fails=max_fails,
-                fail_timeout=fail_timeout,
-                name=h.get("name") or name,
-            )
+    specs = [
+        BackendSpec(
+            address=e.address, weight=e.weight, max_fails=maxFails,
+            fail_timeout=failTimeout, name=e.name,
         )
-        try:
-            logins[address] = int(h.get("logins", ""))
-        except ValueError:
-            logins[address] = None
-    return specs, logins
+        for e in entries
+    ]
+    return specs, {e.address: e.logins for e in entries}
+
+
+class PollTimeout(Exception):
+    pass
 
 
 class RedisDiscovery(service.Service):
@@ -118,22 +76,26 @@ class RedisDiscovery(service.Service):
         url: str,
         prefix: str,
         interval: float,
-        on_update: Callable[[list[BackendSpec], dict[str, int | None]], None],
-        max_fails: int = 1,
-        fail_timeout: float = 10.0,
+        onUpdate: Callable[[list[BackendSpec], dict[str, int | None]], None],
+        maxFails: int = 1,
+        failTimeout: float = 10.0,
     ) -> None:
         self.reactor = reactor
-        self.target = parse_redis_url(url)
+        self.target = parseTarget(url)
+        self.redactedURL = self.target.redacted()
         self.prefix = prefix
         self.interval = interval
-        self.on_update = on_update
-        self.max_fails = max_fails
-        self.fail_timeout = fail_timeout
+        self.onUpdate = onUpdate
+        self.maxFails = maxFails
+        self.failTimeout = failTimeout
         self.conn: Any = None
         self._loop: LoopingCall | None = None
         self.polls = 0
         self.errors = 0
-        self.last_ok: float | None = None
+        self.consecutiveErrors = 0
+        self.lastOk: float | None = None
+        self.lastError: str | None = None
+        self.lastErrorTime: float | None = None
 
     def _tls(self) -> Any:
         if not self.target.tls:
@@ -141,15 +103,14 @@ class RedisDiscovery(service.Service):
         from twisted.internet import ssl
 
         trust = None
-        if self.target.ca_file:
-            with open(self.target.ca_file, "rb") as f:
+        if self.target.ca:
+            with open(self.target.ca, "rb") as f:
                 trust = ssl.Certificate.loadPEM(f.read())
         return ssl.optionsForClientTLS(self.target.host, trustRoot=trust)
 
-    def startService(self) -> None:
-        super().startService()
+    def connect(self) -> Any:
         t = self.target
-        self.conn = txredisapi.lazyConnection(
+        conn = txredisapi.lazyConnection(
             t.host,
             t.port,
             dbid=t.db,
@@ -162,8 +123,14 @@ class RedisDiscovery(service.Service):
             replyTimeout=max(2.0, 2 * self.interval),
         )
         # keep trying, but not too slowly once Redis is back
-        self.conn._factory.maxDelay = 5
-        self._loop = LoopingCall(self._poll_logged)
+        _redisinternals.setMaxReconnectDelay(conn, MAX_RECONNECT_DELAY)
+        return conn
+
+    def startService(self) -> None:
+        super().startService()
+        self.log.info("discovering chat servers from Redis at {url}", url=self.redactedURL)
+        self.conn = self.connect()
+        self._loop = LoopingCall(self._pollLogged)
         self._loop.clock = self.reactor
         self._loop.start(self.interval, now=True)
 
@@ -177,55 +144,61 @@ class RedisDiscovery(service.Service):
         if conn is not None:
             yield conn.disconnect()
 
-    def _poll_logged(self) -> defer.Deferred[None]:
+    def _pollLogged(self) -> defer.Deferred[None]:
         d = self.poll()
+        # txredisapi queues commands while it cannot connect: a poll that
+        # hangs is a failed poll
+        timeout = self.pollTimeout()
+        d.addTimeout(timeout, self.reactor, onTimeoutCancel=self._timedOut)
+        return d.addErrback(self.pollFailed)
 
-        def failed(f: Any) -> None:
-            self.errors += 1
-            if self.errors == 1 or self.errors % 60 == 0:
-                self.log.warn(
-                    "registry poll failed ({n} times), keeping the last known "
-                    "servers: {why}", n=self.errors, why=f.getErrorMessage(),
-                )
+    def pollTimeout(self) -> float:
+        return max(2.0, 2 * self.interval)
 
-        return d.addErrback(failed)
+    def _timedOut(self, result: Any, timeout: float) -> Any:
+        raise PollTimeout(f"no answer from Redis within {timeout:g}s")
+
+    def pollFailed(self, f: Any) -> None:
+        """
+        Count and remember a failed poll; log the first of a run of them
+        and every 60th.
+        """
+        self.errors += 1
+        self.consecutiveErrors += 1
+        why = f.getErrorMessage() or type(f.value).__name__
+        self.lastError = why
+        self.lastErrorTime = self.reactor.seconds()
+        if self.consecutiveErrors % RECONNECT_AFTER == 0 and self.running:
+            self.reconnect()
+        if self.consecutiveErrors == 1 or self.consecutiveErrors % 60 == 0:
+            self.log.warn(
+                "reading the chat server registry from Redis at {url} failed "
+                "({n} times in a row), keeping the last known servers: {why}",
+                url=self.redactedURL, n=self.consecutiveErrors, why=why,
+            )
+
+    def reconnect(self) -> None:
+        """
+        Drop the connection and make a new one.
+        """
+        old, self.conn = self.conn, self.connect()
+        if old is not None:
+            defer.maybeDeferred(old.disconnect).addErrback(lambda f: None)
 
     @defer.inlineCallbacks
     def poll(self) -> Any:
         conn = self.conn
         if conn is None:
             return
-        names = yield conn.smembers(self.prefix + "servers")
-        names = sorted(n.decode() if isinstance(n, bytes) else n for n in names or ())
-        hashes: list[Any] = []
-        if names:
-            pipe = yield conn.pipeline()
-            for name in names:
-                pipe.hgetall(f"{self.prefix}server:{name}")
-            hashes = yield pipe.execute_pipeline()
+        entries = yield readRegistry(conn, self.prefix)
         if self.conn is None:
             return
-        specs, logins = parse_registry(
-            list(zip(names, [_decode(h) for h in hashes])),
-            self.max_fails,
-            self.fail_timeout,
-        )
+        specs, logins = toBackends(entries, self.maxFails, self.failTimeout)
         self.polls += 1
-        if self.errors:
-            self.log.info("registry poll works again")
-        self.errors = 0
-        self.last_ok = self.reactor.seconds()
-        self.on_update(specs, logins)
-
-
-def _decode(h: Any) -> dict[str, str]:
-    if not isinstance(h, dict):
-        return {}
-    out = {}
-    for k, v in h.items():
-        if isinstance(k, bytes):
-            k = k.decode("utf-8", "replace")
-        if isinstance(v, bytes):
-            v = v.decode("utf-8", "replace")
-        out[k] = str(v)
-    return out
+        if self.consecutiveErrors:
+            self.log.info(
+                "reading the registry from Redis at {url} works again", url=self.redactedURL
+            )
+        self.consecutiveErrors = 0
+        self.lastOk = self.reactor.seconds()
+        self.onUpdate(specs, logins)

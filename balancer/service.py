@@ -1,6 +1,13 @@
 """
 L{BalancerService}: ties selection, pool, proxy, checks, discovery and the
-status endpoint together, and reloads the configuration on C{SIGHUP}.
+status endpoint together, listens, and reloads the configuration on
+C{SIGHUP}.
+
+Start-up is all or nothing: every listener is created in C{startService};
+if one cannot be, the ones made are closed and L{StartupFailed} ends the
+process with one line and a non-zero status.  A reload is all or nothing
+too: the whole file is parsed and checked (every endpoint included) before
+anything changes, and a reload that fails keeps everything as it was.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from typing import Any
 from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from balancer import config as configmod
 from balancer.config import BalancerConfig, ConfigError
@@ -19,10 +27,21 @@ from balancer.listen import server_endpoint
 from balancer.pool import CheckSettings, Pool
 from balancer.proxy import BalancerFactory
 from balancer.selection import Selector
-from balancer.status import status_site
+from balancer.status import statusSite
 
 
-def check_settings(cfg: BalancerConfig) -> CheckSettings:
+class StartupFailed(SystemExit, Exception):
+    """
+    The balancer cannot start (a listener cannot be created).  As a
+    L{SystemExit} it ends the process with its message and status 1 and no
+    traceback; as an L{Exception} twistd's daemonizing parent sees it and
+    exits non-zero with the message.
+    """
+
+    __module__ = "balancer"  # shorter in twistd's one-line report
+
+
+def checkSettings(cfg: BalancerConfig) -> CheckSettings:
     return CheckSettings(
         interval=cfg.check_interval,
         timeout=cfg.check_timeout,
@@ -35,7 +54,22 @@ def check_settings(cfg: BalancerConfig) -> CheckSettings:
     )
 
 
-_NOT_RELOADABLE = ("listen", "status", "redis", "redis_prefix", "workers", "backlog")
+#: options a reload cannot change (they need a restart)
+NOT_RELOADABLE = (
+    "listen", "status", "redis", "redis_prefix", "discovery_interval", "workers",
+    "backlog", "lean_dispatch",
+)
+
+
+def _reason(f: Failure) -> str:
+    value = f.value
+    inner = getattr(value, "socketError", None)  # CannotListenError
+    if isinstance(inner, OSError) and inner.strerror:
+        return inner.strerror
+    if isinstance(value, OSError) and value.strerror:
+        return value.strerror
+    text = str(value).strip() or type(value).__name__
+    return text.splitlines()[0]
 
 
 class BalancerService(service.MultiService):
@@ -43,6 +77,8 @@ class BalancerService(service.MultiService):
     @ivar ports: the listening ports once started (proxy ports first, then
         the status port if any).
     @ivar listening: fires with C{ports} once every port listens.
+    @ivar workers: the L{balancer.workers.WorkerMonitor} when this is the
+        first of several processes (C{--workers}), else C{None}.
     """
 
     log = Logger()
@@ -52,8 +88,9 @@ class BalancerService(service.MultiService):
         cfg: BalancerConfig,
         reactor: Any = None,
         cmdline: dict[str, Any] | None = None,
-        reuse_port: bool = False,
+        reusePort: bool = False,
         handle_sighup: bool = True,
+        workerStatus: str | None = None,
     ) -> None:
         super().__init__()
         if reactor is None:
@@ -63,14 +100,22 @@ class BalancerService(service.MultiService):
         self.reactor = reactor
         self.config = cfg
         self.cmdline = cmdline or {}
-        self.reuse_port = reuse_port
-        self.handle_sighup = handle_sighup
+        self.reusePort = reusePort
+        self.handleSighup = handle_sighup
+        self.workerStatus = workerStatus
+        self.workers: Any = None
         self.reloads = 0
+        self.reloadFailures = 0
+        self.lastReloadError: str | None = None
+        self.leanDispatch = False
+        self._dispatchShadowed: set[str] = set()
         self.selector = Selector(reactor, cfg.algorithm)
-        self.pool = Pool(reactor, self.selector, check_settings(cfg), cfg.drain_timeout)
+        self.pool = Pool(reactor, self.selector, checkSettings(cfg), cfg.drain_timeout)
         self.factory = BalancerFactory(
             reactor, self.selector, cfg.connect_timeout, cfg.tries, cfg.proxy_protocol
         )
+        # read by the data path (idle timer of proxied connections)
+        self.factory.proxy_timeout = cfg.proxy_timeout
         self.factory.on_finished.append(self.pool.connection_ended)
         self.pool.factory = self.factory
         self.pool.set_source("static", cfg.backends)
@@ -84,61 +129,127 @@ class BalancerService(service.MultiService):
         self.ports: list[Any] = []
         self.proxy_ports: list[Any] = []
         self.status_port: Any = None
+        self.workerStatusPort: Any = None
         self.listening: defer.Deferred[list[Any]] = defer.Deferred()
-        self._old_sighup: Any = None
-        self.sighup_hooks: list[Any] = []
+        self._oldSighup: Any = None
 
     # -- life cycle ------------------------------------------------------------
 
     def startService(self) -> None:
+        self._installDispatch()
+        try:
+            self._listen()
+        except StartupFailed:
+            # (listening never fires: the process ends)
+            self._uninstallDispatch()
+            raise
         self.pool.start()
         super().startService()
-        if self.handle_sighup and hasattr(signal, "SIGHUP"):
-            self._old_sighup = signal.signal(signal.SIGHUP, self._sighup)
-        self._listen().addErrback(self._listen_failed)
-
-    @defer.inlineCallbacks
-    def _listen(self) -> Any:
-        cfg = self.config
-        for description in cfg.listen:
-            # plain tcp: listeners use the lean path when the reactor can
-            # watch raw sockets (as it must for RawConnect)
-            endpoint = server_endpoint(
-                self.reactor, description, self.reuse_port, cfg.backlog,
-                lean=self.factory.raw_connect,
-            )
-            port = yield endpoint.listen(self.factory)
-            self.proxy_ports.append(port)
-            self.ports.append(port)
-            self.log.info("balancer listening on {addr}", addr=port.getHost())
-        if cfg.status:
-            endpoint = server_endpoint(self.reactor, cfg.status, False, 50)
-            self.status_port = yield endpoint.listen(status_site(self))
-            self.ports.append(self.status_port)
-            self.log.info("status endpoint on {addr}", addr=self.status_port.getHost())
+        if self.handleSighup and hasattr(signal, "SIGHUP"):
+            self._oldSighup = signal.signal(signal.SIGHUP, self._sighup)
         self.listening.callback(self.ports)
 
-    def _listen_failed(self, f: Any) -> None:
-        self.log.failure("cannot listen", f)
-        if not self.listening.called:
-            self.listening.errback(f)
-        else:  # pragma: no cover
-            pass
-        if self.running and getattr(self.reactor, "running", False):
-            self.reactor.stop()
+    def _installDispatch(self) -> None:
+        if not self.config.lean_dispatch:
+            return
+        from balancer import fastpoll
+
+        # without fastpoll.uninstall, stopService takes back the instance
+        # attributes install() sets (the reactor's own methods show again)
+        self._dispatchShadowed = {
+            name for name in ("doPoll", "doIteration") if name in vars(self.reactor)
+        } if hasattr(self.reactor, "__dict__") else set()
+        # fastpoll.install returns whether it took over (None: older version)
+        self.leanDispatch = fastpoll.install(self.reactor) is not False
+
+    def _uninstallDispatch(self) -> None:
+        if not self.leanDispatch:
+            return
+        from balancer import fastpoll
+
+        uninstall = getattr(fastpoll, "uninstall", None)
+        if uninstall is not None:
+            uninstall(self.reactor)
+        elif hasattr(self.reactor, "__dict__"):
+            for name in ("doPoll", "doIteration"):
+                if name not in self._dispatchShadowed and name in vars(self.reactor):
+                    delattr(self.reactor, name)
+        self.leanDispatch = False
+
+    def _listenOne(self, description: str, factory: Any, what: str, **kw: Any) -> Any:
+        """
+        Listen on C{description} now; endpoints of the kinds the balancer
+        takes answer synchronously.
+        """
+        try:
+            endpoint = server_endpoint(self.reactor, description, **kw)
+            d = endpoint.listen(factory)
+        except Exception as e:
+            d = defer.fail(e)
+        result: list[Any] = []
+        d.addBoth(result.append)
+        if not result:
+            d.cancel()
+            raise StartupFailed(f"cannot {what} on {description}: no answer")
+        if isinstance(result[0], Failure):
+            raise StartupFailed(f"cannot {what} on {description}: {_reason(result[0])}")
+        return result[0]
+
+    def _listen(self) -> None:
+        cfg = self.config
+        try:
+            for description in cfg.listen:
+                # plain tcp: listeners use the lean path when the reactor can
+                # watch raw sockets (as it must for RawConnect)
+                port = self._listenOne(
+                    description, self.factory, "listen",
+                    reuse_port=self.reusePort, backlog=cfg.backlog,
+                    lean=self.factory.raw_connect,
+                )
+                self.proxy_ports.append(port)
+                self.ports.append(port)
+                self.log.info("balancer listening on {addr}", addr=port.getHost())
+            if cfg.status:
+                self.status_port = self._listenOne(
+                    cfg.status, statusSite(self), "serve --status",
+                    reuse_port=False, backlog=50,
+                )
+                self.ports.append(self.status_port)
+                self.log.info("status endpoint on {addr}", addr=self.status_port.getHost())
+            if self.workerStatus:
+                from balancer.status import snapshot
+                from balancer.workers import statusDumpFactory
+
+                self.workerStatusPort = self._listenOne(
+                    self.workerStatus, statusDumpFactory(lambda: snapshot(self)),
+                    "serve the worker status", reuse_port=False, backlog=50,
+                )
+        except StartupFailed:
+            # SystemExit prints the message (to twistd's log, and to the
+            # terminal of a daemonizing twistd)
+            for port in self.ports + [self.workerStatusPort]:
+                if port is not None:
+                    port.stopListening()
+            self.ports, self.proxy_ports = [], []
+            self.status_port = self.workerStatusPort = None
+            raise
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
-        if self._old_sighup is not None:
-            signal.signal(signal.SIGHUP, self._old_sighup)
-            self._old_sighup = None
+        if self._oldSighup is not None:
+            signal.signal(signal.SIGHUP, self._oldSighup)
+            self._oldSighup = None
         ports, self.ports = self.ports, []
+        if self.workerStatusPort is not None:
+            ports.append(self.workerStatusPort)
+            self.workerStatusPort = None
         self.proxy_ports = []
         self.status_port = None
         yield defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
         self.pool.stop()
         yield super().stopService()
         self.factory.close_all()
+        self._uninstallDispatch()
 
     # -- discovery ---------------------------------------------------------------
 
@@ -152,44 +263,75 @@ class BalancerService(service.MultiService):
     # -- reload -----------------------------------------------------------------
 
     def _sighup(self, signum: int, frame: Any) -> None:
-        self.reactor.callFromThread(self._on_sighup)
+        self.reactor.callFromThread(self._onSighup)
 
-    def _on_sighup(self) -> None:
+    def _onSighup(self) -> None:
         self.log.info("SIGHUP: reloading {path}", path=self.config.config_file)
         self.reload()
-        for hook in self.sighup_hooks:
-            hook()
+        if self.workers is not None:
+            self.workers.signalAll("HUP")
 
     def reload(self) -> bool:
         """
         Re-read the configuration file (the command line still wins) and
-        apply it.  Returns C{False} and keeps the running configuration if
-        the new one is invalid.
+        apply it, all or nothing.  Returns C{False} and keeps the running
+        configuration if the new one is invalid.
         """
         try:
             new = configmod.load(self.cmdline, self.config.config_file)
+            self._checkEndpoints(new)
         except ConfigError as e:
-            self.log.error("reload failed, keeping the running configuration: {e}", e=e)
-            return False
-        self.apply(new)
+            return self._reloadFailed(str(e))
+        old = self.config
+        try:
+            self.apply(new)
+        except Exception as e:
+            self.log.failure("applying the new configuration")
+            try:
+                self.apply(old)
+            except Exception:
+                self.log.failure("restoring the running configuration")
+            return self._reloadFailed(str(e) or type(e).__name__)
+        self.reloads += 1
         return True
+
+    def _reloadFailed(self, reason: str) -> bool:
+        self.reloadFailures += 1
+        self.lastReloadError = reason
+        self.log.error(
+            "reload failed: {reason} (keeping the running configuration)", reason=reason
+        )
+        return False
+
+    def _checkEndpoints(self, cfg: BalancerConfig) -> None:
+        """
+        Build the client endpoint of every new backend with this reactor,
+        as the pool will, so that applying cannot fail half-way.
+        """
+        from twisted.internet.endpoints import clientFromString
+
+        for spec in cfg.backends:
+            if spec.key in self.pool.peers or configmod.normalizeAddress(spec.address):
+                continue
+            try:
+                clientFromString(self.reactor, spec.address)
+            except Exception as e:
+                raise ConfigError(f"bad backend address {spec.address!r}: {e}") from None
 
     def apply(self, new: BalancerConfig) -> None:
         old = self.config
-        for name in _NOT_RELOADABLE:
+        for name in NOT_RELOADABLE:
             if getattr(old, name) != getattr(new, name):
                 self.log.warn("--{name} changed: needs a restart", name=name.replace("_", "-"))
                 setattr(new, name, getattr(old, name))
-        if new.algorithm != old.algorithm:
-            self.selector.algorithm = new.algorithm
+        # the one step that may still fail goes first
+        self.pool.set_source("static", new.backends)
+        self.selector.algorithm = new.algorithm
         self.factory.connect_timeout = new.connect_timeout
         self.factory.tries = new.tries
         self.factory.proxy_protocol = new.proxy_protocol
+        self.factory.proxy_timeout = new.proxy_timeout
         self.pool.drain_timeout = new.drain_timeout
-        self.pool.set_checks(check_settings(new))
-        self.pool.set_source("static", new.backends)
+        self.pool.set_checks(checkSettings(new))
         self.config = new
-        self.reloads += 1
-        self.log.info(
-            "configuration reloaded: {n} backends", n=len(self.pool.peers)
-        )
+        self.log.info("configuration reloaded: {n} backends", n=len(self.pool.peers))

@@ -15,61 +15,61 @@ from balancer import tap
 from balancer.config import (
     BackendSpec,
     ConfigError,
-    build_config,
-    normalize_address,
-    parse_backend,
-    parse_bytes,
-    parse_duration,
+    buildConfig,
+    normalizeAddress,
+    parseBackend,
+    parseBytes,
+    parseDuration,
 )
-from balancer.workers import worker_argv
+from balancer.workers import workerArgv
 
 
 class ParseTests(SynchronousTestCase):
     def test_durations(self):
-        self.assertEqual(parse_duration("10s"), 10.0)
-        self.assertEqual(parse_duration("30"), 30.0)
-        self.assertEqual(parse_duration("500ms"), 0.5)
-        self.assertEqual(parse_duration("0.05"), 0.05)
-        self.assertEqual(parse_duration("2m"), 120.0)
-        self.assertRaises(ConfigError, parse_duration, "ten")
+        self.assertEqual(parseDuration("10s"), 10.0)
+        self.assertEqual(parseDuration("30"), 30.0)
+        self.assertEqual(parseDuration("500ms"), 0.5)
+        self.assertEqual(parseDuration("0.05"), 0.05)
+        self.assertEqual(parseDuration("2m"), 120.0)
+        self.assertRaises(ConfigError, parseDuration, "ten")
 
     def test_backend_defaults_match_nginx(self):
         self.assertEqual(
-            parse_backend("127.0.0.1:6000"),
+            parseBackend("127.0.0.1:6000"),
             BackendSpec("127.0.0.1:6000", weight=1, max_fails=1, fail_timeout=10.0),
         )
 
     def test_backend_full_line(self):
-        spec = parse_backend("127.0.0.1:6000 weight=5 max_fails=3 fail_timeout=30s backup")
+        spec = parseBackend("127.0.0.1:6000 weight=5 max_fails=3 fail_timeout=30s backup")
         self.assertEqual(
             (spec.weight, spec.max_fails, spec.fail_timeout, spec.backup, spec.down),
             (5, 3, 30.0, True, False),
         )
-        self.assertTrue(parse_backend("h:1 down").down)
+        self.assertTrue(parseBackend("h:1 down").down)
 
     def test_backend_errors(self):
         for line in ("127.0.0.1", "h:1 weight=0", "h:1 weight=x", "h:1 bogus=1", "h:1 fast",
                      "h:99999"):
-            self.assertRaises(ConfigError, parse_backend, line)
+            self.assertRaises(ConfigError, parseBackend, line)
 
     def test_addresses(self):
-        self.assertEqual(normalize_address("10.0.0.1:6000"), ("10.0.0.1", 6000))
-        self.assertEqual(normalize_address("[::1]:6000"), ("::1", 6000))
-        self.assertEqual(normalize_address("tcp:host=h:port=7"), ("h", 7))
-        self.assertEqual(normalize_address("tcp:h:7"), ("h", 7))
-        self.assertIsNone(normalize_address("tls:chat.example.com:6000"))
-        self.assertIsNone(normalize_address("tcp:host=h:port=7:timeout=3"))
+        self.assertEqual(normalizeAddress("10.0.0.1:6000"), ("10.0.0.1", 6000))
+        self.assertEqual(normalizeAddress("[::1]:6000"), ("::1", 6000))
+        self.assertEqual(normalizeAddress("tcp:host=h:port=7"), ("h", 7))
+        self.assertEqual(normalizeAddress("tcp:h:7"), ("h", 7))
+        self.assertIsNone(normalizeAddress("tls:chat.example.com:6000"))
+        self.assertIsNone(normalizeAddress("tcp:host=h:port=7:timeout=3"))
 
     def test_escapes(self):
-        self.assertEqual(parse_bytes(r"PING\n"), b"PING\n")
-        self.assertIsNone(parse_bytes(""))
+        self.assertEqual(parseBytes(r"PING\n"), b"PING\n")
+        self.assertIsNone(parseBytes(""))
 
     def test_validation(self):
-        self.assertRaises(ConfigError, build_config, {})
-        self.assertRaises(ConfigError, build_config, {"backend": ["h:1"], "algorithm": "x"})
-        self.assertRaises(ConfigError, build_config, {"backend": ["h:1", "h:1 weight=2"]})
-        self.assertRaises(ConfigError, build_config, {"redis": "http://x"})
-        cfg = build_config({"redis": "redis://127.0.0.1:6379/0"})
+        self.assertRaises(ConfigError, buildConfig, {})
+        self.assertRaises(ConfigError, buildConfig, {"backend": ["h:1"], "algorithm": "x"})
+        self.assertRaises(ConfigError, buildConfig, {"backend": ["h:1", "h:1 weight=2"]})
+        self.assertRaises(ConfigError, buildConfig, {"redis": "http://x"})
+        cfg = buildConfig({"redis": "redis://127.0.0.1:6379/0"})
         self.assertEqual(cfg.backends, [])
 
 
@@ -163,12 +163,21 @@ class OptionsTests(SynchronousTestCase):
         options = self.parse(["--backend", "127.0.0.1:6000", "--workers", "2"])
         top = tap.makeService(options)
         names = [type(s).__name__ for s in top]
-        self.assertEqual(names, ["BalancerService", "WorkerSupervisor"])
-        self.assertTrue(list(top)[0].reuse_port)
+        self.assertEqual(names, ["BalancerService", "WorkerMonitor"])
+        self.assertTrue(list(top)[0].reusePort)
+        monitor = list(top)[1]
+        self.assertIs(list(top)[0].workers, monitor)
+        self.assertEqual(sorted(monitor.argvs), [1])
 
-    def test_worker_argv(self):
-        argv = worker_argv(["--config", "x.ini", "--workers", "4", "--status=tcp:1"], 2)
+    def test_workerArgv(self):
+        argv = workerArgv(["--config", "x.ini", "--workers", "4", "--status=tcp:1"], 2)
         self.assertEqual(argv[-5:], ["balancer", "--config", "x.ini", "--worker-index", "2"])
+        # the parent's twistd options go before the subcommand; workers log
+        # to their standard output, which the parent logs
+        argv = workerArgv(["--workers=2"], 1, ["--reactor=poll"])
+        self.assertEqual(argv[argv.index("balancer") - 1], "--reactor=poll")
+        self.assertIn("--logfile=-", argv[: argv.index("balancer")])
+        self.assertNotIn("--workers=2", argv)
 
 
 class PluginTests(SynchronousTestCase):
