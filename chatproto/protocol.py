@@ -24,6 +24,7 @@ from zope.interface import implementer
 from chatproto import messages as m
 from chatproto import textdialect
 from chatproto.framing import TOO_LONG, LineFramer
+from chatproto.interfaces import IChatSession
 from chatproto.messages import Request, RequestError, encode
 from chatproto.output import batch, pendingBytes, rawSocket, writeThrough
 
@@ -41,7 +42,7 @@ MAX_PENDING_OUTPUT = 4 * 1024 * 1024
 ABORT_AFTER = 30
 
 
-@implementer(IHalfCloseableProtocol)
+@implementer(IHalfCloseableProtocol, IChatSession)
 class ChatProtocol(LineReceiver, TimeoutMixin):
     """
     A session: a connection and, once logged in, a user.
@@ -326,9 +327,6 @@ class ChatProtocol(LineReceiver, TimeoutMixin):
 
 
 class ChatFactory(Factory):
-    maxPendingOutput = MAX_PENDING_OUTPUT
-    _abortCall = None
-
     def __init__(self, service, clock, maxLength: int = 65536, idleTimeout: float | None = 300) -> None:
         self.service = service
         self.clock = clock

@@ -166,14 +166,17 @@ class SQLStore:
             self._sql[statement] = sql
         return sql
 
-    def run(self, name: str, txn: Callable, *args) -> defer.Deferred:
+    def run(self, name: str, txn: Callable, *args, retryable: bool = True) -> defer.Deferred:
         """
         Run C{txn(cursor, *args)} in a transaction.  C{name} is for logs.
+        C{retryable} false marks a transaction that inserts new rows: a
+        store that retries after a lost connection must not re-run it when
+        its COMMIT's outcome is unknown (see L{chatproto.mysqlstore}).
         Every interaction is tracked until it ends, so that L{close} never
         stops the pool's threads under one (adbapi joins them, and a
         transaction waiting on the reactor thread would never end).
         """
-        d = self._interact(name, txn, *args)
+        d = self._interact(name, txn, args, retryable)
         self._inflight.add(d)
 
         def done(result):
@@ -182,7 +185,7 @@ class SQLStore:
 
         return d.addBoth(done)
 
-    def _interact(self, name: str, txn: Callable, *args) -> defer.Deferred:
+    def _interact(self, name: str, txn: Callable, args, retryable: bool = True) -> defer.Deferred:
         """One interaction with the database (subclasses add retries)."""
         return self.pool.runInteraction(txn, *args)
 
@@ -223,7 +226,7 @@ class SQLStore:
     @defer.inlineCallbacks
     def createUser(self, name: str, passwordHash: str):
         try:
-            uid = yield self.run("createUser", self._createUserTxn, name, passwordHash)
+            uid = yield self.run("createUser", self._createUserTxn, name, passwordHash, retryable=False)
         except self.dialect.integrityErrors:
             raise NameTaken(name) from None
         return uid
@@ -291,7 +294,7 @@ class SQLStore:
     @defer.inlineCallbacks
     def createGroup(self, name: str, desc: str, creatorId: int):
         try:
-            gid = yield self.run("createGroup", self._createGroupTxn, name, desc, creatorId)
+            gid = yield self.run("createGroup", self._createGroupTxn, name, desc, creatorId, retryable=False)
         except self.dialect.integrityErrors:
             raise NameTaken(name) from None
         return gid
@@ -392,7 +395,7 @@ class SQLStore:
         batch, self._offlineQueue = self._offlineQueue, []
         rows = [item for items, _ in batch for item in items]
         if rows:
-            flushing = self.run("storeOffline", self._storeOfflineTxn, rows)
+            flushing = self.run("storeOffline", self._storeOfflineTxn, rows, retryable=False)
         else:
             flushing = defer.succeed(None)
         self._offlineFlushing = flushing

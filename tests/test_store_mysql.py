@@ -13,7 +13,8 @@ from twisted.trial import unittest
 
 from chatproto.config import parseDatabaseURL
 from chatproto.interfaces import NameTaken, StoreUnavailable
-from chatproto.mysqlstore import MySQLStore, _CommitFailed
+from chatproto._twisted import CommitFailed
+from chatproto.mysqlstore import MySQLStore
 from tests.cluster_helpers import (
     dropDatabase,
     freePort,
@@ -232,7 +233,7 @@ class MySQLSpecificTests(MySQLStoreMixin, unittest.TestCase):
             def call():
                 calls.append(name)
                 if len(calls) == 1:
-                    return defer.fail(_CommitFailed(pymysql.err.OperationalError(2013, "Lost connection")))
+                    return defer.fail(CommitFailed(pymysql.err.OperationalError(2013, "Lost connection")))
                 return defer.succeed("ok")
 
             return call
@@ -240,7 +241,7 @@ class MySQLSpecificTests(MySQLStoreMixin, unittest.TestCase):
         result = yield defer.Deferred.fromCoroutine(store._retrying("getUser", failingCommit("getUser")))
         self.assertEqual((result, calls), ("ok", ["getUser", "getUser"]))
         del calls[:]
-        d = defer.Deferred.fromCoroutine(store._retrying("storeOffline", failingCommit("storeOffline")))
+        d = defer.Deferred.fromCoroutine(store._retrying("storeOffline", failingCommit("storeOffline"), retryable=False))
         yield self.assertFailure(d, StoreUnavailable)
         self.assertEqual(calls, ["storeOffline"])
 
