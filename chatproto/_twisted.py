@@ -83,12 +83,10 @@ def _checkAdbapi() -> bool:
         connection = adbapi.Connection(_FakePool())
     except Exception:
         return False
-    pool = adbapi.ConnectionPool
-    return (
-        _hasAll(connection, ("_connection", "_pool"))
-        and hasattr(pool, "threadID")
-        and "connections" in pool.__init__.__code__.co_names
-    )
+    # ConnectionPool sets both in __init__ (which would start a reactor
+    # hook and load a DB-API module): look at what it assigns.
+    assigned = adbapi.ConnectionPool.__init__.__code__.co_names
+    return _hasAll(connection, ("_connection", "_pool")) and "connections" in assigned and "threadID" in assigned
 
 
 def _checkRedisReady() -> bool:

@@ -107,7 +107,8 @@ MYSQL = Dialect(
 )
 
 #: Failures that mean the connection is gone (or never came): retried.
-CONNECTION_ERRORS = (pymysql.err.OperationalError, pymysql.err.InterfaceError)
+#: (adbapi's C{ConnectionLost} only with the stock connection wrapper.)
+CONNECTION_ERRORS = (pymysql.err.OperationalError, pymysql.err.InterfaceError, adbapi.ConnectionLost)
 
 # Transactions that insert new rows are run with C{retryable=False} (see
 # L{SQLStore.run}): not re-run when their commit's outcome is unknown (see
@@ -363,4 +364,7 @@ def mysqlPool(connectArgs: dict, reactor, minConnections: int = 1, maxConnection
     connectionClass = _twisted.pooledConnectionClass(CONNECTION_ERRORS)
     if connectionClass is not None:
         pool.connectionFactory = connectionClass
+    else:
+        # The stock wrapper: let adbapi drop a dead connection itself.
+        pool.reconnect = True
     return pool
