@@ -12,7 +12,7 @@ from zope.interface import implementer
 
 from chatproto import messages as m
 from chatproto.interfaces import IRelayReceiver
-from chatproto.messages import encode
+from chatproto.messages import RequestError, encode
 from chatproto.output import batch
 from chatproto.tasks import storeCall
 
@@ -62,6 +62,20 @@ class Delivery:
         if missed and store:
             await storeCall(self.store.storeOffline([(uid, line.decode("utf-8")) for uid in missed]))
         return list(missed) if store else []
+
+    async def deliverChat(self, toid: int, out: dict) -> dict:
+        """A one-to-one chat the fast path (a local session that took it)
+        did not deliver: check the user exists, relay or store it; the
+        sender's ack."""
+        names = self.registry.names
+        if toid not in names:
+            found = await storeCall(self.store.getNames([toid]))
+            if toid not in found:
+                raise RequestError(m.E_NO_SUCH_USER, f"no user with id {toid}")
+            names.update(found)
+        stored = await self.deliver([toid], out, store=True)
+        state = "stored" if stored else "delivered"
+        return {"msgid": m.ONE_CHAT_MSG_ACK, "errno": m.OK, "toid": toid, "state": state}
 
     def deliverLater(self, uids, message: dict) -> None:
         """Deliver a notice (not stored) in the background."""

@@ -197,3 +197,14 @@ class LoginFlow:
         # A session replaced by a newer login leaves its user online.
         if released and notify and uid not in self.registry.sessions:
             self.notifyFriends(uid, session.name, OFFLINE)
+
+    async def logoutAll(self, reason: str) -> None:
+        """Log every local user out (telling their friends), then close
+        every connection; only this server's users are marked offline."""
+        for session in list(self.registry.connections.values()):
+            if session.uid is not None:
+                try:
+                    await self.logout(session)
+                except Exception:
+                    self.log.failure("logging out {uid} at shutdown", uid=session.uid)
+            session.kick(reason)

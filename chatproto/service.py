@@ -33,7 +33,7 @@ from chatproto.interfaces import NameTaken, NoSuchGroup, NoSuchUser
 from chatproto.login import LoginFlow, groupDict
 from chatproto.messages import RequestError
 from chatproto.registry import OFFLINE, ONLINE, SessionRegistry  # noqa: F401 (re-exported)
-from chatproto.tasks import BackgroundTasks, storeCall
+from chatproto.tasks import BackgroundTasks, ReadyGate, storeCall
 
 
 class _Clock:
@@ -77,20 +77,11 @@ class ChatService(service.Service):
         self.loginFlow = LoginFlow(
             self.registry, self.delivery, store, presence, relay, hasher, clock, self.tasks, onRelogin
         )
-        #: True once storage, presence and relay are up.
-        self.isReady = False
-        self._readyWaiters: list[defer.Deferred] = []
+        self.ready = ReadyGate()
         self._time = _Clock(clock)
-
-    @property
-    def sessions(self) -> dict:
-        """uid -> the logged-in session of that user on this server."""
-        return self.registry.sessions
-
-    @property
-    def connections(self) -> dict:
-        """session id -> every connected session, logged in or not."""
-        return self.registry.connections
+        #: the registry's uid -> logged-in session, and sid -> connection
+        self.sessions = self.registry.sessions
+        self.connections = self.registry.connections
 
     # --- lifecycle ---------------------------------------------------------
 
@@ -102,32 +93,28 @@ class ChatService(service.Service):
 
     def _startFailed(self, failure) -> None:
         self.log.failure("chat server {name} could not start", failure, name=self.serverName)
-        waiters, self._readyWaiters = self._readyWaiters, []
-        for waiter in waiters:
-            waiter.errback(RequestError(m.E_UNAVAILABLE, "server is starting up or could not start"))
+        self.ready.fail(RequestError(m.E_UNAVAILABLE, "server is starting up or could not start"))
         if self.onStartFailure is not None:
             self.onStartFailure(failure)
 
     #: Called with the failure when start-up fails (twistd: stop the reactor).
     onStartFailure = None
 
+    @property
+    def isReady(self) -> bool:
+        """True once storage, presence and relay are up."""
+        return self.ready.isReady
+
     def whenReady(self) -> defer.Deferred:
         """A new Deferred that fires once the service is ready."""
-        if self.isReady:
-            return defer.succeed(None)
-        d = defer.Deferred()
-        self._readyWaiters.append(d)
-        return d
+        return self.ready.whenReady()
 
     async def _start(self) -> None:
         await self.store.start()
         await self.presence.start(self.registry.loginCount)
         await self.relay.start(self.delivery)
-        self.isReady = True
         self.log.info("chat server {name} ready", name=self.serverName)
-        waiters, self._readyWaiters = self._readyWaiters, []
-        for waiter in waiters:
-            waiter.callback(None)
+        self.ready.open()
 
     def stopService(self) -> defer.Deferred:
         if not self.running:
@@ -136,15 +123,7 @@ class ChatService(service.Service):
         return defer.Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
-        # Log every local user out (telling their friends), then drop the
-        # connections; only this server's users are marked offline.
-        for session in list(self.connections.values()):
-            if session.uid is not None:
-                try:
-                    await self.logout(session)
-                except Exception:
-                    self.log.failure("logging out {uid} at shutdown", uid=session.uid)
-            session.kick("server shutting down")
+        await self.loginFlow.logoutAll("server shutting down")
         if self.tasks.pending:
             await self.tasks.wait()
         for name, stop in (("relay", self.relay.stop), ("presence", self.presence.stop), ("store", self.store.close)):
@@ -189,8 +168,8 @@ class ChatService(service.Service):
         @return: a reply L{dict}, L{None}, or a Deferred of either.
         @raise RequestError: for an error reply.
         """
-        if not self.isReady:
-            return self.whenReady().addCallback(lambda _: self.handle(session, request))
+        if not self.ready.isReady:
+            return self.ready.whenReady().addCallback(lambda _: self.handle(session, request))
         if request.spec.needsLogin and session.uid is None:
             raise RequestError(m.E_NOT_LOGGED_IN)
         result = getattr(self, "do_" + request.spec.name)(session, request)
@@ -245,17 +224,7 @@ class ChatService(service.Service):
                 toid=toid,
                 state="delivered",
             )
-        return defer.Deferred.fromCoroutine(self._chatElsewhere(toid, out))
-
-    async def _chatElsewhere(self, toid: int, out: dict) -> dict:
-        if toid not in self.registry.names:
-            names = await storeCall(self.store.getNames([toid]))
-            if toid not in names:
-                raise RequestError(m.E_NO_SUCH_USER, f"no user with id {toid}")
-            self.registry.names.update(names)
-        stored = await self.delivery.deliver([toid], out, store=True)
-        state = "stored" if stored else "delivered"
-        return {"msgid": m.ONE_CHAT_MSG_ACK, "errno": m.OK, "toid": toid, "state": state}
+        return defer.Deferred.fromCoroutine(self.delivery.deliverChat(toid, out))
 
     async def do_addfriend(self, session, request) -> dict:
         friendId = request.args["friendid"]

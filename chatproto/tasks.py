@@ -47,3 +47,33 @@ async def storeCall(d):
         raise
     except StoreUnavailable as e:
         raise RequestError(m.E_UNAVAILABLE, f"storage unavailable: {e}") from None
+
+
+class ReadyGate:
+    """Where requests wait while the service starts."""
+
+    def __init__(self) -> None:
+        #: True once start-up has finished.
+        self.isReady = False
+        self._waiters: list[defer.Deferred] = []
+
+    def whenReady(self) -> defer.Deferred:
+        """A new Deferred that fires once ready (or fails if start-up
+        fails)."""
+        if self.isReady:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._waiters.append(d)
+        return d
+
+    def open(self) -> None:
+        self.isReady = True
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    def fail(self, error: Exception) -> None:
+        """Start-up failed: every waiter fails with C{error}."""
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.errback(error)
