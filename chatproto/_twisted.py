@@ -30,7 +30,7 @@ Twisted and txredisapi are pinned to the tested range in C{setup.cfg}.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from twisted.enterprise import adbapi
 from twisted.internet import abstract, tcp
@@ -48,7 +48,6 @@ class Internals:
     adbapi: bool = True
     redisReady: bool = True
     endpointArgs: bool = True
-    missing: list = field(default_factory=list)
 
     def fallbacks(self) -> list[str]:
         return [name for name in ("writeThrough", "haproxy", "adbapi", "redisReady", "endpointArgs") if not getattr(self, name)]

@@ -28,11 +28,11 @@ from twisted.logger import Logger
 
 from chatproto import _twisted
 from chatproto import messages as m
-from chatproto.delivery import STORED_MSGIDS, Delivery  # noqa: F401 (STORED_MSGIDS: re-exported)
+from chatproto.delivery import Delivery
 from chatproto.interfaces import NameTaken, NoSuchGroup, NoSuchUser
 from chatproto.login import LoginFlow, groupDict
 from chatproto.messages import RequestError
-from chatproto.registry import OFFLINE, ONLINE, SessionRegistry  # noqa: F401 (re-exported)
+from chatproto.registry import SessionRegistry
 from chatproto.tasks import BackgroundTasks, ReadyGate, storeCall
 
 
