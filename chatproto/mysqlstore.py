@@ -28,13 +28,16 @@ A connection lost I{during} the commit leaves the outcome unknown.  Then
 only idempotent transactions are retried: reads, C{INSERT IGNORE} of
 friends and group members, the deletion of offline messages up to a known
 id, the schema migration.  The three that insert new rows -
-C{createUser}, C{createGroup} and C{storeOffline} - are not: running them
+C{createUser}, C{createGroup} and C{storeOffline}, run with
+C{retryable=False} (see L{SQLStore.run}) - are not: running them
 again could create a second copy of an offline message, or report "name
 taken" for the account that was in fact just created.  They fail with
 L{StoreUnavailable}, so the user is told to try again rather than silently
 getting a duplicate.  (This needs the connection to die in the instant
 between sending COMMIT and reading its answer; it is the one window where a
-message may be reported as failed although it was stored.)
+message may be reported as failed although it was stored.)  Telling a failed
+COMMIT apart needs adbapi internals (L{chatproto._twisted}); without them a
+non-retryable transaction is not re-run after any connection error.
 
 C{takeOffline} is one transaction around the hand-over (rows read C{FOR
 UPDATE}, handed over, deleted), so that two servers logging one user in at

@@ -61,6 +61,21 @@ class CheckTests(unittest.TestCase):
         [event] = self.logged.events
         self.assertIn("writeThrough, endpointArgs", event["fallbacks"])
 
+    def test_checkedOnceAtStartup(self) -> None:
+        """The chat service runs the check when it starts; the fallback
+        line is logged once however often the internals are used."""
+        from tests.chat_helpers import Harness
+
+        self.removeAttribute(endpoints, "_parse")
+        h = Harness()
+        self.assertEqual(len(self.logged.events), 1)
+        self.assertFalse(_twisted.internals().endpointArgs)
+        client = h.connect()
+        client.send({"msgid": 21})
+        self.assertEqual(client.reply()["msgid"], 22)
+        _twisted.endpointArgs("tcp:1")
+        self.assertEqual(len(self.logged.events), 1)
+
     def test_endpointArgsFallback(self) -> None:
         """Without C{endpoints._parse} endpoint strings are split on
         unescaped colons, to the same result for the usual forms."""
