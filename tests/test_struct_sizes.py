@@ -57,3 +57,25 @@ class SizeTests(unittest.TestCase):
             if hits:
                 found[path.name] = hits
         self.assertEqual(found, {})
+
+
+class LayeringTests(unittest.TestCase):
+    #: modules below the wire layer, and what they must not import
+    BELOW_WIRE = ("rediscluster.py", "redispresence.py", "redisrelay.py", "redislink.py", "embedded.py")
+    WIRE = ("chatproto.output", "chatproto.protocol", "chatproto.sessionoutput", "chatproto.service")
+
+    def test_redisLayerBelowTheWire(self) -> None:
+        found = {}
+        for path, text in modules():
+            if path.name not in self.BELOW_WIRE:
+                continue
+            for node in ast.walk(ast.parse(text)):
+                names = []
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                elif isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                bad = [n for n in names if n in self.WIRE]
+                if bad:
+                    found.setdefault(path.name, []).extend(bad)
+        self.assertEqual(found, {})
