@@ -4,7 +4,9 @@ Listening endpoints for C{--port}.
 Any Twisted server endpoint string works.  C{haproxy:...} is Twisted's PROXY
 protocol wrapper with one addition: it passes a client's half-close on to
 the chat protocol (Twisted's wrapper does not, so an EOF from the balancer
-would close the session before its last replies are written).
+would close the session before its last replies are written).  The wrapper
+class is private to Twisted: L{chatproto._twisted} reaches it, and falls
+back to the stock C{proxyEndpoint} when it is not there.
 """
 
 from __future__ import annotations
@@ -13,29 +15,32 @@ from typing import Any
 
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IHalfCloseableProtocol, IStreamServerEndpoint
-from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper, HAProxyWrappingFactory
 from zope.interface import implementer
 
-
-@implementer(IHalfCloseableProtocol)
-class HalfCloseableHAProxyWrapper(HAProxyProtocolWrapper):
-    def readConnectionLost(self) -> None:
-        wrapped = IHalfCloseableProtocol(self.wrappedProtocol, None)
-        if wrapped is not None:
-            wrapped.readConnectionLost()
-        else:
-            self.loseConnection()
-
-    def writeConnectionLost(self) -> None:
-        wrapped = IHalfCloseableProtocol(self.wrappedProtocol, None)
-        if wrapped is not None:
-            wrapped.writeConnectionLost()
-        else:
-            self.loseConnection()
+from chatproto import _twisted
 
 
-class HalfCloseableHAProxyFactory(HAProxyWrappingFactory):
-    protocol = HalfCloseableHAProxyWrapper
+def halfCloseable(wrapperBase):
+    """A subclass of Twisted's PROXY wrapper C{wrapperBase} that passes a
+    half-close on to the wrapped protocol."""
+
+    @implementer(IHalfCloseableProtocol)
+    class HalfCloseableHAProxyWrapper(wrapperBase):
+        def readConnectionLost(self) -> None:
+            wrapped = IHalfCloseableProtocol(self.wrappedProtocol, None)
+            if wrapped is not None:
+                wrapped.readConnectionLost()
+            else:
+                self.loseConnection()
+
+        def writeConnectionLost(self) -> None:
+            wrapped = IHalfCloseableProtocol(self.wrappedProtocol, None)
+            if wrapped is not None:
+                wrapped.writeConnectionLost()
+            else:
+                self.loseConnection()
+
+    return HalfCloseableHAProxyWrapper
 
 
 @implementer(IStreamServerEndpoint)
@@ -46,7 +51,10 @@ class HAProxyEndpoint:
         self.wrapped = wrapped
 
     def listen(self, factory):
-        return self.wrapped.listen(HalfCloseableHAProxyFactory(factory))
+        wrapping = _twisted.haproxyFactory(factory, halfCloseable)
+        if wrapping is None:
+            return _twisted.haproxyEndpoint(self.wrapped).listen(factory)
+        return self.wrapped.listen(wrapping)
 
 
 def serverEndpoint(reactor: Any, description: str) -> Any:

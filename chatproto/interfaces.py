@@ -169,6 +169,12 @@ class IChatStore(Interface):
             L{NoSuchGroup}.
         """
 
+    def getGroup(gid):
+        """
+        @rtype: L{Deferred} firing with a L{Group} without members; failing
+            with L{NoSuchGroup}.
+        """
+
     def getGroupMembers(gid):
         """
         @rtype: L{Deferred} firing with a L{list} of L{GroupMember} sorted by
@@ -210,11 +216,30 @@ class IChatStore(Interface):
         """
 
 
+class IWriteBatch(Interface):
+    """
+    Gathers what is written to sessions between C{begin} and the matching
+    C{end}, and sends it as one piece per session (see
+    L{chatproto.output.WriteBatch}).
+    """
+
+    def begin():
+        """Start (or nest) a batch."""
+
+    def end():
+        """End the innermost batch; the outermost sends what was gathered."""
+
+
 class IRelayReceiver(Interface):
     """
-    The local end of a relay: the chat service that owns the sessions of
-    this server.
+    The local end of a relay: what owns the sessions of this server
+    (L{chatproto.delivery.Delivery}).
     """
+
+    writeBatch = Attribute(
+        "An L{IWriteBatch}: the relay wraps the handling of one received "
+        "payload, and the completion of one delivery batch, in it."
+    )
 
     def deliverLocal(uids, message, store):
         """
@@ -330,3 +355,43 @@ class IRelay(Interface):
 
         @rtype: L{Deferred} firing with L{True} if a server received it.
         """
+
+
+class IChatSession(Interface):
+    """
+    One connection to this server and, once logged in, a user: what the
+    chat service (registry, login flow, delivery) reads and writes on a
+    session.  L{chatproto.protocol.ChatProtocol} provides it; this is the
+    role C{IChatClient} plays in C{twisted.words}.
+    """
+
+    sid = Attribute("This connection's session id (L{str}, unique in the cluster).")
+    uid = Attribute("The logged-in user's id, or None; set by the service.")
+    name = Attribute("The logged-in user's name, or None; set by the service.")
+    loggingIn = Attribute("The uid this session is claiming while it logs in, or None.")
+    connected = Attribute("Whether the connection is open (false once kicked).")
+    peerHost = Attribute("The client's address (the real one behind a PROXY header).")
+
+    def send(message, line=None, force=False):
+        """
+        Write C{message} (a L{dict}; C{line} is its JSON encoding when
+        known).  Held while the session logs in unless C{force}.
+
+        @return: whether the session took it (false: gone, or too far
+            behind in reading; the caller stores it offline).
+        """
+
+    def reply(request, message):
+        """Send C{message} as the reply to C{request} (None: nothing)."""
+
+    def kick(reason):
+        """Tell the client why, then close the connection."""
+
+    def hold(uid):
+        """Hold pushed messages for C{uid} until L{unhold}."""
+
+    def unhold():
+        """Send what was held, in order, and stop holding."""
+
+    def dropHeld():
+        """Stop holding; return C{(uid held for, [(message, line), ...])}."""

@@ -28,13 +28,16 @@ A connection lost I{during} the commit leaves the outcome unknown.  Then
 only idempotent transactions are retried: reads, C{INSERT IGNORE} of
 friends and group members, the deletion of offline messages up to a known
 id, the schema migration.  The three that insert new rows -
-C{createUser}, C{createGroup} and C{storeOffline} - are not: running them
+C{createUser}, C{createGroup} and C{storeOffline}, run with
+C{retryable=False} (see L{SQLStore.run}) - are not: running them
 again could create a second copy of an offline message, or report "name
 taken" for the account that was in fact just created.  They fail with
 L{StoreUnavailable}, so the user is told to try again rather than silently
 getting a duplicate.  (This needs the connection to die in the instant
 between sending COMMIT and reading its answer; it is the one window where a
-message may be reported as failed although it was stored.)
+message may be reported as failed although it was stored.)  Telling a failed
+COMMIT apart needs adbapi internals (L{chatproto._twisted}); without them a
+non-retryable transaction is not re-run after any connection error.
 
 C{takeOffline} is one transaction around the hand-over (rows read C{FOR
 UPDATE}, handed over, deleted), so that two servers logging one user in at
@@ -50,6 +53,8 @@ from twisted.enterprise import adbapi
 from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 
+from chatproto import _twisted
+from chatproto._twisted import CommitFailed
 from chatproto.interfaces import StoreUnavailable
 from chatproto.sqlstore import Dialect, SQLStore
 
@@ -105,51 +110,12 @@ MYSQL = Dialect(
 )
 
 #: Failures that mean the connection is gone (or never came): retried.
-CONNECTION_ERRORS = (pymysql.err.OperationalError, pymysql.err.InterfaceError)
+#: (adbapi's C{ConnectionLost} only with the stock connection wrapper.)
+CONNECTION_ERRORS = (pymysql.err.OperationalError, pymysql.err.InterfaceError, adbapi.ConnectionLost)
 
-#: Transactions that insert new rows: not re-run when their commit's outcome
-#: is unknown (see the module docstring).
-NOT_IDEMPOTENT = frozenset(("createUser", "createGroup", "storeOffline"))
-
-
-class _CommitFailed(Exception):
-    """The connection failed while committing: the outcome is unknown."""
-
-    def __init__(self, error: BaseException) -> None:
-        super().__init__(error)
-        self.error = error
-
-
-class _PooledConnection(adbapi.Connection):
-    """
-    adbapi's connection wrapper, minus its reconnect logic: a commit that
-    fails is reported as L{_CommitFailed}; a rollback that fails (the
-    connection is dead) drops the connection so that this thread's next
-    transaction connects anew, without logging an error.
-    """
-
-    def commit(self) -> None:
-        try:
-            self._connection.commit()
-        except CONNECTION_ERRORS as e:
-            raise _CommitFailed(e) from e
-
-    def rollback(self) -> None:
-        try:
-            self._connection.rollback()
-        except Exception:
-            self.drop()
-
-    def drop(self) -> None:
-        connection, self._connection = self._connection, None
-        pool = self._pool
-        if connection is not None and pool.connections.get(pool.threadID()) is connection:
-            del pool.connections[pool.threadID()]
-        if connection is not None:
-            try:
-                connection.close()
-            except Exception:
-                pass
+# Transactions that insert new rows are run with C{retryable=False} (see
+# L{SQLStore.run}): not re-run when their commit's outcome is unknown (see
+# the module docstring).
 
 
 def _openConnection(connection) -> None:
@@ -194,6 +160,10 @@ class MySQLStore(SQLStore):
 
     def __init__(self, pool, reactor, connectArgs: dict | None = None, retryFor: float = 5.0) -> None:
         super().__init__(pool, MYSQL)
+        #: whether a failed COMMIT is told apart from other connection
+        #: errors (L{CommitFailed}); without it nothing non-retryable is
+        #: ever re-run after a connection error
+        self.commitFailuresKnown = getattr(pool, "connectionFactory", None) is not adbapi.Connection
         self.reactor = reactor
         self.connectArgs = connectArgs
         self.retryFor = retryFor
@@ -216,14 +186,23 @@ class MySQLStore(SQLStore):
 
     # --- plumbing ----------------------------------------------------------
 
-    def _interact(self, name: str, txn, *args) -> defer.Deferred:
+    def _interact(self, name: str, txn, args, retryable: bool = True) -> defer.Deferred:
         """
         Run C{txn(cursor, *args)} in a transaction, retrying while the
         connection is lost (see the module docstring).
         """
-        return defer.Deferred.fromCoroutine(self._retrying(name, self.pool.runWithConnection, self._runTxn, txn, args))
+        return defer.Deferred.fromCoroutine(
+            self._retrying(name, self.pool.runWithConnection, self._runTxn, txn, args, retryable=retryable)
+        )
 
-    async def _retrying(self, name: str, call, *args):
+    async def _retrying(self, name: str, call, *args, retryable: bool = True):
+        """
+        Await C{call(*args)}, again after a connection error, with back-off,
+        for at most C{retryFor} seconds.  With C{retryable} false a failure
+        during COMMIT is not retried (the outcome is unknown); nor is any
+        connection error when the pool could not tell a failed COMMIT apart
+        (L{chatproto._twisted} fell back to the stock adbapi connection).
+        """
         deadline = self.reactor.seconds() + self.retryFor
         first, factor, longest = self.retryDelays
         delay = first
@@ -232,8 +211,8 @@ class MySQLStore(SQLStore):
             attempt += 1
             try:
                 return await call(*args)
-            except _CommitFailed as e:
-                if name in NOT_IDEMPOTENT:
+            except CommitFailed as e:
+                if not retryable:
                     self.log.warn(
                         "{name}: connection lost while committing ({error}); not retried",
                         name=name,
@@ -242,6 +221,9 @@ class MySQLStore(SQLStore):
                     raise StoreUnavailable(f"database connection lost while committing {name}") from None
                 error = e.error
             except CONNECTION_ERRORS as e:
+                if not retryable and not self.commitFailuresKnown:
+                    self.log.warn("{name}: connection lost ({error}); not retried", name=name, error=e)
+                    raise StoreUnavailable(f"database connection lost during {name}") from None
                 error = e
             remaining = deadline - self.reactor.seconds()
             if remaining <= 0:
@@ -259,11 +241,12 @@ class MySQLStore(SQLStore):
 
     @staticmethod
     def _runTxn(connection, txn, args):
-        """In a database thread, on an L{_PooledConnection}."""
+        """In a database thread, on a pooled connection (see
+        L{chatproto._twisted.pooledConnectionClass})."""
         try:
             cursor = connection.cursor()
         except Exception:
-            connection.drop()
+            _twisted.dropConnection(connection)
             raise
         try:
             result = txn(cursor, *args)
@@ -274,7 +257,7 @@ class MySQLStore(SQLStore):
                 pass
             raise
         cursor.close()
-        # adbapi commits next (L{_PooledConnection.commit}) or, when this
+        # adbapi commits next (L{CommitFailed} when that fails) or, when this
         # raised, rolls back.
         return result
 
@@ -381,5 +364,10 @@ def mysqlPool(connectArgs: dict, reactor, minConnections: int = 1, maxConnection
         cp_reactor=reactor,
         **connectArgs,
     )
-    pool.connectionFactory = _PooledConnection
+    connectionClass = _twisted.pooledConnectionClass(CONNECTION_ERRORS)
+    if connectionClass is not None:
+        pool.connectionFactory = connectionClass
+    else:
+        # The stock wrapper: let adbapi drop a dead connection itself.
+        pool.reconnect = True
     return pool

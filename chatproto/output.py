@@ -16,7 +16,7 @@ reactor pass per message.  Here:
 
 from __future__ import annotations
 
-from twisted.internet import tcp
+from chatproto import _twisted
 
 
 class WriteBatch:
@@ -44,41 +44,8 @@ class WriteBatch:
 batch = WriteBatch()
 
 
-def rawSocket(transport):
-    """The socket to write through for a plain TCP transport, else None
-    (TLS, wrappers such as C{haproxy:}, test transports)."""
-    if type(transport) is tcp.Server:
-        return transport.socket
-    return None
-
-
-def writeThrough(transport, sock, data: bytes) -> None:
-    """
-    Send C{data} on C{sock} now if C{transport} has nothing buffered; hand
-    what the kernel did not take to C{transport.write}.
-    """
-    if (
-        sock is not None
-        and not transport._tempDataLen
-        and transport.offset == len(transport.dataBuffer)
-        and transport.connected
-        and not transport.disconnecting
-    ):
-        try:
-            sent = sock.send(data)
-        except OSError:
-            # Would block, or the connection broke: Twisted's write path
-            # buffers it or reports the loss as usual.
-            sent = 0
-        if sent == len(data):
-            return
-        data = data[sent:]
-    transport.write(data)
-
-
-def pendingBytes(transport) -> int:
-    """Bytes Twisted holds unsent for C{transport} (0 if it cannot tell)."""
-    try:
-        return transport._tempDataLen + len(transport.dataBuffer) - transport.offset
-    except AttributeError:
-        return 0
+# The private-attribute paths live in chatproto._twisted (with their
+# start-up check and public fallback).
+rawSocket = _twisted.rawSocket
+writeThrough = _twisted.writeThrough
+pendingBytes = _twisted.pendingBytes

@@ -1,5 +1,5 @@
 """
-One Redis connection kept up for a L{chatproto.redispresence.RedisCluster}:
+One Redis connection kept up for a L{chatproto.rediscluster.RedisCluster}:
 txredisapi's protocols over C{reactor.connectTCP}/C{connectSSL} (an
 endpoint wrapper would lose C{clientConnectionLost}, which reconnection
 needs), with back-off that never gives up, even after a failed AUTH.
@@ -13,6 +13,8 @@ import txredisapi
 from twisted.internet import defer, protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.logger import Logger
+
+from chatproto import _twisted
 
 log = Logger()
 
@@ -30,7 +32,7 @@ def _readyProtocol(base):
             d.addErrback(lambda f: log.failure("Redis connection set-up failed", f))
 
         def _made(self, _):
-            if self._ready:
+            if _twisted.redisReady(self):
                 self.link.protocolReady(self)
 
     return Protocol
@@ -42,7 +44,7 @@ class CommandProtocol(_readyProtocol(txredisapi.RedisProtocol)):
 
 class SubscriberProtocol(_readyProtocol(txredisapi.SubscriberProtocol)):
     def messageReceived(self, pattern, channel, message):
-        self.link.cluster._received(message)
+        self.link.onMessage(message)
 
 
 class Link(protocol.ClientFactory):
@@ -61,11 +63,13 @@ class Link(protocol.ClientFactory):
     factor = 2.0
     connectTimeout = 3
 
-    def __init__(self, cluster, name: str, protocolClass, onReady) -> None:
+    def __init__(self, cluster, name: str, protocolClass, onReady, onMessage=None) -> None:
         self.cluster = cluster
         self.name = name
         self.protocolClass = protocolClass
         self.onReady = onReady
+        #: called with each pub/sub message (subscriber links)
+        self.onMessage = onMessage
         self.protocol = None  # the ready protocol, if any
         self.running = False
         self.connector = None

@@ -18,7 +18,6 @@ from typing import Callable
 from twisted.enterprise import adbapi
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from chatproto.interfaces import (
@@ -30,6 +29,7 @@ from chatproto.interfaces import (
     NoSuchUser,
     User,
 )
+from chatproto.sqloffline import OfflineMessages
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ def _now() -> float:
 
 
 @implementer(IChatStore)
-class SQLStore:
+class SQLStore(OfflineMessages):
     """
     @param pool: has C{runInteraction(f, *args)} returning a Deferred and
         C{close()}; an L{adbapi.ConnectionPool} in production.
@@ -149,10 +149,7 @@ class SQLStore:
         self.pool = pool
         self.dialect = dialect
         self._sql: dict[str, str] = {}
-        # Offline messages are written by one transaction at a time, in the
-        # order they were accepted, batched under load.
         self._offlineQueue: list[tuple[list, defer.Deferred]] = []
-        self._offlineFlushing: defer.Deferred | None = None
         self._inflight: set[defer.Deferred] = set()
 
     # --- plumbing ----------------------------------------------------------
@@ -166,14 +163,17 @@ class SQLStore:
             self._sql[statement] = sql
         return sql
 
-    def run(self, name: str, txn: Callable, *args) -> defer.Deferred:
+    def run(self, name: str, txn: Callable, *args, retryable: bool = True) -> defer.Deferred:
         """
         Run C{txn(cursor, *args)} in a transaction.  C{name} is for logs.
+        C{retryable} false marks a transaction that inserts new rows: a
+        store that retries after a lost connection must not re-run it when
+        its COMMIT's outcome is unknown (see L{chatproto.mysqlstore}).
         Every interaction is tracked until it ends, so that L{close} never
         stops the pool's threads under one (adbapi joins them, and a
         transaction waiting on the reactor thread would never end).
         """
-        d = self._interact(name, txn, *args)
+        d = self._interact(name, txn, args, retryable)
         self._inflight.add(d)
 
         def done(result):
@@ -182,7 +182,7 @@ class SQLStore:
 
         return d.addBoth(done)
 
-    def _interact(self, name: str, txn: Callable, *args) -> defer.Deferred:
+    def _interact(self, name: str, txn: Callable, args, retryable: bool = True) -> defer.Deferred:
         """One interaction with the database (subclasses add retries)."""
         return self.pool.runInteraction(txn, *args)
 
@@ -223,7 +223,7 @@ class SQLStore:
     @defer.inlineCallbacks
     def createUser(self, name: str, passwordHash: str):
         try:
-            uid = yield self.run("createUser", self._createUserTxn, name, passwordHash)
+            uid = yield self.run("createUser", self._createUserTxn, name, passwordHash, retryable=False)
         except self.dialect.integrityErrors:
             raise NameTaken(name) from None
         return uid
@@ -291,7 +291,7 @@ class SQLStore:
     @defer.inlineCallbacks
     def createGroup(self, name: str, desc: str, creatorId: int):
         try:
-            gid = yield self.run("createGroup", self._createGroupTxn, name, desc, creatorId)
+            gid = yield self.run("createGroup", self._createGroupTxn, name, desc, creatorId, retryable=False)
         except self.dialect.integrityErrors:
             raise NameTaken(name) from None
         return gid
@@ -375,80 +375,3 @@ class SQLStore:
         for gid, mid, name, role in cursor.fetchall():
             members.setdefault(gid, []).append(GroupMember(mid, name, role))
         return [Group(gid, name, desc, tuple(members.get(gid, ()))) for gid, name, desc in groups]
-
-    # --- offline messages --------------------------------------------------
-
-    def storeOffline(self, items) -> defer.Deferred:
-        items = list(items)
-        if not items:
-            return defer.succeed(None)
-        d = defer.Deferred()
-        self._offlineQueue.append((items, d))
-        if self._offlineFlushing is None:
-            self._flushOffline()
-        return d
-
-    def _flushOffline(self) -> None:
-        batch, self._offlineQueue = self._offlineQueue, []
-        rows = [item for items, _ in batch for item in items]
-        if rows:
-            flushing = self.run("storeOffline", self._storeOfflineTxn, rows)
-        else:
-            flushing = defer.succeed(None)
-        self._offlineFlushing = flushing
-
-        def done(result):
-            self._offlineFlushing = None
-            for _, waiter in batch:
-                if isinstance(result, Failure):
-                    waiter.errback(result)
-                else:
-                    waiter.callback(None)
-            if self._offlineQueue:
-                self._flushOffline()
-
-        flushing.addBoth(done)
-
-    def _storeOfflineTxn(self, cursor, rows) -> None:
-        now = _now()
-        cursor.executemany(
-            self.q("INSERT INTO offline_messages (userid, payload, created) VALUES (?, ?, ?)"),
-            [(uid, payload, now) for uid, payload in rows],
-        )
-
-    def _drainOffline(self) -> defer.Deferred:
-        """Fires once every offline message accepted so far is written (or
-        failed)."""
-        if self._offlineFlushing is None:
-            return defer.succeed(None)
-        d = defer.Deferred()
-        self._offlineQueue.append(([], d))
-        return d.addErrback(lambda _: None)
-
-    @defer.inlineCallbacks
-    def takeOffline(self, uid: int, handoff):
-        yield self._drainOffline()
-        rows = yield self.run("fetchOffline", self._fetchOfflineTxn, uid)
-        taken = yield defer.maybeDeferred(handoff, [payload for _, payload in rows])
-        if not (taken and rows):
-            return 0
-        # Delete exactly what was handed over: a message stored meanwhile
-        # has a larger id and stays.
-        yield self.run("deleteOffline", self._deleteOfflineTxn, uid, rows[-1][0])
-        return len(rows)
-
-    def _fetchOfflineTxn(self, cursor, uid) -> list[tuple[int, str]]:
-        cursor.execute(
-            self.q("SELECT id, payload FROM offline_messages WHERE userid = ? ORDER BY id"), (uid,)
-        )
-        return [(row[0], row[1]) for row in cursor.fetchall()]
-
-    def _deleteOfflineTxn(self, cursor, uid, lastId) -> None:
-        cursor.execute(
-            self.q("DELETE FROM offline_messages WHERE userid = ? AND id <= ?"), (uid, lastId)
-        )
-
-    def peekOffline(self, uid: int) -> defer.Deferred:
-        d = self._drainOffline()
-        d.addCallback(lambda _: self.run("fetchOffline", self._fetchOfflineTxn, uid))
-        return d.addCallback(lambda rows: [payload for _, payload in rows])

@@ -14,12 +14,28 @@ from zope.interface.verify import verifyObject
 from chatproto.interfaces import ClaimResult, IPresence, IRelay, IRelayReceiver, Location
 
 
+class RecordingBatch:
+    """An L{IWriteBatch} that counts."""
+
+    def __init__(self):
+        self.depth = 0
+        self.ended = 0
+
+    def begin(self):
+        self.depth += 1
+
+    def end(self):
+        self.depth -= 1
+        self.ended += 1
+
+
 @implementer(IRelayReceiver)
 class RecordingReceiver:
     """A receiver that records what it is handed; users in C{online} take
     messages."""
 
     def __init__(self, online=()):
+        self.writeBatch = RecordingBatch()
         self.online = set(online)
         self.delivered = []
         self.stored = []

@@ -381,11 +381,11 @@ class RelayPayloadTests(unittest.TestCase):
         object; a malformed one is logged, never fatal."""
         receiver = RecordingReceiver({1})
         cluster = RedisCluster(REDIS_URL, "a", reactor=reactor)
-        cluster.receiver = receiver
-        cluster._received(json.dumps([[1, [1, 2], {"m": "007"}], [0, [1], {"m": 2}]]))
+        cluster.relay.receiver = receiver
+        cluster.relay.received(json.dumps([[1, [1, 2], {"m": "007"}], [0, [1], {"m": 2}]]))
         self.assertEqual(receiver.delivered, [(1, {"m": "007"}), (1, {"m": 2})])
         self.assertEqual(receiver.stored, [(2, {"m": "007"})])
-        cluster._received(json.dumps({"kick": 1, "session": "s", "reason": "r"}))
+        cluster.relay.received(json.dumps({"kick": 1, "session": "s", "reason": "r"}))
         self.assertEqual(receiver.kicked, [(1, "s", "r")])
-        cluster._received("not json")
+        cluster.relay.received("not json")
         self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)

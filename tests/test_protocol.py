@@ -3,6 +3,8 @@ Every message and every error of both dialects, on StringTransports with a
 Clock: a real ChatService and SQLite store, no threads and no sleeps.
 """
 
+import base64
+import hashlib
 import json
 
 from twisted.internet import defer
@@ -162,8 +164,14 @@ class AccountTests(unittest.TestCase):
         reply = self.c.request({"msgid": 4, "name": "alice", "password": "pw"})
         self.assertEqual(reply, {"msgid": 5, "errno": 0, "id": 1, "name": "alice"})
         stored = self.successResultOf(self.h.store.getUser(1)).passwordHash
-        self.assertTrue(stored.startswith("scrypt$"))
-        self.assertNotIn("pw", stored.split("$")[-1])
+        # The stored form is scrypt$N$r$p$salt$hash: a salted hash of the
+        # password, which is not stored itself.
+        scheme, n, r, p, salt, digest = stored.split("$")
+        self.assertEqual((scheme, n, r, p), ("scrypt", str(self.h.hasher.n), "8", "1"))
+        salt, digest = base64.b64decode(salt), base64.b64decode(digest)
+        self.assertEqual((len(salt), len(digest)), (16, 32))
+        expected = hashlib.scrypt(b"pw", salt=salt, n=int(n), r=8, p=1, dklen=32)
+        self.assertEqual(digest, expected)
 
     def test_registerNameTaken(self):
         self.c.request({"msgid": 4, "name": "alice", "password": "pw"})

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import json
 
-import pymysql
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from chatproto.config import parseDatabaseURL
 from chatproto.interfaces import NameTaken, StoreUnavailable
-from chatproto.mysqlstore import MySQLStore, _CommitFailed
+from chatproto.mysqlstore import MySQLStore
 from tests.cluster_helpers import (
     dropDatabase,
     freePort,
@@ -221,28 +220,8 @@ class MySQLSpecificTests(MySQLStoreMixin, unittest.TestCase):
         self.assertLess(reactor.seconds() - started, 5)
         yield self.assertFailure(store.start(), StoreUnavailable)
 
-    @defer.inlineCallbacks
-    def test_commitFailureRetriedOnlyWhenIdempotent(self):
-        """A connection lost while committing (outcome unknown) is retried
-        for idempotent transactions but not for inserts of new rows."""
-        store = self.newStore(retryFor=2)
-        calls = []
-
-        def failingCommit(name):
-            def call():
-                calls.append(name)
-                if len(calls) == 1:
-                    return defer.fail(_CommitFailed(pymysql.err.OperationalError(2013, "Lost connection")))
-                return defer.succeed("ok")
-
-            return call
-
-        result = yield defer.Deferred.fromCoroutine(store._retrying("getUser", failingCommit("getUser")))
-        self.assertEqual((result, calls), ("ok", ["getUser", "getUser"]))
-        del calls[:]
-        d = defer.Deferred.fromCoroutine(store._retrying("storeOffline", failingCommit("storeOffline")))
-        yield self.assertFailure(d, StoreUnavailable)
-        self.assertEqual(calls, ["storeOffline"])
+    # The retry loop itself (back-off, commit failures, the hand-over
+    # re-run) is tested on a Clock in tests/test_struct_store.py.
 
     @defer.inlineCallbacks
     def test_integrityErrorsNotRetried(self):

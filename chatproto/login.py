@@ -1,0 +1,210 @@
+"""
+The login flow and its undoing: throttle, verify the password, claim the
+account in presence (kicking or refusing the previous session), hand the
+offline messages over with the login reply, tell the friends; and logout.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from chatproto import messages as m
+from chatproto.interfaces import ClaimResult, Location, PresenceUnavailable
+from chatproto.messages import RequestError, encode
+from chatproto.registry import OFFLINE, ONLINE
+from chatproto.tasks import storeCall
+from chatproto.throttle import LoginThrottle
+
+
+def groupDict(group, states: dict, asStrings: bool = False) -> dict:
+    """A group as sent to clients (C{asStrings}: members as JSON strings,
+    as the tutorial client reads them in the login reply)."""
+    users = [{"id": u.id, "name": u.name, "state": states[u.id], "role": u.role} for u in group.members]
+    if asStrings:
+        users = [encode(u).decode() for u in users]
+    return {"id": group.id, "groupname": group.name, "groupdesc": group.desc, "users": users}
+
+
+class LoginFlow:
+    """
+    @param onRelogin: C{"kick"} (a new login closes the old session) or
+        C{"reject"} (a new login is refused while the old one lives).
+    @ivar throttleAccount, throttleAddress: failed logins per account, and
+        per client address (behind a balancer that does not send the PROXY
+        header every client shares its address, so that limit is looser).
+    """
+
+    log = Logger()
+
+    def __init__(self, registry, delivery, store, presence, relay, hasher, clock, tasks, onRelogin: str = "kick"):
+        if onRelogin not in ("kick", "reject"):
+            raise ValueError(f"onRelogin must be kick or reject, not {onRelogin!r}")
+        self.registry = registry
+        self.delivery = delivery
+        self.store = store
+        self.presence = presence
+        self.relay = relay
+        self.hasher = hasher
+        self.tasks = tasks
+        self.onRelogin = onRelogin
+        self.throttleAccount = LoginThrottle(clock, allowed=5)
+        self.throttleAddress = LoginThrottle(clock, allowed=50)
+
+    async def verify(self, session, uid: int, password: str):
+        """The L{User} C{uid} if C{password} is right; throttled."""
+        wait = max(self.throttleAccount.retryAfter(uid), self.throttleAddress.retryAfter(session.peerHost))
+        if wait > 0:
+            raise RequestError(m.E_THROTTLED, f"too many failed logins; retry in {int(wait) + 1} s")
+        user = await storeCall(self.store.getUser(uid))
+        valid = await self.hasher.verify(password, user.passwordHash if user else None)
+        if not valid:
+            self.throttleAccount.failed(uid)
+            self.throttleAddress.failed(session.peerHost)
+            self.log.info("failed login for {uid} from {peer}", uid=uid, peer=session.peerHost)
+            raise RequestError(m.E_INVALID, "id or password is invalid")
+        self.throttleAccount.succeeded(uid)
+        return user
+
+    async def login(self, session, request) -> None:
+        """Carry out a login request; the reply (with the offline messages)
+        is sent from inside the hand-over, so nothing is returned."""
+        uid = request.args["id"]
+        if session.uid is not None:
+            raise RequestError(m.E_ALREADY_LOGGED_IN)
+        user = await self.verify(session, uid, request.args["password"])
+        if not session.connected:
+            return None
+        if not await self.take(session, uid):
+            return None
+        self.registry.bind(session, uid, user.name)
+        session.hold(uid)
+        try:
+            count, friendIds = await self.handOver(session, request, uid, user.name)
+        except BaseException:
+            await self.logout(session, notify=False)
+            self.delivery.storeHeld(session)
+            raise
+        self.log.info(
+            "[{uid}]{name} logged in from {peer}, {count} offline messages",
+            uid=uid,
+            name=user.name,
+            peer=session.peerHost,
+            count=count,
+        )
+        self.notifyFriends(uid, user.name, ONLINE, friendIds)
+        return None
+
+    async def take(self, session, uid: int) -> bool:
+        """Claim C{uid} for C{session}, closing the session it replaces;
+        false when C{session} went away meanwhile."""
+        session.loggingIn = uid
+        try:
+            claim = await self.claim(uid, session)
+        finally:
+            session.loggingIn = None
+        if not claim.won:
+            raise RequestError(m.E_ONLINE, "this account is online elsewhere")
+        if claim.previous is not None and claim.previous.session != session.sid:
+            self.kick(claim.previous, uid, "logged in elsewhere")
+        if not session.connected:
+            # Gone (or kicked by a newer login) while claiming.
+            await self.release(uid, session)
+            return False
+        existing = self.registry.sessions.get(uid)
+        if existing is not None and existing is not session:
+            # Only when presence could not tell (degraded mode).
+            self.registry.unbind(existing)
+            existing.kick("logged in elsewhere")
+        return True
+
+    async def handOver(self, session, request, uid: int, name: str) -> tuple[int, list[int]]:
+        """Send the login reply with the offline messages (deleted once
+        written) and then what was held meanwhile."""
+        ack, friendIds = await self.loginAck(uid, name)
+
+        def handoff(payloads) -> bool:
+            if session.uid != uid or not session.connected:
+                return False
+            ack["offlinemsg"] = payloads
+            session.reply(request, ack)
+            session.unhold()
+            return True
+
+        count = await storeCall(self.store.takeOffline(uid, handoff))
+        return count, friendIds
+
+    async def loginAck(self, uid: int, name: str) -> tuple[dict, list[int]]:
+        friends = await storeCall(self.store.getFriends(uid))
+        groups = await storeCall(self.store.getUserGroups(uid))
+        ids = {f for f, _ in friends} | {u.id for g in groups for u in g.members}
+        states = await self.registry.states(ids)
+        ack = {
+            "msgid": m.LOGIN_MSG_ACK,
+            "errno": m.OK,
+            "id": uid,
+            "name": name,
+            # The tutorial client reads these as lists of JSON strings.
+            "friends": [encode({"id": f, "name": n, "state": states[f]}).decode() for f, n in friends],
+            "groups": [encode(groupDict(g, states, asStrings=True)).decode() for g in groups],
+        }
+        return ack, [f for f, _ in friends]
+
+    def notifyFriends(self, uid: int, name: str, state: str, friendIds=None) -> None:
+        async def notify():
+            ids = friendIds
+            if ids is None:
+                ids = [f for f, _ in await self.store.getFriends(uid)]
+            if ids:
+                notice = {"msgid": m.FRIEND_STATE_NOTICE, "id": uid, "name": name, "state": state}
+                await self.delivery.deliver(ids, notice, store=False)
+
+        self.tasks.track(defer.Deferred.fromCoroutine(notify()))
+
+    # --- presence ----------------------------------------------------------
+
+    async def claim(self, uid: int, session) -> ClaimResult:
+        replace = self.onRelogin == "kick"
+        try:
+            return await self.presence.claim(uid, session.sid, replace)
+        except PresenceUnavailable as e:
+            # Degraded: only this server's sessions can be checked.
+            self.log.warn("presence unavailable ({error}); login of {uid} checked locally", error=e, uid=uid)
+            existing = self.registry.sessions.get(uid)
+            if existing is not None and not replace:
+                return ClaimResult(False, Location(self.registry.serverName, existing.sid))
+            return ClaimResult(True, None)
+
+    async def release(self, uid: int, session) -> bool:
+        try:
+            return await self.presence.release(uid, session.sid)
+        except PresenceUnavailable as e:
+            self.log.warn("presence unavailable ({error}); release of {uid} is local", error=e, uid=uid)
+            return True
+
+    def kick(self, location: Location, uid: int, reason: str) -> None:
+        if location.server == self.registry.serverName:
+            self.registry.kickLocal(uid, location.session, reason)
+        else:
+            self.tasks.track(self.relay.kick(location, uid, reason))
+
+    async def logout(self, session, notify: bool = True) -> None:
+        uid = self.registry.unbind(session)
+        if uid is None:
+            return
+        released = await self.release(uid, session)
+        self.log.info("[{uid}] logged out", uid=uid)
+        # A session replaced by a newer login leaves its user online.
+        if released and notify and uid not in self.registry.sessions:
+            self.notifyFriends(uid, session.name, OFFLINE)
+
+    async def logoutAll(self, reason: str) -> None:
+        """Log every local user out (telling their friends), then close
+        every connection; only this server's users are marked offline."""
+        for session in list(self.registry.connections.values()):
+            if session.uid is not None:
+                try:
+                    await self.logout(session)
+                except Exception:
+                    self.log.failure("logging out {uid} at shutdown", uid=session.uid)
+            session.kick(reason)

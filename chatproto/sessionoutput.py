@@ -1,0 +1,95 @@
+"""
+A session's output: replies and pushes written in the session's dialect,
+gathered per read (L{chatproto.output.batch}), held while it logs in, and
+refused (the user logged out) when it does not read.
+"""
+
+from __future__ import annotations
+
+from chatproto import textdialect
+from chatproto.messages import Request, encode
+from chatproto.output import batch, pendingBytes, writeThrough
+
+JSON = "json"
+TEXT = "text"
+
+
+class SessionOutput:
+    """
+    The output half of L{chatproto.protocol.ChatProtocol} (a mixin: it uses
+    the protocol's C{transport}, C{connected}, C{dialect}, C{service},
+    C{maxPendingOutput}, C{log} and C{_socket}).
+    """
+
+    _held: list | None = None
+    _out: list | None = None
+
+    def reply(self, request: Request, message: dict | None) -> None:
+        """Send C{message} as the reply to C{request} (echoing its C{seq})."""
+        if message is None:
+            return
+        if request.seq is not None:
+            self.send(dict(message, seq=request.seq), force=True)
+        else:
+            self.send(message, getattr(message, "line", None), force=True)
+
+    def send(self, message: dict, line: bytes | None = None, force: bool = False) -> bool:
+        """
+        Write C{message} in this session's dialect.  C{line} is its JSON
+        encoding when the caller has it already.  Messages for a session
+        that is still logging in are held until its login reply is out
+        (replies, with C{force}, are not).
+
+        @return: whether the session took the message; it does not when it
+            is gone, or has more than L{maxPendingOutput} bytes unsent (it
+            is then logged out and kicked, and the caller stores the
+            message offline).
+        """
+        if not self.connected:
+            return False
+        if self._held is not None and not force:
+            self._held.append((message, line))
+            return True
+        if not force and pendingBytes(self.transport) > self.maxPendingOutput:
+            self.log.warn("[{uid}] does not read; logging it out", uid=self.uid)
+            self.service.congested(self)
+            return False
+        if self.dialect is JSON:
+            self._write((line if line is not None else encode(message)) + b"\n")
+        else:
+            self._write("".join(text + "\r\n" for text in textdialect.render(message)).encode("utf-8"))
+        return True
+
+    def _write(self, data: bytes) -> None:
+        if batch.depth:
+            if self._out is None:
+                self._out = [data]
+                batch.dirty.append(self)
+            else:
+                self._out.append(data)
+        else:
+            writeThrough(self.transport, self._socket, data)
+
+    def flushOutput(self) -> None:
+        """Send what was gathered for this session during the current read."""
+        out, self._out = self._out, None
+        if out:
+            writeThrough(self.transport, self._socket, out[0] if len(out) == 1 else b"".join(out))
+
+    def hold(self, uid: int) -> None:
+        """Hold messages for C{uid} until L{unhold} (the login reply is out)."""
+        if self._held is None:
+            self._held = []
+            self._heldFor = uid
+
+    def unhold(self) -> None:
+        held, self._held = self._held, None
+        for message, line in held or ():
+            self.send(message, line, force=True)
+
+    def dropHeld(self) -> tuple[int | None, list]:
+        """Stop holding; return the uid held for and what was held."""
+        held, self._held = self._held or [], None
+        return self._heldFor, held
+
+    _heldFor: int | None = None

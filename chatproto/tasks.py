@@ -1,0 +1,79 @@
+"""
+What the chat service's parts share: background work that shutdown waits
+for, and store calls whose outages become error replies.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from chatproto import messages as m
+from chatproto.interfaces import NameTaken, NoSuchGroup, NoSuchUser, StoreUnavailable
+from chatproto.messages import RequestError
+
+
+class BackgroundTasks:
+    """Deferreds nobody waits for (notices, offline stores, kicks): kept
+    until they fire so that shutdown can wait for them; failures logged."""
+
+    log = Logger()
+
+    def __init__(self) -> None:
+        self.pending: set[defer.Deferred] = set()
+
+    def track(self, d: defer.Deferred) -> defer.Deferred:
+        self.pending.add(d)
+
+        def done(result):
+            self.pending.discard(d)
+            if isinstance(result, Failure):
+                self.log.failure("background task failed", result)
+            return None
+
+        return d.addBoth(done)
+
+    def wait(self) -> defer.Deferred:
+        """Fires once every task tracked so far has ended."""
+        return defer.DeferredList(list(self.pending))
+
+
+async def storeCall(d):
+    """Await a store call, turning database outages into an error reply."""
+    try:
+        return await d
+    except (RequestError, NameTaken, NoSuchUser, NoSuchGroup):
+        raise
+    except StoreUnavailable as e:
+        raise RequestError(m.E_UNAVAILABLE, f"storage unavailable: {e}") from None
+
+
+class ReadyGate:
+    """Where requests wait while the service starts."""
+
+    def __init__(self) -> None:
+        #: True once start-up has finished.
+        self.isReady = False
+        self._waiters: list[defer.Deferred] = []
+
+    def whenReady(self) -> defer.Deferred:
+        """A new Deferred that fires once ready (or fails if start-up
+        fails)."""
+        if self.isReady:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._waiters.append(d)
+        return d
+
+    def open(self) -> None:
+        self.isReady = True
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    def fail(self, error: Exception) -> None:
+        """Start-up failed: every waiter fails with C{error}."""
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.errback(error)
