@@ -90,7 +90,7 @@ class KDFPool(service.Service):
         self._reactor = reactor
         self.threads = threads or defaultThreads()
         self.queue = queue
-        self._pool = pool if pool is not None else ThreadPool(minthreads=0, maxthreads=self.threads, name="kdf")
+        self._threadPool = pool if pool is not None else ThreadPool(minthreads=0, maxthreads=self.threads, name="kdf")
         #: hashes running or waiting
         self.pending = 0
         self._started = False
@@ -104,14 +104,14 @@ class KDFPool(service.Service):
         if not self._started:
             self._started = True
             useMmapForLargeBlocks()
-            self._pool.start()
+            self._threadPool.start()
             # Also stopped with the reactor when used outside a service.
             self._shutdownTrigger = self._reactor.addSystemEventTrigger("during", "shutdown", self._stop)
 
     def _stop(self) -> None:
         if self._started:
             self._started = False
-            self._pool.stop()
+            self._threadPool.stop()
 
     def stopService(self):
         super().stopService()
@@ -133,7 +133,7 @@ class KDFPool(service.Service):
         self._start()
         self.pending += 1
         self._peak = max(self._peak, self.pending)
-        d = threads.deferToThreadPool(self._reactor, self._pool, f, *args)
+        d = threads.deferToThreadPool(self._reactor, self._threadPool, f, *args)
         return d.addBoth(self._done)
 
     _peak = 0

@@ -2,7 +2,7 @@
 Listening on a C{--port} endpoint, failing cleanly.
 
 Twisted's L{StreamServerEndpointService} stops twistd on a port it cannot
-listen on only through a private flag (C{_raiseSynchronously}), with a
+listen on only through a private flag of the service, with a
 traceback; otherwise it logs the failure and the server runs on without
 the port.  L{CheckedEndpoint} wraps the endpoint it listens on instead: a
 failure known at once (a port in use, no permission, a bad interface)

@@ -161,13 +161,12 @@ def advertisedAddress(endpoint: str, advertise: str | None) -> tuple[str, int]:
 
 
 def _endpointArgs(endpoint: str) -> tuple[list[str], dict[str, str]]:
-    from twisted.internet.endpoints import _parse
+    from chatproto._twisted import endpointArgs
 
     parts = endpoint.split(":", 1)
     if parts[0] == "haproxy":
         endpoint = parts[1]
-    args, kwargs = _parse(endpoint)
-    return list(args[1:]), kwargs
+    return endpointArgs(endpoint)
 
 
 def buildStore(dbURL, reactor):

@@ -49,9 +49,7 @@ class SizeTests(unittest.TestCase):
     def test_privateInternalsOnlyInTheInternalsModule(self) -> None:
         found = {}
         for path, text in modules():
-            if path.name == "_twisted.py" or path.name == "tap.py":
-                # tap.py: its owner moves _endpointArgs/_raiseSynchronously
-                # out (see docs/architecture.md).
+            if path.name == "_twisted.py":
                 continue
             hits = PRIVATE.findall(text)
             if hits:
