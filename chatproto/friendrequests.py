@@ -17,6 +17,7 @@ The SQL is in L{chatproto.sqlfriends}.
 from __future__ import annotations
 
 import time
+from weakref import WeakKeyDictionary
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -71,6 +72,9 @@ class FriendRequests:
         self.tasks = tasks
         self.ttl = ttl
         self.maxPending = maxPending
+        #: session -> (uid, friend ids) read for L{chatAck}; a session's
+        #: entry goes with it.
+        self._friendSets: WeakKeyDictionary = WeakKeyDictionary()
 
     @property
     def approve(self) -> bool:
@@ -99,6 +103,36 @@ class FriendRequests:
             friendIds = [f for f, _ in await storeCall(self.store.getFriends(uid))]
         allowed = set(friendIds) | {uid}
         return {u: (s if u in allowed else HIDDEN) for u, s in states.items()}
+
+    def chatAck(self, session, toid: int, ack: dict):
+        """
+        The C{ONE_CHAT_MSG_ACK} C{session} may see: in approve mode,
+        C{"delivered"} or C{"stored"} (which tell whether C{toid} is online)
+        only for a friend; anyone else is told C{"sent"}.  Friend ids are
+        read once per session and again whenever a recipient is not among
+        them (a friendship accepted on another server), so chatting with
+        friends costs no query.
+        """
+        if not self.approve:
+            return ack
+        known = self._friendSets.get(session)
+        if known is not None and known[0] == session.uid and toid in known[1]:
+            return ack
+        return defer.Deferred.fromCoroutine(self._checkedAck(session, toid, ack))
+
+    async def _checkedAck(self, session, toid: int, ack: dict) -> dict:
+        uid = session.uid
+        try:
+            friends = {f for f, _ in await self.store.getFriends(uid)} if uid is not None else set()
+        except Exception as e:
+            # The message was accepted: say so, without the state.
+            self.log.warn("could not read the friends of {uid} ({error})", uid=uid, error=e)
+            friends = set()
+        else:
+            self._friendSets[session] = (uid, friends)
+        if toid in friends:
+            return ack
+        return {"msgid": m.ONE_CHAT_MSG_ACK, "errno": m.OK, "toid": toid, "state": "sent"}
 
     async def addFriend(self, session, friendId: int) -> dict:
         """C{ADD_FRIEND_MSG}: the reply C{ADD_FRIEND_MSG_ACK}."""

@@ -236,8 +236,9 @@ class ChatService(service.Service):
         target = self.registry.sessions.get(toid)
         if target is not None and target.send(out, m.encodeChat(out)):
             # The fast path: no I/O but the write.
-            return _deliveredAck(toid)
-        return defer.Deferred.fromCoroutine(self.delivery.deliverChat(toid, out))
+            return self.friendRequests.chatAck(session, toid, _deliveredAck(toid))
+        d = defer.Deferred.fromCoroutine(self.delivery.deliverChat(toid, out))
+        return d.addCallback(lambda ack: self.friendRequests.chatAck(session, toid, ack))
 
     # friends: the --friend-requests policy is chatproto.friendrequests'
     def do_addfriend(self, session, request):

@@ -178,7 +178,7 @@ def _render(msg: dict) -> list[str]:
     if msgid == m.LOGINOUT_MSG_ACK:
         return ["logged out"]
     if msgid == m.ONE_CHAT_MSG_ACK:
-        how = "delivered to" if msg.get("state") == "delivered" else "stored offline for"
+        how = {"delivered": "delivered to", "sent": "sent to"}.get(msg.get("state"), "stored offline for")
         return [f"{how} [{msg['toid']}]"]
     if msgid == m.ADD_FRIEND_MSG_ACK:
         if msg.get("state") == "requested":

@@ -147,6 +147,21 @@ class FriendRequestsAcrossServersTests(ClusterTestCase):
         _, login = await self.login(d, "dave", 0)
         self.assertEqual(login["requests"], [])
 
+    async def test_chatAckHidesStrangersState(self):
+        """A stranger's chat ack says "sent" whether bob (on the other
+        server) is online or not; once friends, "delivered"."""
+        alice, _ = await self.login(self.a, "alice", 0)
+        self.assertEqual((await alice.request({"msgid": m.ONE_CHAT_MSG, "toid": self.b, "msg": "1"}))["state"], "sent")
+        bob, _ = await self.login(self.b, "bob", 1)
+        self.assertEqual((await alice.request({"msgid": m.ONE_CHAT_MSG, "toid": self.b, "msg": "2"}))["state"], "sent")
+        self.assertEqual((await bob.nextOf(m.ONE_CHAT_MSG))["msg"], "2")
+        await alice.request({"msgid": m.ADD_FRIEND_MSG, "friendid": self.b})
+        await bob.nextOf(m.FRIEND_REQUEST_NOTICE)
+        await bob.request({"msgid": m.FRIEND_REPLY_MSG, "id": self.a, "accept": True})
+        await alice.nextOf(m.FRIEND_ADDED_NOTICE)
+        ack = await alice.request({"msgid": m.ONE_CHAT_MSG, "toid": self.b, "msg": "3"})
+        self.assertEqual(ack["state"], "delivered")
+
     async def test_textDialect(self):
         alice = await self.connect(0)
         alice.send(f"login:{self.a}:pw-alice")

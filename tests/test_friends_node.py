@@ -388,3 +388,53 @@ class StoreErrorTests(unittest.TestCase):
         alice = h.login(a)
         h.store.requestFriend = lambda *args: defer.fail(NoSuchUser(5))
         self.assertEqual(alice.request({"msgid": m.ADD_FRIEND_MSG, "friendid": 5})["errno"], m.E_NO_SUCH_USER)
+
+
+class ChatAckPrivacyTests(unittest.TestCase):
+    """Approve mode: a chat's ack tells delivered/stored (online or not)
+    only for a friend; a stranger is told "sent"."""
+
+    def setUp(self):
+        self.h = approveHarness()
+        self.a, self.b = self.h.register("alice"), self.h.register("bob")
+        self.alice = self.h.login(self.a)
+
+    def chat(self, text="hi") -> dict:
+        return self.alice.request({"msgid": m.ONE_CHAT_MSG, "toid": self.b, "msg": text})
+
+    def test_strangerOnlineOrOffline(self):
+        self.assertEqual(self.chat()["state"], "sent")  # stored, in fact
+        bob = self.h.login(self.b)
+        self.assertEqual(self.chat("two"), {"msgid": m.ONE_CHAT_MSG_ACK, "errno": 0, "toid": self.b, "state": "sent"})
+        self.assertEqual(bob.reply()["msg"], "two")
+        # An unknown user is still an error.
+        self.assertEqual(self.alice.request({"msgid": 6, "toid": 404, "msg": "x"})["errno"], m.E_NO_SUCH_USER)
+
+    def test_friendSeesState(self):
+        bob = self.h.login(self.b)
+        self.assertEqual(self.chat()["state"], "sent")
+        bob.replies()
+        # bob asks, alice accepts: from now on alice sees bob's state.
+        bob.request({"msgid": m.ADD_FRIEND_MSG, "friendid": self.a})
+        self.alice.replies()
+        self.alice.request({"msgid": m.FRIEND_REPLY_MSG, "id": self.b, "accept": True})
+        self.assertEqual(self.chat()["state"], "delivered")
+        bob.disconnect()
+        self.alice.replies()
+        self.assertEqual(self.chat()["state"], "stored")
+
+    def test_friendshipAcceptedElsewhereIsSeen(self):
+        """The sender's cached friend ids are read again when the recipient
+        is not among them (bob accepted meanwhile, on any server)."""
+        self.assertEqual(self.chat()["state"], "sent")
+        self.alice.request({"msgid": m.ADD_FRIEND_MSG, "friendid": self.b})
+        self.successResultOf(self.h.store.answerFriendRequest(self.b, self.a, True, 0.0))
+        self.assertEqual(self.chat()["state"], "stored")
+
+    def test_text(self):
+        self.alice.send(f"chat:{self.b}:hello")
+        self.assertEqual(self.alice.lines(), [f"sent to [{self.b}]"])
+
+    def test_autoModeUnchanged(self):
+        self.h.service.friendRequests.mode = "auto"
+        self.assertEqual(self.chat()["state"], "stored")
