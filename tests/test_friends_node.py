@@ -12,7 +12,15 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from chatproto import messages as m
-from chatproto.friendrequests import APPROVE, HIDDEN, MAX_PENDING, REQUEST_TTL, FriendRequests, timeText
+from chatproto.friendrequests import (
+    APPROVE,
+    HIDDEN,
+    MAX_LISTED,
+    MAX_PENDING,
+    REQUEST_TTL,
+    FriendRequests,
+    timeText,
+)
 from chatproto.interfaces import NoSuchUser
 from tests.chat_helpers import Harness
 
@@ -233,6 +241,20 @@ class ApproveTests(unittest.TestCase):
         # Once they expire, alice may ask again.
         self.advance(REQUEST_TTL + 1)
         self.assertEqual(self.request(self.alice, targets[-1])["state"], "requested")
+
+    def test_requestsListedAreBounded(self):
+        """Many users asking one target (each within its own cap) do not
+        make its login reply grow past MAX_LISTED requests, oldest first;
+        the rest show once those are answered."""
+        requesters = [self.h.register(f"u{i}") for i in range(MAX_LISTED + 5)]
+        for uid in requesters:
+            self.h.clock.advance(1)
+            self.successResultOf(self.h.store.requestFriend(uid, self.b, self.h.clock.seconds(), 0.0, 10))
+        bob, login = self.loginReply(self.b)
+        self.assertEqual([r["id"] for r in login["requests"]], requesters[:MAX_LISTED])
+        self.answer(bob, requesters[0], False)
+        listed = bob.request({"msgid": m.FRIEND_LIST_MSG})["requests"]
+        self.assertEqual([r["id"] for r in listed], requesters[1 : MAX_LISTED + 1])
 
     def test_requestNoticeNotStoredOffline(self):
         self.request(self.alice, self.b)
