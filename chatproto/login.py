@@ -36,6 +36,8 @@ class LoginFlow:
     """
 
     log = Logger()
+    #: the service's L{chatproto.friendrequests.FriendRequests}
+    friendRequests = None
 
     def __init__(self, registry, delivery, store, presence, relay, hasher, clock, tasks, onRelogin: str = "kick"):
         if onRelogin not in ("kick", "reject"):
@@ -139,6 +141,7 @@ class LoginFlow:
         groups = await storeCall(self.store.getUserGroups(uid))
         ids = {f for f, _ in friends} | {u.id for g in groups for u in g.members}
         states = await self.registry.states(ids)
+        states = await self.friendRequests.visibleStates(uid, states, [f for f, _ in friends])
         ack = {
             "msgid": m.LOGIN_MSG_ACK,
             "errno": m.OK,
@@ -147,6 +150,8 @@ class LoginFlow:
             # The tutorial client reads these as lists of JSON strings.
             "friends": [encode({"id": f, "name": n, "state": states[f]}).decode() for f, n in friends],
             "groups": [encode(groupDict(g, states, asStrings=True)).decode() for g in groups],
+            # Friend requests waiting for this user's answer (always empty in auto mode).
+            "requests": await self.friendRequests.pending(uid),
         }
         return ack, [f for f, _ in friends]
 

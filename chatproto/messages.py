@@ -43,6 +43,10 @@ PONG_MSG = 22
 KICK_NOTICE = 23
 FRIEND_STATE_NOTICE = 24
 FRIEND_ADDED_NOTICE = 25
+# friend requests (--friend-requests approve; chatproto.friendrequests)
+FRIEND_REQUEST_NOTICE = 29
+FRIEND_REPLY_MSG = 30
+FRIEND_REPLY_MSG_ACK = 31
 ERROR_MSG = 99
 
 # --- error numbers ---------------------------------------------------------
@@ -69,6 +73,10 @@ E_NAME_TAKEN = 23
 E_SELF = 24
 E_UNAVAILABLE = 30
 E_INTERNAL = 31
+#: FRIEND_REPLY: no unanswered, unexpired request from that user.
+E_NO_SUCH_REQUEST = 27
+#: ADD_FRIEND: too many of your friend requests are pending.
+E_TOO_MANY_REQUESTS = 28
 
 ERROR_TEXT = {
     E_INVALID: "invalid",
@@ -89,6 +97,8 @@ ERROR_TEXT = {
     E_SELF: "you cannot do that to yourself",
     E_UNAVAILABLE: "service temporarily unavailable; try again",
     E_INTERNAL: "internal error",
+    E_NO_SUCH_REQUEST: "no pending friend request from this user",
+    E_TOO_MANY_REQUESTS: "too many pending friend requests",
 }
 
 
@@ -147,9 +157,10 @@ SPECS: dict[int, Spec] = {
     FRIEND_LIST_MSG: Spec("friends", FRIEND_LIST_MSG_ACK, ()),
     GROUP_LIST_MSG: Spec("groups", GROUP_LIST_MSG_ACK, ()),
     PING_MSG: Spec("ping", PONG_MSG, (), False),
+    FRIEND_REPLY_MSG: Spec("friendreply", FRIEND_REPLY_MSG_ACK, (("id", int, True), ("accept", bool, True))),
 }
 
-_TYPE_NAMES = {int: "an integer", str: "a string"}
+_TYPE_NAMES = {int: "an integer", str: "a string", bool: "true or false"}
 
 
 @dataclass

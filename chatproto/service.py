@@ -29,7 +29,8 @@ from twisted.logger import Logger
 from chatproto import _twisted
 from chatproto import messages as m
 from chatproto.delivery import Delivery
-from chatproto.interfaces import NameTaken, NoSuchGroup, NoSuchUser
+from chatproto.friendrequests import AUTO, FriendRequests
+from chatproto.interfaces import NameTaken, NoSuchGroup
 from chatproto.login import LoginFlow, groupDict
 from chatproto.messages import RequestError
 from chatproto.registry import SessionRegistry
@@ -67,6 +68,8 @@ class ChatService(service.Service):
     """
     @param onRelogin: C{"kick"} (a new login closes the old session) or
         C{"reject"} (a new login is refused while the old one lives).
+    @param friendRequests: C{"auto"} or C{"approve"} (see
+        L{chatproto.friendrequests}).
     @ivar registry: the L{SessionRegistry}.
     @ivar loginFlow: the L{LoginFlow}.
     @ivar delivery: the L{Delivery} (also the relay's receiver).
@@ -74,7 +77,9 @@ class ChatService(service.Service):
 
     log = Logger()
 
-    def __init__(self, store, presence, relay, hasher, clock, onRelogin: str = "kick") -> None:
+    def __init__(
+        self, store, presence, relay, hasher, clock, onRelogin: str = "kick", friendRequests: str = AUTO
+    ) -> None:
         self.store = store
         self.presence = presence
         self.relay = relay
@@ -88,6 +93,9 @@ class ChatService(service.Service):
         self.loginFlow = LoginFlow(
             self.registry, self.delivery, store, presence, relay, hasher, clock, self.tasks, onRelogin
         )
+        #: the --friend-requests policy (auto or approve)
+        self.friendRequests = FriendRequests(friendRequests, self.registry, self.delivery, store, clock, self.tasks)
+        self.loginFlow.friendRequests = self.friendRequests
         self.ready = ReadyGate()
         self._time = _Clock(clock)
         #: the registry's uid -> logged-in session, and sid -> connection
@@ -228,24 +236,16 @@ class ChatService(service.Service):
         target = self.registry.sessions.get(toid)
         if target is not None and target.send(out, m.encodeChat(out)):
             # The fast path: no I/O but the write.
-            return _deliveredAck(toid)
-        return defer.Deferred.fromCoroutine(self.delivery.deliverChat(toid, out))
+            return self.friendRequests.chatAck(session, toid, _deliveredAck(toid))
+        d = defer.Deferred.fromCoroutine(self.delivery.deliverChat(toid, out))
+        return d.addCallback(lambda ack: self.friendRequests.chatAck(session, toid, ack))
 
-    async def do_addfriend(self, session, request) -> dict:
-        friendId = request.args["friendid"]
-        if friendId == session.uid:
-            raise RequestError(m.E_SELF, "you cannot befriend yourself")
-        try:
-            new = await storeCall(self.store.addFriend(session.uid, friendId))
-        except NoSuchUser:
-            raise RequestError(m.E_NO_SUCH_USER, f"no user with id {friendId}") from None
-        names = await storeCall(self.store.getNames([friendId]))
-        states = await self.registry.states([friendId])
-        if new:
-            notice = {"msgid": m.FRIEND_ADDED_NOTICE, "id": session.uid, "name": session.name}
-            self.delivery.deliverLater([friendId], notice)
-        friend = {"id": friendId, "name": names[friendId], "state": states[friendId]}
-        return {"msgid": m.ADD_FRIEND_MSG_ACK, "errno": m.OK, "friend": friend, "new": bool(new)}
+    # friends: the --friend-requests policy is chatproto.friendrequests'
+    def do_addfriend(self, session, request):
+        return self.friendRequests.addFriend(session, request.args["friendid"])
+
+    def do_friendreply(self, session, request):
+        return self.friendRequests.reply(session, request.args["id"], request.args["accept"])
 
     async def do_creategroup(self, session, request) -> dict:
         name = m.checkName(request.args["groupname"], m.MAX_GROUPNAME, "group name")
@@ -298,11 +298,13 @@ class ChatService(service.Service):
             "msgid": m.FRIEND_LIST_MSG_ACK,
             "errno": m.OK,
             "friends": [{"id": f, "name": n, "state": states[f]} for f, n in friends],
+            "requests": await self.friendRequests.pending(session.uid),
         }
 
     async def do_groups(self, session, request) -> dict:
         groups = await storeCall(self.store.getUserGroups(session.uid))
         states = await self.registry.states({u.id for g in groups for u in g.members})
+        states = await self.friendRequests.visibleStates(session.uid, states)
         return {
             "msgid": m.GROUP_LIST_MSG_ACK,
             "errno": m.OK,

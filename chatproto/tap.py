@@ -21,6 +21,7 @@ from chatproto.listening import CheckedEndpoint, describeFailure
 log = Logger()
 
 RELOGIN_MODES = ("kick", "reject")
+FRIEND_REQUEST_MODES = ("auto", "approve")
 
 
 class Options(IniOptions):
@@ -35,6 +36,7 @@ class Options(IniOptions):
         "port": ["tcp:6000"],
         "db": "sqlite:chat.sqlite3",
         "on-relogin": "kick",
+        "friend-requests": "auto",
         "idle-timeout": "300",
         "max-line": "65536",
         "weight": "1",
@@ -58,6 +60,12 @@ class Options(IniOptions):
         ["advertise", None, None, "HOST:PORT clients reach this server at, for the registry"],
         ["weight", None, None, "weight in the registry, for the balancer (default 1)"],
         ["on-relogin", None, None, "kick (default): a new login closes the old session; reject: refuse it"],
+        [
+            "friend-requests",
+            None,
+            None,
+            "auto (default): addfriend makes friends at once; approve: the other user must accept",
+        ],
         ["idle-timeout", None, None, "seconds of silence before a connection is closed (default 300; 0: never)"],
         ["max-line", None, None, "longest line accepted, in bytes (default 65536)"],
         ["scrypt-n", None, None, "scrypt cost for new passwords (default 16384)"],
@@ -82,6 +90,8 @@ class Options(IniOptions):
     def checkValues(self) -> None:
         if self["on-relogin"] not in RELOGIN_MODES:
             raise usage.UsageError(f"--on-relogin must be kick or reject, not {self['on-relogin']!r}")
+        if self["friend-requests"] not in FRIEND_REQUEST_MODES:
+            raise usage.UsageError(f"--friend-requests must be auto or approve, not {self['friend-requests']!r}")
         self["port"] = [bareToTCP(p) for p in self["port"]]
         day = 86400
         number(self, "idle-timeout", float, 0, 365 * day)
@@ -267,7 +277,9 @@ def makeService(options, reactor=None) -> service.MultiService:
     presence, relay = buildPresence(options, reactor)
     kdf = KDFPool(reactor, threads=options["kdf-threads"], queue=options["kdf-queue"])
     hasher = PasswordHasher(reactor, n=options["scrypt-n"], pool=kdf)
-    chat = ChatService(store, presence, relay, hasher, reactor, onRelogin=options["on-relogin"])
+    chat = ChatService(
+        store, presence, relay, hasher, reactor, onRelogin=options["on-relogin"], friendRequests=options["friend-requests"]
+    )
     chat.onStartFailure = startFailed
     top = service.MultiService()
     # Stopped last: hashing still running for a session is waited for.
