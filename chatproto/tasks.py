@@ -12,6 +12,7 @@ from twisted.python.failure import Failure
 from chatproto import messages as m
 from chatproto.interfaces import NameTaken, NoSuchGroup, NoSuchUser, StoreUnavailable
 from chatproto.messages import RequestError
+from chatproto.sqloffline import MailboxFull
 
 
 class BackgroundTasks:
@@ -29,7 +30,11 @@ class BackgroundTasks:
         def done(result):
             self.pending.discard(d)
             if isinstance(result, Failure):
-                self.log.failure("background task failed", result)
+                if result.check(MailboxFull):
+                    # Expected: a full mailbox is a fact, not a fault.
+                    self.log.info("not stored offline: {error}", error=result.value)
+                else:
+                    self.log.failure("background task failed", result)
             return None
 
         return d.addBoth(done)
@@ -40,13 +45,43 @@ class BackgroundTasks:
 
 
 async def storeCall(d):
-    """Await a store call, turning database outages into an error reply."""
+    """Await a store call, turning database outages and full mailboxes into
+    an error reply (for a full mailbox the L{RequestError} carries the
+    L{MailboxFull} as C{mailboxFull})."""
     try:
         return await d
     except (RequestError, NameTaken, NoSuchUser, NoSuchGroup):
         raise
     except StoreUnavailable as e:
         raise RequestError(m.E_UNAVAILABLE, f"storage unavailable: {e}") from None
+    except MailboxFull as e:
+        error = RequestError(m.E_MAILBOX_FULL)
+        error.mailboxFull = e
+        raise error from None
+
+
+#: Seconds a start-up stage (storage, Redis) may take before the server logs
+#: what it waits for; then again every WAIT_LOG_EVERY seconds.
+WAIT_LOG_AFTER = 1.0
+WAIT_LOG_EVERY = 30.0
+
+_log = Logger()
+
+
+async def loggedWait(clock, what: str, d):
+    """Await C{d}, logging "waiting for C{what}" if it takes long."""
+
+    def waiting():
+        nonlocal call
+        _log.warn("starting: waiting for {what}", what=what)
+        call = clock.callLater(WAIT_LOG_EVERY, waiting)
+
+    call = clock.callLater(WAIT_LOG_AFTER, waiting)
+    try:
+        return await d
+    finally:
+        if call.active():
+            call.cancel()
 
 
 class ReadyGate:
@@ -65,6 +100,11 @@ class ReadyGate:
         d = defer.Deferred()
         self._waiters.append(d)
         return d
+
+    def refuse(self, waitingFor=()) -> None:
+        """Refuse a request while not ready: errno 30 at once."""
+        what = " or ".join(dict.fromkeys(waitingFor)) or "storage"
+        raise RequestError(m.E_UNAVAILABLE, f"server is starting (waiting for {what}); retry")
 
     def open(self) -> None:
         self.isReady = True

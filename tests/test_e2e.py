@@ -162,6 +162,8 @@ class EmbeddedChatTests(EndToEndTests):
         alice, _ = await self.login(a, "alice")
         bob, _ = await self.login(b, "bob")
         chat.sessions[b].maxPendingOutput = 64 * 1024
+        # Every message must be accounted for: no mailbox cap here.
+        chat.store.mailboxMaxMessages = chat.store.mailboxMaxBytes = None
         bob.transport.pauseProducing()
         total, text = 12000, "x" * 1000
         states = {"delivered": 0, "stored": 0}

@@ -1,0 +1,37 @@
+"""Repeated warnings are rate-limited into a count (issue 9, item 9)."""
+
+from twisted.internet.task import Clock
+from twisted.logger import Logger
+from twisted.trial import unittest
+
+from chatproto.logrepeat import RepeatedWarnings
+
+
+class RepeatedWarningsTests(unittest.TestCase):
+    def setUp(self):
+        self.events = []
+        self.clock = Clock()
+        self.warnings = RepeatedWarnings(Logger(observer=self.events.append), self.clock, window=10)
+
+    def texts(self):
+        from twisted.logger import formatEvent
+
+        return [formatEvent(e) for e in self.events]
+
+    def test_firstLoggedRestCounted(self):
+        for i in range(5800):
+            self.warnings.warn("relay", "relay unavailable ({error})", error=f"e{i}")
+        self.assertEqual(self.texts(), ["relay unavailable (e0)"])
+        self.clock.advance(10)
+        self.assertEqual(self.texts(), ["relay unavailable (e0)", "5799 more like this in the last 10 s: relay"])
+        self.warnings.warn("relay", "relay unavailable ({error})", error="again")
+        self.assertEqual(self.texts()[-1], "relay unavailable (again)")
+
+    def test_kindsApartAndNoSummaryWhenAlone(self):
+        self.warnings.warn("a", "A")
+        self.warnings.warn("b", "B")
+        self.clock.advance(10)
+        self.assertEqual(self.texts(), ["A", "B"])
+        self.warnings.warn("a", "A")
+        self.warnings.stop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
