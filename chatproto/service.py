@@ -36,7 +36,7 @@ from chatproto.login import LoginFlow, groupDict
 from chatproto.messages import RequestError
 from chatproto.ratelimit import TokenBucketLimiter
 from chatproto.registry import SessionRegistry
-from chatproto.tasks import BackgroundTasks, ReadyGate, loggedWait, storeCall
+from chatproto.tasks import BackgroundTasks, ReadyGate, storeCall
 
 
 class _Clock:
@@ -145,7 +145,7 @@ class ChatService(service.Service):
         return self.ready.whenReady()
 
     async def _start(self) -> None:
-        wait = lambda stage, d: loggedWait(self.clock, self.waitingFor.get(stage, stage), d)  # noqa: E731
+        wait = lambda stage, d: self.ready.stage(self.clock, self.waitingFor.get(stage, stage), d)  # noqa: E731
         await wait("store", self.store.start())
         await wait("presence", self.presence.start(self.registry.loginCount))
         await wait("relay", self.relay.start(self.delivery))
@@ -205,7 +205,7 @@ class ChatService(service.Service):
         @raise RequestError: for an error reply.
         """
         if not self.ready.isReady and request.spec.name != "ping":
-            self.ready.refuse(self.waitingFor.values())
+            self.ready.refuse()
         if request.spec.needsLogin and session.uid is None:
             raise RequestError(m.E_NOT_LOGGED_IN)
         result = getattr(self, "do_" + request.spec.name)(session, request)

@@ -7,9 +7,12 @@ bounded: the one place that writes to a session's transport.
    session stops reading its client's requests (the transport pauses the
    L{OutputValve}, as with C{portforward}'s producers) until all of it has
    been sent.
- - Past the cap (C{--output-cap}), whatever the output is, the user is
-   logged out and the connection closed; pushes are then refused (the
-   caller stores chats offline).
+ - Past the cap (C{--output-cap}) of unsent bytes, whatever they are, a
+   push logs the user out and the connection is closed; pushes are then
+   refused (the caller stores chats offline).  Replies (C{force}) are not
+   refused: they come only from requests read, and reading stops at the
+   high-water mark; nor is the hand-over of offline messages at login
+   (bounded by the mailbox caps).
 """
 
 from __future__ import annotations
@@ -107,8 +110,7 @@ class SessionOutput:
             self._write((line if line is not None else encode(message)) + b"\n")
         else:
             self._write("".join(text + "\r\n" for text in textdialect.render(message)).encode("utf-8"))
-        if self.unsentBytes() > self.maxPendingOutput:
-            # Replies count too: past the cap the session is closed.
+        if not force and self.unsentBytes() > self.maxPendingOutput:
             self._overCap()
         return True
 

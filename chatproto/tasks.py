@@ -90,6 +90,8 @@ class ReadyGate:
     def __init__(self) -> None:
         #: True once start-up has finished.
         self.isReady = False
+        #: what start-up waits for now, for the errno 30 replies
+        self.waitingFor = "storage"
         self._waiters: list[defer.Deferred] = []
 
     def whenReady(self) -> defer.Deferred:
@@ -101,10 +103,15 @@ class ReadyGate:
         self._waiters.append(d)
         return d
 
-    def refuse(self, waitingFor=()) -> None:
+    def stage(self, clock, what: str, d):
+        """Await start-up stage C{d}, which waits for C{what} (a
+        coroutine; see L{loggedWait})."""
+        self.waitingFor = what
+        return loggedWait(clock, what, d)
+
+    def refuse(self) -> None:
         """Refuse a request while not ready: errno 30 at once."""
-        what = " or ".join(dict.fromkeys(waitingFor)) or "storage"
-        raise RequestError(m.E_UNAVAILABLE, f"server is starting (waiting for {what}); retry")
+        raise RequestError(m.E_UNAVAILABLE, f"server is starting (waiting for {self.waitingFor}); retry")
 
     def open(self) -> None:
         self.isReady = True
