@@ -33,6 +33,7 @@ from chatproto.delivery import Delivery
 from chatproto.interfaces import NameTaken, NoSuchGroup, NoSuchUser
 from chatproto.listening import describeFailure
 from chatproto.login import LoginFlow, groupDict
+from chatproto.logrepeat import RepeatedWarnings
 from chatproto.messages import RequestError
 from chatproto.ratelimit import TokenBucketLimiter
 from chatproto.registry import SessionRegistry
@@ -104,7 +105,8 @@ class ChatService(service.Service):
         self.clock = clock
         self.onRelogin = onRelogin
         self.serverName = presence.serverName
-        self.tasks = BackgroundTasks()
+        self.warnings = RepeatedWarnings(self.log, clock)  # per-message warnings: one line, then a count
+        self.tasks = BackgroundTasks(self.warnings)
         self.registry = SessionRegistry(self.serverName, presence)
         self.delivery = Delivery(self.registry, store, relay, self.tasks)
         self.loginFlow = LoginFlow(
@@ -156,7 +158,7 @@ class ChatService(service.Service):
         if not self.running:
             return defer.succeed(None)
         super().stopService()
-        return defer.Deferred.fromCoroutine(self._stop())
+        return defer.Deferred.fromCoroutine(self._stop()).addBoth(lambda result: (self.warnings.stop(), result)[1])
 
     async def _stop(self) -> None:
         await self.loginFlow.logoutAll("server shutting down")
@@ -188,8 +190,8 @@ class ChatService(service.Service):
         return self.loginFlow.logout(session, notify)
 
     def congested(self, session) -> None:
-        """C{session} does not read what it is sent: log it out (so what is
-        sent to its user from now on is stored offline) and close it."""
+        """C{session} does not read: log it out (what is sent to it is then stored offline), close it."""
+        self.warnings.warn("slow reader", "[{uid}] does not read what it is sent; logging it out", uid=session.uid)
         if session.uid is not None:
             self.tasks.track(defer.Deferred.fromCoroutine(self.logout(session)))
         session.kick("too slow reading; undelivered messages wait for your next login")

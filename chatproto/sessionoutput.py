@@ -122,7 +122,6 @@ class SessionOutput:
     def _overCap(self) -> None:
         if not self._congested:
             self._congested = True
-            self.log.warn("[{uid}] does not read ({n} bytes unsent); logging it out", uid=self.uid, n=self.unsentBytes())
             self.service.congested(self)
 
     def _write(self, data: bytes) -> None:

@@ -21,8 +21,11 @@ class BackgroundTasks:
 
     log = Logger()
 
-    def __init__(self) -> None:
+    def __init__(self, warnings=None) -> None:
         self.pending: set[defer.Deferred] = set()
+        #: a L{chatproto.logrepeat.RepeatedWarnings} for the expected
+        #: failures that come once per message
+        self.warnings = warnings
 
     def track(self, d: defer.Deferred) -> defer.Deferred:
         self.pending.add(d)
@@ -32,7 +35,10 @@ class BackgroundTasks:
             if isinstance(result, Failure):
                 if result.check(MailboxFull):
                     # Expected: a full mailbox is a fact, not a fault.
-                    self.log.info("not stored offline: {error}", error=result.value)
+                    if self.warnings is not None:
+                        self.warnings.warn("mailbox full", "not stored offline: {error}", error=result.value)
+                    else:
+                        self.log.info("not stored offline: {error}", error=result.value)
                 else:
                     self.log.failure("background task failed", result)
             return None
