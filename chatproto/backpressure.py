@@ -12,7 +12,7 @@ meanwhile wait in the backlog, in order.
 from __future__ import annotations
 
 from chatproto.output import batch
-from chatproto.sessionoutput import OutputValve, setBufferSize
+from chatproto.sessionoutput import OutputValve, bufferingTransport
 
 #: Lines queued behind a slow request before reading from the client pauses.
 BACKLOG_PAUSE = 64
@@ -34,7 +34,9 @@ class Backpressure:
         """At connection: the transport tells the valve when more than the
         high-water mark waits unsent (reading pauses) and when it has all
         gone (reading resumes), as portforward's producers do."""
-        setBufferSize(self.transport, self.outputHighWater)
+        self._buffering = bufferingTransport(self.transport)
+        if hasattr(self._buffering, "bufferSize"):
+            self._buffering.bufferSize = self.outputHighWater
         try:
             self.transport.registerProducer(OutputValve(self), True)
         except (AttributeError, RuntimeError):

@@ -50,17 +50,16 @@ class OutputValve:
         pass
 
 
-def setBufferSize(transport, size: int) -> None:
-    """Set the unsent bytes past which C{transport} pauses its producer
-    (C{FileDescriptor.bufferSize}), looking through wrappers (TLS, PROXY
-    header) to the transport that buffers."""
+def bufferingTransport(transport):
+    """The transport that holds what is unsent (a C{FileDescriptor}),
+    looking through wrappers (TLS, the PROXY header: each has the transport
+    it wraps as C{transport}); C{transport} itself when it wraps none."""
     for _ in range(4):
-        if transport is None:
-            return
-        if hasattr(transport, "bufferSize"):
-            transport.bufferSize = size
-            return
-        transport = getattr(transport, "transport", None)
+        inner = getattr(transport, "transport", None)
+        if inner is None or inner is transport:
+            break
+        transport = inner
+    return transport
 
 
 class SessionOutput:
@@ -76,6 +75,8 @@ class SessionOutput:
     _outBytes = 0
     #: the cap was passed: the session is being logged out
     _congested = False
+    #: the transport that buffers (L{bufferingTransport}), once connected
+    _buffering = None
 
     def reply(self, request: Request, message: dict | None) -> None:
         """Send C{message} as the reply to C{request} (echoing its C{seq})."""
@@ -117,7 +118,7 @@ class SessionOutput:
     def unsentBytes(self) -> int:
         """Output not yet taken by the kernel: gathered for this read and
         buffered by the transport."""
-        return self._outBytes + pendingBytes(self.transport)
+        return self._outBytes + pendingBytes(self._buffering or self.transport)
 
     def _overCap(self) -> None:
         if not self._congested:

@@ -265,3 +265,23 @@ class StartupTests(unittest.TestCase):
 
         url = parseDatabaseURL("mysql://chat:pw@db:3307/chat")
         self.assertEqual(redactedDatabaseURL(url), "mysql://chat@db:3307/chat")
+
+
+class WrappedTransportTests(unittest.TestCase):
+    def test_unsentCountedThroughWrappers(self):
+        """Behind a wrapper (TLS, the PROXY header) the bytes unsent and the
+        high-water mark are those of the transport that buffers."""
+        from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+
+        from chatproto.sessionoutput import bufferingTransport
+
+        h = SessionHarness()
+        inner = SlowTransport(peerAddress=IPv4Address("TCP", "10.0.0.3", 1))
+        protocol = ChatProtocol(h.service, h.clock, 1024, 300, None, 4096, 16 * 1024)
+        wrapper = ProtocolWrapper(WrappingFactory(None), protocol)
+        wrapper.makeConnection(inner)
+        self.assertIs(bufferingTransport(wrapper), inner)
+        self.assertEqual(inner.bufferSize, 4096)
+        inner.write(b"x" * 5000)
+        self.assertEqual(protocol.unsentBytes(), 5000)
+        self.assertEqual(inner.producerState, "paused")
