@@ -111,9 +111,14 @@ class ProcessLimitTests(unittest.TestCase):
         self.spawn("--redis", f"redis://:s3cret@127.0.0.1:{redisPort}/0")
         await waitForPort(self.port)
         self.assertEqual(request(self.port, {"msgid": m.PING_MSG}), {"msgid": m.PONG_MSG})
-        reply = request(self.port, {"msgid": m.REG_MSG, "name": "a", "password": "pw"})
-        self.assertEqual(reply["errno"], m.E_UNAVAILABLE)
-        self.assertIn(f"Redis at redis://127.0.0.1:{redisPort}/0", reply["errmsg"])
+        # Storage comes up first (the reply names what is waited for).
+        for _ in range(100):
+            reply = request(self.port, {"msgid": m.REG_MSG, "name": "a", "password": "pw"})
+            self.assertEqual(reply["errno"], m.E_UNAVAILABLE)
+            if "Redis" in reply["errmsg"]:
+                break
+            await sleep(0.1)
+        self.assertIn(f"waiting for Redis at redis://127.0.0.1:{redisPort}/0", reply["errmsg"])
         for _ in range(100):
             with open(self.logfile) as f:
                 log = f.read()
