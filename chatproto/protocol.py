@@ -5,8 +5,11 @@ A line starting with C{{} is the JSON dialect; any other line is a text
 command.  Requests of one connection are carried out one at a time, in
 order, so a client may pipeline (log in and chat without waiting); while one
 waits on storage, later lines queue and, past a limit, reading from that
-client pauses.  An exception in one line's handler is logged and answered
-with an error, never fatal to the connection.
+client pauses, as it does while too much output waits for the client
+(L{chatproto.backpressure}).  An exception in one line's handler is logged
+and answered with an error, never fatal to the connection
+(L{chatproto.replies}).  A connection that has not logged in within
+C{loginTimeout} seconds is closed; only complete lines reset the idle timer.
 """
 
 from __future__ import annotations
@@ -22,13 +25,13 @@ from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
 from chatproto import messages as m
-from chatproto.backpressure import Backpressure
-from chatproto.replies import Replies
 from chatproto import textdialect
+from chatproto.backpressure import Backpressure
 from chatproto.framing import TOO_LONG, LineFramer
 from chatproto.interfaces import IChatSession
 from chatproto.messages import RequestError
 from chatproto.output import batch, rawSocket
+from chatproto.replies import Replies
 from chatproto.sessionoutput import JSON, TEXT, SessionOutput
 
 
@@ -39,9 +42,6 @@ MAX_PENDING_OUTPUT = 4 * 1024 * 1024
 #: Unsent output past which a connection's requests are not read
 #: (C{--output-high-water}); reading resumes once it has all been sent.
 OUTPUT_HIGH_WATER = 256 * 1024
-
-#: Seconds a connection may stay without logging in (C{--login-timeout}).
-LOGIN_TIMEOUT = 30
 
 #: Seconds a kicked session that does not read gets before it is aborted.
 ABORT_AFTER = 30

@@ -1,6 +1,7 @@
 """
 What the chat service's parts share: background work that shutdown waits
-for, and store calls whose outages become error replies.
+for, store calls whose outages (and full mailboxes) become error replies,
+and the start-up gate.
 """
 
 from __future__ import annotations
@@ -91,7 +92,9 @@ async def loggedWait(clock, what: str, d):
 
 
 class ReadyGate:
-    """Where requests wait while the service starts."""
+    """Whether the service has started.  Until it has, requests other than
+    PING are refused at once with errno 30 (L{refuse}), naming what start-up
+    waits for; L{whenReady} is for code that needs to wait (tests, tools)."""
 
     def __init__(self) -> None:
         #: True once start-up has finished.
