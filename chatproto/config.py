@@ -175,3 +175,16 @@ def parseRedisURL(url: str) -> RedisURL:
         tls=parts.scheme == "rediss",
         ca=parse_qs(parts.query).get("ca", [None])[0],
     )
+
+
+def redactedRedisURL(url: RedisURL) -> str:
+    """C{url} for the log: no password."""
+    scheme = "rediss" if url.tls else "redis"
+    return f"{scheme}://{url.host}:{url.port}/{url.db}"
+
+
+def redactedDatabaseURL(url: DatabaseURL) -> str:
+    """C{url} for the log: no password."""
+    if url.kind == "sqlite":
+        return f"sqlite:{url.path}"
+    return f"mysql://{url.user}@{url.host}:{url.port}/{url.database}"

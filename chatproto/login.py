@@ -6,6 +6,8 @@ offline messages over with the login reply, tell the friends; and logout.
 
 from __future__ import annotations
 
+import json
+
 from twisted.internet import defer
 from twisted.logger import Logger
 
@@ -13,6 +15,7 @@ from chatproto import messages as m
 from chatproto.interfaces import ClaimResult, Location, PresenceUnavailable
 from chatproto.messages import RequestError, encode
 from chatproto.registry import OFFLINE, ONLINE
+from chatproto.sqloffline import pageOffline
 from chatproto.tasks import storeCall
 from chatproto.throttle import LoginThrottle
 
@@ -128,8 +131,11 @@ class LoginFlow:
         def handoff(payloads) -> bool:
             if session.uid != uid or not session.connected:
                 return False
-            ack["offlinemsg"] = payloads
+            # A bounded login reply; the rest follow it as pushes.
+            ack["offlinemsg"], rest = pageOffline(payloads)
             session.reply(request, ack)
+            for payload in rest:
+                session.send(json.loads(payload), payload.encode("utf-8"), force=True)
             session.unhold()
             return True
 

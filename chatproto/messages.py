@@ -71,6 +71,7 @@ E_NO_SUCH_GROUP = 21
 E_NOT_A_MEMBER = 22
 E_NAME_TAKEN = 23
 E_SELF = 24
+E_MAILBOX_FULL = 25
 E_UNAVAILABLE = 30
 E_INTERNAL = 31
 #: FRIEND_REPLY: no unanswered, unexpired request from that user.
@@ -95,6 +96,7 @@ ERROR_TEXT = {
     E_NOT_A_MEMBER: "you are not a member of this group",
     E_NAME_TAKEN: "name taken",
     E_SELF: "you cannot do that to yourself",
+    E_MAILBOX_FULL: "the recipient's mailbox is full",
     E_UNAVAILABLE: "service temporarily unavailable; try again",
     E_INTERNAL: "internal error",
     E_NO_SUCH_REQUEST: "no pending friend request from this user",

@@ -110,6 +110,7 @@ MYSQL = Dialect(
     insertIgnore="INSERT IGNORE",
     migrations=MYSQL_MIGRATIONS,
     integrityErrors=(pymysql.err.IntegrityError,),
+    byteLength="LENGTH(%s)",
 )
 
 #: Failures that mean the connection is gone (or never came): retried.

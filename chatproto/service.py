@@ -20,6 +20,7 @@ raises L{RequestError} for an error reply.
 from __future__ import annotations
 
 import inspect
+import math
 import time
 
 from twisted.application import service
@@ -30,9 +31,12 @@ from chatproto import _twisted
 from chatproto import messages as m
 from chatproto.delivery import Delivery
 from chatproto.friendrequests import AUTO, FriendRequests
-from chatproto.interfaces import NameTaken, NoSuchGroup
+from chatproto.interfaces import NameTaken, NoSuchGroup, NoSuchUser
+from chatproto.listening import describeFailure
 from chatproto.login import LoginFlow, groupDict
+from chatproto.logrepeat import RepeatedWarnings
 from chatproto.messages import RequestError
+from chatproto.ratelimit import TokenBucketLimiter
 from chatproto.registry import SessionRegistry
 from chatproto.tasks import BackgroundTasks, ReadyGate, storeCall
 
@@ -51,6 +55,25 @@ class _Clock:
             self._second = second
             self._text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
         return self._text
+
+
+def _limit(limiter, key, what: str) -> None:
+    """Take a token of C{limiter} for C{key}, or refuse with errno 3."""
+    wait = limiter.take(key)
+    if wait > 0:
+        raise RequestError(m.E_THROTTLED, f"{what}; retry in {math.ceil(wait)} s")
+
+
+async def _deliverCounted(delivery, uids, message) -> tuple[int, int]:
+    """Deliver a group chat; (stored offline, refused: mailbox full)."""
+    try:
+        return len(await delivery.deliver(uids, message, store=True)), 0
+    except RequestError as e:
+        full = getattr(e, "mailboxFull", None)
+        if full is None:
+            raise
+        # Some members' mailboxes are full: the others have it.
+        return len(full.stored), len(full.refused)
 
 
 def _deliveredAck(toid: int) -> m.Reply:
@@ -87,7 +110,8 @@ class ChatService(service.Service):
         self.clock = clock
         self.onRelogin = onRelogin
         self.serverName = presence.serverName
-        self.tasks = BackgroundTasks()
+        self.warnings = RepeatedWarnings(self.log, clock)  # per-message warnings: one line, then a count
+        self.tasks = BackgroundTasks(self.warnings)
         self.registry = SessionRegistry(self.serverName, presence)
         self.delivery = Delivery(self.registry, store, relay, self.tasks)
         self.loginFlow = LoginFlow(
@@ -97,6 +121,8 @@ class ChatService(service.Service):
         self.friendRequests = FriendRequests(friendRequests, self.registry, self.delivery, store, clock, self.tasks)
         self.loginFlow.friendRequests = self.friendRequests
         self.ready = ReadyGate()
+        self.registerLimiter = TokenBucketLimiter(clock, burst=100, rate=1.0)  # per address
+        self.waitingFor: dict[str, str] = {}  # start-up stage -> what it waits for (no passwords)
         self._time = _Clock(clock)
         #: the registry's uid -> logged-in session, and sid -> connection
         self.sessions = self.registry.sessions
@@ -111,10 +137,10 @@ class ChatService(service.Service):
         d.addErrback(self._startFailed)
 
     def _startFailed(self, failure) -> None:
-        self.log.failure("chat server {name} could not start", failure, name=self.serverName)
         self.ready.fail(RequestError(m.E_UNAVAILABLE, "server is starting up or could not start"))
         if self.onStartFailure is not None:
-            self.onStartFailure(failure)
+            return self.onStartFailure(failure)
+        self.log.error("chat server {name} could not start: {e}", name=self.serverName, e=describeFailure(failure))
 
     #: Called with the failure when start-up fails (twistd: stop the reactor).
     onStartFailure = None
@@ -129,9 +155,10 @@ class ChatService(service.Service):
         return self.ready.whenReady()
 
     async def _start(self) -> None:
-        await self.store.start()
-        await self.presence.start(self.registry.loginCount)
-        await self.relay.start(self.delivery)
+        wait = lambda stage, d: self.ready.stage(self.clock, self.waitingFor.get(stage, stage), d)  # noqa: E731
+        await wait("store", self.store.start())
+        await wait("presence", self.presence.start(self.registry.loginCount))
+        await wait("relay", self.relay.start(self.delivery))
         self.log.info("chat server {name} ready", name=self.serverName)
         self.ready.open()
 
@@ -139,7 +166,7 @@ class ChatService(service.Service):
         if not self.running:
             return defer.succeed(None)
         super().stopService()
-        return defer.Deferred.fromCoroutine(self._stop())
+        return defer.Deferred.fromCoroutine(self._stop()).addBoth(lambda result: (self.warnings.stop(), result)[1])
 
     async def _stop(self) -> None:
         await self.loginFlow.logoutAll("server shutting down")
@@ -171,8 +198,8 @@ class ChatService(service.Service):
         return self.loginFlow.logout(session, notify)
 
     def congested(self, session) -> None:
-        """C{session} does not read what it is sent: log it out (so what is
-        sent to its user from now on is stored offline) and close it."""
+        """C{session} does not read: log it out (what is sent to it is then stored offline), close it."""
+        self.warnings.warn("slow reader", "[{uid}] does not read what it is sent; logging it out", uid=session.uid)
         if session.uid is not None:
             self.tasks.track(defer.Deferred.fromCoroutine(self.logout(session)))
         session.kick("too slow reading; undelivered messages wait for your next login")
@@ -187,8 +214,8 @@ class ChatService(service.Service):
         @return: a reply L{dict}, L{None}, or a Deferred of either.
         @raise RequestError: for an error reply.
         """
-        if not self.ready.isReady:
-            return self.ready.whenReady().addCallback(lambda _: self.handle(session, request))
+        if not self.ready.isReady and request.spec.name != "ping":
+            self.ready.refuse()
         if request.spec.needsLogin and session.uid is None:
             raise RequestError(m.E_NOT_LOGGED_IN)
         result = getattr(self, "do_" + request.spec.name)(session, request)
@@ -204,6 +231,7 @@ class ChatService(service.Service):
     async def do_register(self, session, request) -> dict:
         name = m.checkName(request.args["name"])
         password = m.checkPassword(request.args["password"])
+        _limit(self.registerLimiter, session.peerHost, "too many registrations from your address")
         passwordHash = await self.hasher.hash(password)
         try:
             uid = await storeCall(self.store.createUser(name, passwordHash))
@@ -287,9 +315,9 @@ class ChatService(service.Service):
             "time": self.now(),
         }
         others = [u.id for u in members if u.id != session.uid]
-        stored = await self.delivery.deliver(others, out, store=True)
-        delivered, stored = len(others) - len(stored), len(stored)
-        return {"msgid": m.GROUP_CHAT_MSG_ACK, "errno": m.OK, "groupid": gid, "delivered": delivered, "stored": stored}
+        stored, full = await _deliverCounted(self.delivery, others, out)
+        ack = {"msgid": m.GROUP_CHAT_MSG_ACK, "errno": m.OK, "groupid": gid, "delivered": len(others) - stored - full}
+        return dict(ack, stored=stored, **({"full": full} if full else {}))
 
     async def do_friends(self, session, request) -> dict:
         friends = await storeCall(self.store.getFriends(session.uid))

@@ -45,6 +45,9 @@ class Dialect:
     migrations: tuple[tuple[str, ...], ...]
     #: Exception classes raised for a unique-key violation.
     integrityErrors: tuple[type[BaseException], ...] = field(default=())
+    #: The length in bytes of a text column (C{%} the column), for the
+    #: mailbox caps.
+    byteLength: str = "LENGTH(CAST(%s AS BLOB))"
 
 
 SQLITE_MIGRATIONS = (

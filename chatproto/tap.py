@@ -15,7 +15,14 @@ from twisted.python import usage
 
 from twisted.python.failure import Failure
 
-from chatproto.config import IniOptions, number, parseDatabaseURL, parseRedisURL
+from chatproto.config import (
+    IniOptions,
+    number,
+    parseDatabaseURL,
+    parseRedisURL,
+    redactedDatabaseURL,
+    redactedRedisURL,
+)
 from chatproto.listening import CheckedEndpoint, describeFailure
 
 log = Logger()
@@ -245,6 +252,20 @@ class StartFailure:
             self._reactor.callWhenRunning(self._reactor.stop)
 
 
+def wireLimits(options, reactor, store, chat) -> None:
+    """The limits of issue 9 that live in the store and the service:
+    mailbox caps, registrations per address, what start-up waits for."""
+    from chatproto.ratelimit import TokenBucketLimiter
+
+    store.mailboxMaxMessages = options["mailbox-max-messages"]
+    store.mailboxMaxBytes = options["mailbox-max-bytes"]
+    chat.registerLimiter = TokenBucketLimiter(reactor, burst=options["register-burst"], rate=options["register-rate"])
+    chat.waitingFor["store"] = f"the database at {redactedDatabaseURL(options['db-url'])}"
+    if options["redis-url"] is not None:
+        redis = f"Redis at {redactedRedisURL(options['redis-url'])}"
+        chat.waitingFor["presence"] = chat.waitingFor["relay"] = redis
+
+
 def makeService(options, reactor=None) -> service.MultiService:
     """
     The service tree.  Called by twistd (no C{reactor}): a start-up failure
@@ -281,6 +302,7 @@ def makeService(options, reactor=None) -> service.MultiService:
         store, presence, relay, hasher, reactor, onRelogin=options["on-relogin"], friendRequests=options["friend-requests"]
     )
     chat.onStartFailure = startFailed
+    wireLimits(options, reactor, store, chat)
     top = service.MultiService()
     # Stopped last: hashing still running for a session is waited for.
     kdf.setServiceParent(top)
@@ -288,7 +310,15 @@ def makeService(options, reactor=None) -> service.MultiService:
     # before sessions are ended.
     chat.setServiceParent(top)
     idle = options["idle-timeout"] or None
-    factory = ChatFactory(chat, reactor, maxLength=options["max-line"], idleTimeout=idle)
+    factory = ChatFactory(
+        chat,
+        reactor,
+        maxLength=options["max-line"],
+        idleTimeout=idle,
+        loginTimeout=options["login-timeout"] or None,
+        outputHighWater=options["output-high-water"],
+        outputCap=options["output-cap"],
+    )
     for endpoint in endpoints:
         StreamServerEndpointService(endpoint, factory).setServiceParent(top)
     return top

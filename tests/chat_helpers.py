@@ -195,6 +195,10 @@ async def listeningPorts(top) -> list:
     for child in top:
         if isinstance(child, StreamServerEndpointService):
             ports.append(await child._waitingForPort)
+    # Until the chat service is ready, requests other than PING get errno 30.
+    for child in top:
+        if hasattr(child, "whenReady"):
+            await child.whenReady()
     return ports
 
 
