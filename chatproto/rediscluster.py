@@ -77,7 +77,7 @@ from twisted.python.failure import Failure
 
 from chatproto.interfaces import Location, PresenceUnavailable
 from chatproto.redislink import CommandProtocol, Link, SubscriberProtocol
-from chatproto.redisscripts import DEREGISTER, REASSERT, REGISTER
+from chatproto.redisscripts import DEREGISTER, REASSERT, REGISTER, RELEASE, scriptCall
 
 log = Logger()
 
@@ -140,11 +140,13 @@ class RedisCluster:
         self.presence = RedisPresence(self)
         self.relay = RedisRelay(self)
         self.commands = Link(self, "command", CommandProtocol, self._commandsReady)
-        self.subscriber = Link(self, "subscriber", SubscriberProtocol, self.relay.subscriberReady, self.relay.received)
+        self.subscriber = Link(self, "subscriber", SubscriberProtocol, self._subscriberReady, self.relay.received)
         self.loginCount = lambda: 0
         #: set while this server's registry entry is believed current
         self.registered = False
-        self._needReassert = False
+        #: set once this server has announced its shutdown (deregistered)
+        self.stopping = False
+        self._checking: defer.Deferred | None = None
         self._users = set()  # "presence", "relay": who needs the command link
         self._refresher: task.LoopingCall | None = None
         self._pinger: task.LoopingCall | None = None
@@ -156,14 +158,25 @@ class RedisCluster:
         """The ready command connection; L{PresenceUnavailable} if none."""
         p = self.commands.protocol
         if p is None or not p.connected:
-            raise PresenceUnavailable(f"not connected to Redis at {self.url.host}:{self.url.port}")
+            host, port = self.commands.address
+            raise PresenceUnavailable(f"not connected to Redis at {host}:{port}")
         return p
 
     def eval(self, script: str, args) -> defer.Deferred:
-        """Run C{script} with C{args} as ARGV; Redis failures become
+        """Run C{script} (one of L{chatproto.redisscripts}) for C{args}: its
+        KEYS and ARGV are built by L{scriptCall}.  Redis failures become
         L{PresenceUnavailable}."""
         try:
-            d = self.protocol().eval(script, [], [self.prefix, *args])
+            keys, argv = scriptCall(script, self.prefix, args)
+            d = self.protocol().eval(script, keys, argv)
+        except Exception:
+            d = defer.fail()
+        return d.addErrback(unavailable)
+
+    def command(self, *args) -> defer.Deferred:
+        """One plain command on the command connection."""
+        try:
+            d = self.protocol().execute_command(*args)
         except Exception:
             d = defer.fail()
         return d.addErrback(unavailable)
@@ -204,8 +217,11 @@ class RedisCluster:
 
     @defer.inlineCallbacks
     def register(self):
-        """Write this server's registry entry; re-assert its users if
-        Redis had forgotten it.  Fires with whether it existed."""
+        """Write this server's registry entry, then check its sessions
+        against presence (L{checkSessions}).  Fires with whether the entry
+        existed."""
+        if self.stopping:
+            raise PresenceUnavailable(f"{self.name} is shutting down")
         existed = yield self.eval(
             REGISTER,
             [
@@ -220,12 +236,9 @@ class RedisCluster:
         )
         existed = int(existed) == 1
         if not existed and self.registered is not None:
-            # Not the first registration: Redis forgot this server.
-            self._needReassert = True
+            log.info("the registry entry of {name} was gone (Redis restarted or failed over); re-asserting", name=self.name)
         self.registered = True
-        if self._needReassert:
-            yield self._reassert()
-            self._needReassert = False
+        yield self.checkSessions()
         waiters, self._registeredWaiters = self._registeredWaiters, []
         for d in waiters:
             d.callback(None)
@@ -245,10 +258,33 @@ class RedisCluster:
 
         return d.addErrback(failed)
 
-    @defer.inlineCallbacks
-    def _reassert(self):
-        """Re-assert the presence of this server's logged-in users; kick the
-        ones another server took meanwhile."""
+    def checkSessions(self) -> defer.Deferred:
+        """
+        Compare this server's sessions with presence, after every
+        (re)connection and (re)subscription and on each refresh: write the
+        entries Redis lost (restart, failover: replication is asynchronous),
+        and close the local sessions whose account another server took (a
+        kick published while this server's subscriber was reconnecting is
+        lost; this repairs it).  One check at a time; a check asked for
+        while one runs runs once more after it.
+        """
+        if self._checking is not None:
+            self._checkAgain = True
+            return self._checking
+        self._checkAgain = False
+        d = self._checking = defer.ensureDeferred(self._check())
+
+        def done(result):
+            self._checking = None
+            if self._checkAgain and not self.stopping:
+                return self.checkSessions()
+            return result
+
+        return d.addBoth(done)
+
+    _checkAgain = False
+
+    async def _check(self) -> None:
         receiver = self.relay.receiver
         if receiver is None:
             return
@@ -261,21 +297,45 @@ class RedisCluster:
             args = [self.name]
             for uid, sid in sessions[start : start + 500]:
                 args += [int(uid), sid]
-            lost += (yield self.eval(REASSERT, args))
-        log.info(
-            "re-asserted {n} sessions of {name} in Redis; {lost} logged in elsewhere meanwhile",
-            n=len(sessions) - len(lost),
-            name=self.name,
-            lost=len(lost),
-        )
+            lost += await self.eval(REASSERT, args)
+        if lost:
+            log.info(
+                "{lost} of the {n} sessions of {name} are logged in elsewhere now; closing them here",
+                n=len(sessions),
+                name=self.name,
+                lost=len(lost),
+            )
         for uid in lost:
             uid = int(uid)
             receiver.kickLocal(uid, sids[uid], "logged in elsewhere")
+        # Sessions that ended while the check ran: the check may have
+        # written their entry again; take it back (compare-and-delete).
+        current = dict(receiver.localSessions())
+        for uid, sid in sessions:
+            if current.get(uid) != sid:
+                await self.eval(RELEASE, [self.name, int(uid), sid])
+
+    def _subscriberReady(self, p) -> None:
+        """The subscriber is (re)connected: subscribe, and once Redis has
+        taken the subscription (a PING answered after it), check the
+        sessions: kicks published while it was away were lost."""
+        self.relay.subscriberReady(p)
+        if "presence" not in self._users or self.stopping:
+            return
+
+        def subscribed(_):
+            if self.registered and not self.stopping:
+                return self.checkSessions()
+            return None
+
+        d = p.ping().addCallback(subscribed)
+        d.addErrback(lambda f: log.warn("checking sessions after subscribing: {error}", error=f.getErrorMessage()))
 
     def startRegistry(self, loginCount) -> defer.Deferred:
         """Register this server and keep its entry fresh; fires once
         registered."""
         self.loginCount = loginCount
+        self.stopping = False
         self._users.add("presence")
         self.registered = None  # first registration: nothing to re-assert
         d = defer.Deferred()
@@ -291,8 +351,15 @@ class RedisCluster:
         return d
 
     @defer.inlineCallbacks
-    def stopRegistry(self):
-        self._users.discard("presence")
+    def announceStop(self):
+        """
+        This server is shutting down: stop refreshing and delete its
+        registry entry at once, so that its users count as offline
+        everywhere (other servers store what they send them, and their
+        logins elsewhere succeed even with C{--on-relogin reject}) and the
+        balancer stops sending it clients.  Idempotent.
+        """
+        self.stopping = True
         if self._refresher is not None and self._refresher.running:
             self._refresher.stop()
         self._refresher = None
@@ -302,6 +369,11 @@ class RedisCluster:
             except PresenceUnavailable as e:
                 log.warn("could not deregister {name}: {error}", name=self.name, error=e)
         self.registered = False
+
+    @defer.inlineCallbacks
+    def stopRegistry(self):
+        yield self.announceStop()
+        self._users.discard("presence")
         yield self.release("presence", self.relay.inflight)
 
     # --- keep-alive --------------------------------------------------------
