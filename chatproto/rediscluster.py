@@ -77,7 +77,8 @@ from twisted.python.failure import Failure
 
 from chatproto.interfaces import Location, PresenceUnavailable
 from chatproto.redislink import CommandProtocol, Link, SubscriberProtocol
-from chatproto.redisscripts import DEREGISTER, REASSERT, REGISTER, RELEASE, scriptCall
+from chatproto.redischeck import SessionCheck
+from chatproto.redisscripts import DEREGISTER, REGISTER, scriptCall
 
 log = Logger()
 
@@ -146,7 +147,7 @@ class RedisCluster:
         self.registered = False
         #: set once this server has announced its shutdown (deregistered)
         self.stopping = False
-        self._checking: defer.Deferred | None = None
+        self.sessionCheck = SessionCheck(self)
         self._users = set()  # "presence", "relay": who needs the command link
         self._refresher: task.LoopingCall | None = None
         self._pinger: task.LoopingCall | None = None
@@ -259,77 +260,14 @@ class RedisCluster:
         return d.addErrback(failed)
 
     def checkSessions(self) -> defer.Deferred:
-        """
-        Compare this server's sessions with presence, after every
-        (re)connection and (re)subscription and on each refresh: write the
-        entries Redis lost (restart, failover: replication is asynchronous),
-        and close the local sessions whose account another server took (a
-        kick published while this server's subscriber was reconnecting is
-        lost; this repairs it).  One check at a time; a check asked for
-        while one runs runs once more after it.
-        """
-        if self._checking is not None:
-            self._checkAgain = True
-            return self._checking
-        self._checkAgain = False
-        d = self._checking = defer.ensureDeferred(self._check())
-
-        def done(result):
-            self._checking = None
-            if self._checkAgain and not self.stopping:
-                return self.checkSessions()
-            return result
-
-        return d.addBoth(done)
-
-    _checkAgain = False
-
-    async def _check(self) -> None:
-        receiver = self.relay.receiver
-        if receiver is None:
-            return
-        sessions = list(receiver.localSessions())
-        if not sessions:
-            return
-        sids = dict(sessions)
-        lost = []
-        for start in range(0, len(sessions), 500):
-            args = [self.name]
-            for uid, sid in sessions[start : start + 500]:
-                args += [int(uid), sid]
-            lost += await self.eval(REASSERT, args)
-        if lost:
-            log.info(
-                "{lost} of the {n} sessions of {name} are logged in elsewhere now; closing them here",
-                n=len(sessions),
-                name=self.name,
-                lost=len(lost),
-            )
-        for uid in lost:
-            uid = int(uid)
-            receiver.kickLocal(uid, sids[uid], "logged in elsewhere")
-        # Sessions that ended while the check ran: the check may have
-        # written their entry again; take it back (compare-and-delete).
-        current = dict(receiver.localSessions())
-        for uid, sid in sessions:
-            if current.get(uid) != sid:
-                await self.eval(RELEASE, [self.name, int(uid), sid])
+        """Compare this server's sessions with presence (see
+        L{chatproto.redischeck.SessionCheck})."""
+        return self.sessionCheck.run()
 
     def _subscriberReady(self, p) -> None:
-        """The subscriber is (re)connected: subscribe, and once Redis has
-        taken the subscription (a PING answered after it), check the
-        sessions: kicks published while it was away were lost."""
         self.relay.subscriberReady(p)
-        if "presence" not in self._users or self.stopping:
-            return
-
-        def subscribed(_):
-            if self.registered and not self.stopping:
-                return self.checkSessions()
-            return None
-
-        d = p.ping().addCallback(subscribed)
-        d.addErrback(lambda f: log.warn("checking sessions after subscribing: {error}", error=f.getErrorMessage()))
+        if "presence" in self._users and not self.stopping:
+            self.sessionCheck.afterSubscribe(p)
 
     def startRegistry(self, loginCount) -> defer.Deferred:
         """Register this server and keep its entry fresh; fires once

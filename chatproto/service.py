@@ -33,6 +33,7 @@ from chatproto.interfaces import NameTaken, NoSuchGroup, NoSuchUser
 from chatproto.login import LoginFlow, groupDict
 from chatproto.messages import RequestError
 from chatproto.registry import SessionRegistry
+from chatproto.shutdown import GracefulStop
 from chatproto.tasks import BackgroundTasks, ReadyGate, storeCall
 
 
@@ -89,6 +90,7 @@ class ChatService(service.Service):
             self.registry, self.delivery, store, presence, relay, hasher, clock, self.tasks, onRelogin
         )
         self.ready = ReadyGate()
+        self.shutdown = GracefulStop(self)
         self._time = _Clock(clock)
         #: the registry's uid -> logged-in session, and sid -> connection
         self.sessions = self.registry.sessions
@@ -134,9 +136,8 @@ class ChatService(service.Service):
         return defer.Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
-        await self.loginFlow.logoutAll("server shutting down")
-        if self.tasks.pending:
-            await self.tasks.wait()
+        # Answer what was read, say goodbye, then log out (shutdown.py).
+        await self.shutdown.run()
         for name, stop in (("relay", self.relay.stop), ("presence", self.presence.stop), ("store", self.store.close)):
             try:
                 await stop()
@@ -180,13 +181,15 @@ class ChatService(service.Service):
         @raise RequestError: for an error reply.
         """
         if not self.ready.isReady:
-            return self.ready.whenReady().addCallback(lambda _: self.handle(session, request))
+            return self.shutdown.track(self.ready.whenReady().addCallback(lambda _: self.handle(session, request)))
         if request.spec.needsLogin and session.uid is None:
             raise RequestError(m.E_NOT_LOGGED_IN)
         result = getattr(self, "do_" + request.spec.name)(session, request)
         if inspect.iscoroutine(result):
-            return defer.Deferred.fromCoroutine(result)
-        return result
+            return self.shutdown.track(defer.Deferred.fromCoroutine(result))
+        if result is None or isinstance(result, dict):
+            return result
+        return self.shutdown.track(result)
 
     # --- handlers ----------------------------------------------------------
 
