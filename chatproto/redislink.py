@@ -62,6 +62,7 @@ class Link(protocol.ClientFactory):
     isLazy = True  # txredisapi: errors are logged, not raised to a caller
     initialDelay = 0.1
     maxDelay = 5.0
+    sentinelMaxDelay = 1.0
     factor = 2.0
     connectTimeout = 3
 
@@ -235,7 +236,10 @@ class Link(protocol.ClientFactory):
                 why=reason.getErrorMessage(),
             )
         delay = random.uniform(0.8, 1.2) * self.delay
-        self.delay = min(self.delay * self.factor, self.maxDelay)
+        # With Sentinel a lost connection usually means a failover, and the
+        # next look-up is cheap: retry sooner.
+        cap = self.sentinelMaxDelay if getattr(self.cluster.url, "sentinels", None) else self.maxDelay
+        self.delay = min(self.delay * self.factor, cap)
         self._retryCall = self.reactor.callLater(delay, self._connect)
 
     def drop(self) -> None:

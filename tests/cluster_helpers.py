@@ -194,9 +194,13 @@ class RedisServer:
             "--appendonly", "no",
             "--dir", self.directory,
             "--daemonize", "no",
+            *self.extraArgs,
         ]  # fmt: skip
         self.process = Process(argv, os.path.join(self.directory, "redis.log"))
         return until(lambda: canConnect("127.0.0.1", self.port), 10, what="redis-server to listen")
+
+    #: more redis-server arguments
+    extraArgs: tuple = ()
 
     def kill(self) -> None:
         if self.process is not None:
@@ -458,6 +462,8 @@ class SentinelGroup:
     def __init__(self, name: str = "mymaster") -> None:
         self.name = name
         self.master = RedisServer()
+        # The replica's first sync starts at once (the default waits 5 s).
+        self.master.extraArgs = ("--repl-diskless-sync-delay", "0")
         self.replica = RedisReplica(self.master)
         self.sentinels = [RedisSentinel(self.master, name) for _ in range(3)]
 
@@ -473,11 +479,11 @@ class SentinelGroup:
         def replicated():
             r = SyncRedis(port=self.master.port)
             try:
-                return "connected_slaves:1" in r("INFO", "replication")
+                return "state=online" in r("INFO", "replication")
             finally:
                 r.close()
 
-        await until(replicated, 20, interval=0.05, what="the replica to sync")
+        await until(replicated, 20, interval=0.05, what="the replica's first sync")
         for s in self.sentinels:
             await s.start()
 
