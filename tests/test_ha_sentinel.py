@@ -17,22 +17,28 @@ import json
 import time
 
 from twisted.internet import defer, reactor, task
+from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.testing import StringTransport
-from twisted.logger import Logger
+from twisted.logger import Logger, globalLogPublisher
 from twisted.trial import unittest
 
 from chatproto import messages as m
 from chatproto.common.redisurl import parseRedisURL
 from chatproto.common.sentinel import MasterNotFound, _MasterQuery, masterAddress
+from chatproto.rediscluster import RedisCluster
+from chatproto.redislink import CommandProtocol, Link
 from chatproto.tap import Options, makeService
 from tests.chat_helpers import TCPClientsMixin, listeningPorts
 from tests.cluster_helpers import (
     REDIS_URL,
+    RedisReplica,
+    RedisServer,
     SentinelGroup,
     SyncRedis,
     clusterChatArgs,
     freePort,
     mysqlURL,
+    uniquePrefix,
     until,
     useFreshCluster,
 )
@@ -232,3 +238,50 @@ class SentinelFailoverTests(TCPClientsMixin, unittest.TestCase):
                 out.append(await client.next(quiet))
             except defer.TimeoutError:
                 return out
+
+
+class FakeSentinel(Protocol):
+    """Answers every command with the address in its factory."""
+
+    def dataReceived(self, data):
+        host, port = self.factory.address
+        host, port = host.encode(), str(port).encode()
+        self.transport.write(b"*2\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(host), host, len(port), port))
+
+
+class RoleCheckTests(unittest.TestCase):
+    """A sentinel naming a replica (it has not seen the failover yet): the
+    connection is refused after ROLE, and made once the master is named."""
+
+    async def test_replicaRefused(self):
+        master = RedisServer()
+        self.addCleanup(master.cleanup)
+        await master.start()
+        replica = RedisReplica(master)
+        self.addCleanup(replica.cleanup)
+        await replica.start()
+        factory = ServerFactory.forProtocol(FakeSentinel)
+        factory.address = ("127.0.0.1", replica.port)
+        listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        url = parseRedisURL(f"redis+sentinel://127.0.0.1:{listening.getHost().port}/mymaster")
+        cluster = RedisCluster(url, "a", prefix=uniquePrefix(), reactor=reactor)
+        ready = []
+        link = Link(cluster, "command", CommandProtocol, ready.append)
+        self.addCleanup(link.stop)
+        refused = []
+
+        def observe(event):
+            if "not the master" in event.get("log_format", ""):
+                refused.append(event)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        link.start()
+        await until(lambda: len(refused) >= 2, 15, what="the replica to be refused twice")
+        self.assertEqual(ready, [])
+        self.assertIsNone(link.protocol)
+        factory.address = ("127.0.0.1", master.port)
+        await until(lambda: ready, 15, what="the master to be used")
+        self.assertEqual(link.address, ("127.0.0.1", master.port))
+        self.assertEqual((await link.protocol.role())[0], "master")
