@@ -38,6 +38,7 @@ from chatproto.logrepeat import RepeatedWarnings
 from chatproto.messages import RequestError
 from chatproto.ratelimit import TokenBucketLimiter
 from chatproto.registry import SessionRegistry
+from chatproto.shutdown import GracefulStop
 from chatproto.tasks import BackgroundTasks, ReadyGate, storeCall
 
 
@@ -123,6 +124,7 @@ class ChatService(service.Service):
         self.ready = ReadyGate()
         self.registerLimiter = TokenBucketLimiter(clock, burst=100, rate=1.0)  # per address
         self.waitingFor: dict[str, str] = {}  # start-up stage -> what it waits for (no passwords)
+        self.shutdown = GracefulStop(self)
         self._time = _Clock(clock)
         #: the registry's uid -> logged-in session, and sid -> connection
         self.sessions = self.registry.sessions
@@ -169,9 +171,8 @@ class ChatService(service.Service):
         return defer.Deferred.fromCoroutine(self._stop()).addBoth(lambda result: (self.warnings.stop(), result)[1])
 
     async def _stop(self) -> None:
-        await self.loginFlow.logoutAll("server shutting down")
-        if self.tasks.pending:
-            await self.tasks.wait()
+        # Answer what was read, say goodbye, then log out (shutdown.py).
+        await self.shutdown.run()
         for name, stop in (("relay", self.relay.stop), ("presence", self.presence.stop), ("store", self.store.close)):
             try:
                 await stop()
@@ -220,8 +221,10 @@ class ChatService(service.Service):
             raise RequestError(m.E_NOT_LOGGED_IN)
         result = getattr(self, "do_" + request.spec.name)(session, request)
         if inspect.iscoroutine(result):
-            return defer.Deferred.fromCoroutine(result)
-        return result
+            return self.shutdown.track(defer.Deferred.fromCoroutine(result))
+        if result is None or isinstance(result, dict):
+            return result
+        return self.shutdown.track(result)
 
     # --- handlers ----------------------------------------------------------
 

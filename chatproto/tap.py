@@ -285,6 +285,12 @@ def makeService(options, reactor=None) -> service.MultiService:
     from chatproto.limits import raiseOpenFilesLimit
 
     startFailed = StartFailure(reactor, exitStatus)
+    if exitStatus:
+        # twistd: replace the reactor's SIGTERM/SIGINT handlers, which log
+        # from inside the handler (a deadlock against the log file's lock).
+        from chatproto.common.stopsignals import installStopHandlers
+
+        reactor.callWhenRunning(installStopHandlers, reactor)
     endpoints = []
     for description in options["port"]:
         try:
