@@ -63,6 +63,7 @@ class _Features:
     endpointFields = True
     adoptSocket = True
     rawAccept = True
+    redisMaxDelay = True
     checked = False
 
 
@@ -154,6 +155,10 @@ def selfCheck(reactor: Any = None) -> _Features:
     if missing:
         features.rawAccept = False
         log.warn("socket.socket lacks {names}: accepting with socket.accept", names=", ".join(missing))
+    missing = _probeRedis()
+    if missing:
+        features.redisMaxDelay = False
+        log.warn("txredisapi lacks {names}: its default reconnect back-off", names=", ".join(missing))
     if reactor is not None:
         del _reactorWarned[:]
         _reactorMissing(reactor)
@@ -461,15 +466,31 @@ def acceptor(listener: socket.socket) -> Callable[[], tuple[Any, Any]]:
 # -- txredisapi ---------------------------------------------------------------------
 
 
+def _probeRedis() -> list[str]:
+    """The txredisapi private names this version lacks."""
+    import txredisapi
+
+    conn = txredisapi.ConnectionHandler(
+        txredisapi.RedisFactory(None, 0, 1, isLazy=True, convertNumbers=False)
+    )
+    return [] if _redisFactory(conn) is not None else ["_factory.maxDelay"]
+
+
+def _redisFactory(connection: Any) -> Any:
+    factory = getattr(connection, "_factory", None)
+    return factory if isinstance(getattr(factory, "maxDelay", None), (int, float)) else None
+
+
 def setRedisMaxDelay(connection: Any, maxDelay: float) -> bool:
     """
     Cap the reconnection back-off of a txredisapi lazy connection (its
     factory's C{maxDelay}, reached through the private C{_factory}).
-    Returns C{False}, with one log line, when the connection has no such
-    factory (the library's default back-off then applies).
+    Returns C{False}, with one log line, when it has no such factory (the
+    library's longer default back-off then applies).
     """
-    factory = getattr(connection, "_factory", None)
-    if factory is None or not hasattr(factory, "maxDelay"):
+    ensureChecked()
+    factory = _redisFactory(connection) if features.redisMaxDelay else None
+    if factory is None:
         log.warn("txredisapi connection has no _factory.maxDelay: default reconnect back-off")
         return False
     factory.maxDelay = maxDelay

@@ -32,12 +32,12 @@ from balancer.attempt import Attempt
 from balancer.earlydata import HOLD_LIMIT
 from balancer.idletimeout import IdleSweep
 from balancer.interfaces import IProxiedClient
-from balancer.proxyheader import proxy_header, proxyHeader
+from balancer.proxyheader import proxyHeader
 from balancer.rawconnect import ConnectDeadlines, peerSockaddr
 from balancer.selection import Peer, Selector
 from balancer.sides import ServerSide
 
-__all__ = ["BalancerFactory", "HOLD_LIMIT", "proxy_header", "ServerSide"]
+__all__ = ["BalancerFactory", "HOLD_LIMIT", "ServerSide"]
 
 # nginx's proxy_timeout default (seconds); 0 turns it off
 DEFAULT_PROXY_TIMEOUT = 600.0

@@ -108,14 +108,12 @@ class BalancerService(service.MultiService):
         self.reloadFailures = 0
         self.lastReloadError: str | None = None
         self.leanDispatch = False
-        self._dispatchShadowed: set[str] = set()
         self.selector = Selector(reactor, cfg.algorithm)
         self.pool = Pool(reactor, self.selector, checkSettings(cfg), cfg.drain_timeout)
         self.factory = BalancerFactory(
-            reactor, self.selector, cfg.connect_timeout, cfg.tries, cfg.proxy_protocol
+            reactor, self.selector, cfg.connect_timeout, cfg.tries, cfg.proxy_protocol,
+            cfg.proxy_timeout,
         )
-        # read by the data path (idle timer of proxied connections)
-        self.factory.proxy_timeout = cfg.proxy_timeout
         self.factory.on_finished.append(self.pool.connection_ended)
         self.pool.factory = self.factory
         self.pool.set_source("static", cfg.backends)
@@ -154,26 +152,14 @@ class BalancerService(service.MultiService):
             return
         from balancer import fastpoll
 
-        # without fastpoll.uninstall, stopService takes back the instance
-        # attributes install() sets (the reactor's own methods show again)
-        self._dispatchShadowed = {
-            name for name in ("doPoll", "doIteration") if name in vars(self.reactor)
-        } if hasattr(self.reactor, "__dict__") else set()
-        # fastpoll.install returns whether it took over (None: older version)
-        self.leanDispatch = fastpoll.install(self.reactor) is not False
+        self.leanDispatch = fastpoll.install(self.reactor)
 
     def _uninstallDispatch(self) -> None:
         if not self.leanDispatch:
             return
         from balancer import fastpoll
 
-        uninstall = getattr(fastpoll, "uninstall", None)
-        if uninstall is not None:
-            uninstall(self.reactor)
-        elif hasattr(self.reactor, "__dict__"):
-            for name in ("doPoll", "doIteration"):
-                if name not in self._dispatchShadowed and name in vars(self.reactor):
-                    delattr(self.reactor, name)
+        fastpoll.uninstall(self.reactor)
         self.leanDispatch = False
 
     def _listenOne(self, description: str, factory: Any, what: str, **kw: Any) -> Any:

@@ -22,12 +22,13 @@ import socket
 from typing import Any
 
 from twisted.internet import protocol
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, ISSLTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from balancer import _twisted
+from balancer.checker import tlsFailureReason
 from balancer.clientcore import ClientCore
 from balancer.earlydata import EarlyData
 from balancer.interfaces import IProxiedClient
@@ -252,12 +253,26 @@ class BackendSide(_Side):
     The balancer's connection to a backend for one client.
     """
 
+    log = Logger()
+    tls = False
+
     def __init__(self, attempt: Any) -> None:
         self.attempt: Any = attempt
+        self.peer = attempt.peer
 
     def connectionMade(self) -> None:
+        self.tls = ISSLTransport.providedBy(self.transport)
         setNoDelay(self.transport)
         attempt = self.attempt
         self.attempt = None
         if attempt is not None:
             attempt.connected(self)
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        if self.tls:
+            why = tlsFailureReason(reason, self.transport)
+            if why is not None:
+                # a tls: backend whose handshake failed after the TCP
+                # connect: the client is closed, and the log says why
+                self.log.warn("backend {peer}: {why}", peer=self.peer.key, why=why)
+        _Side.connectionLost(self, reason)

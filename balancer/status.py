@@ -37,7 +37,7 @@ HEADER_TIMEOUT = 5.0
 IDLE_TIMEOUT = 10.0
 
 #: the counters summed over the workers under C{total}
-SUMMED = ("accepted", "rejected", "connect_failures", "active")
+SUMMED = ("accepted", "rejected", "connect_failures", "active", "proxy_timeout_closed")
 
 
 def snapshot(balancer: Any) -> dict[str, Any]:
@@ -85,6 +85,8 @@ def snapshot(balancer: Any) -> dict[str, Any]:
         "rejected": factory.rejected,
         "connect_failures": factory.connect_failures,
         "active": len(factory.clients),
+        "proxy_timeout": factory.proxy_timeout,
+        "proxy_timeout_closed": factory.idleSweep.expired,
         "reloads": balancer.reloads,
         "reload_failures": balancer.reloadFailures,
         "last_reload_error": balancer.lastReloadError,
@@ -112,7 +114,7 @@ def combine(own: dict[str, Any], workers: list[tuple[int, int, Any]]) -> dict[st
     """
     data = dict(own)
     entries = [{"index": 0, **own}]
-    total = {name: own[name] for name in SUMMED}
+    total = {name: int(own.get(name, 0)) for name in SUMMED}
     for index, pid, snap in workers:
         if snap is None:
             entries.append({"index": index, "pid": pid, "error": "no answer"})
@@ -153,6 +155,15 @@ class _Collector:
         yield GaugeMetricFamily(
             "balancer_active_connections", "Client connections open now",
             value=self._sum("active", len(f.clients)),
+        )
+        yield GaugeMetricFamily(
+            "balancer_proxy_timeout_seconds", "The proxy timeout (0: off)",
+            value=f.proxy_timeout,
+        )
+        yield CounterMetricFamily(
+            "balancer_proxy_timeout_closed_connections",
+            "Proxied connections closed by the proxy timeout",
+            value=self._sum("proxy_timeout_closed", f.idleSweep.expired),
         )
         yield CounterMetricFamily(
             "balancer_reloads", "Configuration reloads applied", value=b.reloads

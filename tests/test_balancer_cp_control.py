@@ -145,6 +145,24 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual(svc.factory.proxy_timeout, 30.0)
         self.assertEqual(svc.reloads, 1)
 
+    def test_proxy_timeout_from_start_and_reload(self):
+        """
+        The factory gets C{--proxy-timeout} when it is built and again on
+        every reload.
+        """
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("[balancer]\nbackend = 127.0.0.1:6000\nproxy-timeout = 30s\n")
+        svc = BalancerService(
+            configmod.load({"check-interval": "0"}, path), MemoryReactorClock(),
+            handle_sighup=False,
+        )
+        self.assertEqual(svc.factory.idleSweep.timeout, 30.0)
+        with open(path, "w") as f:
+            f.write("[balancer]\nbackend = 127.0.0.1:6000\nproxy-timeout = 2m\n")
+        self.assertTrue(svc.reload())
+        self.assertEqual(svc.factory.idleSweep.timeout, 120.0)
+
     def test_reload_rolls_back_when_applying_fails(self):
         svc = self.service("backend = 127.0.0.1:6000", "check-interval = 0")
         writeIni(self.path, "backend = 127.0.0.1:6001", "algorithm = least-conn",
@@ -263,6 +281,21 @@ class StatusLimitTests(SynchronousTestCase):
         self.assertIn(b'"reload_failures": 0', body)
         self.assertTrue(t.disconnecting)  # one request per connection
 
+    def test_proxy_timeout_fields(self):
+        """
+        The status JSON and C{/metrics} show the proxy timeout in force and
+        how many connections it closed.
+        """
+        self.svc.factory.idleSweep.expired = 3
+        proto, t = self.connect()
+        proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        body = json.loads(t.value().partition(b"\r\n\r\n")[2])
+        self.assertEqual((body["proxy_timeout"], body["proxy_timeout_closed"]), (600.0, 3))
+        proto, t = self.connect()
+        proto.dataReceived(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertIn(b"\nbalancer_proxy_timeout_seconds 600.0\n", t.value())
+        self.assertIn(b"\nbalancer_proxy_timeout_closed_connections_total 3.0\n", t.value())
+
     def test_slow_headers_are_cut(self):
         proto, t = self.connect()
         for _ in range(4):
@@ -290,11 +323,14 @@ class StatusLimitTests(SynchronousTestCase):
         self.assertIsNotNone(p3)
 
     def test_combine_workers(self):
-        own = {"pid": 1, "accepted": 2, "rejected": 0, "connect_failures": 1, "active": 1}
-        w = {"pid": 2, "accepted": 3, "rejected": 1, "connect_failures": 0, "active": 2}
+        own = {"pid": 1, "accepted": 2, "rejected": 0, "connect_failures": 1, "active": 1,
+               "proxy_timeout_closed": 4}
+        w = {"pid": 2, "accepted": 3, "rejected": 1, "connect_failures": 0, "active": 2,
+             "proxy_timeout_closed": 1}
         data = combine(own, [(1, 2, w), (2, 3, None)])
         self.assertEqual(data["total"], {"processes": 3, "accepted": 5, "rejected": 1,
-                                         "connect_failures": 1, "active": 3})
+                                         "connect_failures": 1, "active": 3,
+                                         "proxy_timeout_closed": 5})
         self.assertEqual([e.get("pid") for e in data["workers"]], [1, 2, 3])
         self.assertEqual(data["workers"][2]["error"], "no answer")
 
@@ -343,78 +379,6 @@ class DiscoveryErrorTests(SynchronousTestCase):
     def test_sentinel_not_supported_yet(self):
         self.assertRaises(ConfigError, RedisDiscovery, MemoryReactorClock(),
                           "redis+sentinel://h:26379/m", "p:", 1.0, lambda *a: None)
-
-
-class DispatchRestoreTests(SynchronousTestCase):
-    def test_stop_restores_the_stock_loop_without_uninstall(self):
-        """
-        Without C{fastpoll.uninstall}, stopping the service takes back what
-        C{install} put on the reactor instance.
-        """
-        class LoopReactor(MemoryReactorClock):
-            def doIteration(self, timeout):
-                pass
-
-            doPoll = doIteration
-
-        reactor = LoopReactor()
-        stock = reactor.doIteration
-
-        def install(r):
-            r.doPoll = r.doIteration = lambda timeout: None
-            return True
-
-        self.patch(fastpoll, "install", install)
-        if hasattr(fastpoll, "uninstall"):
-            old = fastpoll.uninstall
-            del fastpoll.uninstall
-            self.addCleanup(setattr, fastpoll, "uninstall", old)
-        svc = BalancerService(
-            buildConfig({"backend": ["127.0.0.1:6000"], "check-interval": "0",
-                         "listen": ["tcp:0:interface=127.0.0.1"]}),
-            reactor, handle_sighup=False,
-        )
-        svc.startService()
-        self.assertNotEqual(reactor.doIteration, stock)
-        self.successResultOf(svc.stopService())
-        self.assertEqual(reactor.doIteration, stock)
-        self.assertNotIn("doPoll", vars(reactor))
-
-
-class RedisInternalsTests(SynchronousTestCase):
-    def test_sets_max_delay(self):
-        from balancer import _redisinternals
-
-        class Factory:
-            maxDelay = 10
-
-        class Conn:
-            _factory = Factory()
-
-        conn = Conn()
-        self.assertTrue(_redisinternals.selfCheck(conn))
-        self.assertTrue(_redisinternals.setMaxReconnectDelay(conn, 5))
-        self.assertEqual(conn._factory.maxDelay, 5)
-
-    def test_falls_back_without_the_attribute(self):
-        from balancer import _redisinternals
-
-        class Conn:
-            pass
-
-        conn = Conn()
-        self.assertFalse(_redisinternals.selfCheck(conn))
-        self.assertFalse(_redisinternals.setMaxReconnectDelay(conn, 5))
-        self.assertFalse(hasattr(conn, "_factory"))
-
-    def test_real_txredisapi_passes_the_check(self):
-        import txredisapi
-
-        from balancer import _redisinternals
-
-        conn = txredisapi.lazyConnection("127.0.0.1", 1, reconnect=False)
-        self.addCleanup(conn.disconnect)
-        self.assertTrue(_redisinternals.selfCheck(conn))
 
 
 class WatchParentTests(SynchronousTestCase):

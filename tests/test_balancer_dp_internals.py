@@ -392,6 +392,36 @@ class RedisMaxDelayTests(SynchronousTestCase):
         self.assertFalse(_twisted.setRedisMaxDelay(object(), 5))
         self.assertEqual(len(events), 1)
 
+    def test_self_check_without_the_attribute_falls_back(self):
+        """
+        A txredisapi without C{_factory.maxDelay}: the start-up check says
+        so once and the back-off is left alone.
+        """
+        events = []
+        self.patch(_twisted, "features", _twisted._Features())
+        self.patch(_twisted, "log", Logger(observer=events.append))
+        self.patch(_twisted, "_redisFactory", lambda conn: None)
+        _twisted.selfCheck()
+        self.assertFalse(_twisted.features.redisMaxDelay)
+        self.assertIn("_factory.maxDelay", [e.get("names") for e in events])
+
+        class Factory:
+            maxDelay = 3600
+
+        class Conn:
+            _factory = Factory()
+
+        self.assertFalse(_twisted.setRedisMaxDelay(Conn(), 5))
+        self.assertEqual(Conn._factory.maxDelay, 3600)
+
+    def test_real_lazy_connection_passes(self):
+        import txredisapi
+
+        conn = txredisapi.lazyConnection("127.0.0.1", 1, reconnect=False)
+        self.addCleanup(conn.disconnect)
+        self.assertTrue(_twisted.setRedisMaxDelay(conn, 5))
+        self.assertEqual(conn._factory.maxDelay, 5)
+
     def test_real_txredisapi_connection_has_it(self):
         """
         The txredisapi this project runs has the private attribute.

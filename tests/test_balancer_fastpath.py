@@ -11,32 +11,32 @@ from twisted.protocols.haproxy._v2parser import V2Parser
 from twisted.trial.unittest import SynchronousTestCase
 
 from balancer.earlydata import HOLD_LIMIT
-from balancer.proxyheader import proxyHeader as proxy_header
+from balancer.proxyheader import proxyHeader
 from balancer.sides import BackendSide, ServerSide, _Side
 
 
 class HeaderTests(SynchronousTestCase):
     def test_v1_tcp4(self):
-        h = proxy_header("v1", IPv4Address("TCP", "10.1.2.3", 5555),
+        h = proxyHeader("v1", IPv4Address("TCP", "10.1.2.3", 5555),
                          IPv4Address("TCP", "127.0.0.1", 8000))
         self.assertEqual(h, b"PROXY TCP4 10.1.2.3 127.0.0.1 5555 8000\r\n")
         info = V1Parser.parse(h.rstrip(b"\r\n"))
         self.assertEqual((info.source.host, info.source.port), ("10.1.2.3", 5555))
 
     def test_v1_tcp6(self):
-        h = proxy_header("v1", IPv6Address("TCP", "::1", 5555),
+        h = proxyHeader("v1", IPv6Address("TCP", "::1", 5555),
                          IPv6Address("TCP", "::1", 8000))
         self.assertEqual(h, b"PROXY TCP6 ::1 ::1 5555 8000\r\n")
 
     def test_v2_parses(self):
-        h = proxy_header("v2", IPv4Address("TCP", "192.0.2.7", 40000),
+        h = proxyHeader("v2", IPv4Address("TCP", "192.0.2.7", 40000),
                          IPv4Address("TCP", "127.0.0.1", 8000))
         info = V2Parser.parse(h)
         self.assertEqual((info.source.host, info.source.port), ("192.0.2.7", 40000))
         self.assertEqual(ip_address(info.destination.host), ip_address("127.0.0.1"))
 
     def test_v2_local_without_addresses(self):
-        h = proxy_header("v2", None, None)
+        h = proxyHeader("v2", None, None)
         self.assertEqual(len(h), 16)
         self.assertEqual(h[12], 0x20)
 
@@ -90,6 +90,8 @@ class ForwardTests(SynchronousTestCase):
         seen = []
 
         class FakeAttempt:
+            peer = None
+
             def connected(self, backend):
                 seen.append(backend)
 
