@@ -54,7 +54,7 @@ class ClientCore:
         self.linkBackend(backend)
         held, self.held = self.held, None
         f = self.factory
-        if f.proxy_protocol is not None:
+        if f.proxyProtocol is not None:
             data = firstBytes(f, self.clientAddress(), self.localAddress(), held)
         elif held is not None:
             data = held.take()

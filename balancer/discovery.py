@@ -55,8 +55,8 @@ def toBackends(
     """
     specs = [
         BackendSpec(
-            address=e.address, weight=e.weight, max_fails=maxFails,
-            fail_timeout=failTimeout, name=e.name,
+            address=e.address, weight=e.weight, maxFails=maxFails,
+            failTimeout=failTimeout, name=e.name,
         )
         for e in entries
     ]

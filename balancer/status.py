@@ -47,7 +47,7 @@ def snapshot(balancer: Any) -> dict[str, Any]:
     factory, pool = balancer.factory, balancer.pool
     now = balancer.reactor.seconds()
     backends = []
-    for peer in pool.all_peers():
+    for peer in pool.allPeers():
         a = peer.active
         backends.append(
             {
@@ -56,7 +56,7 @@ def snapshot(balancer: Any) -> dict[str, Any]:
                 "state": peer.state,
                 "usable": peer.usable(now),
                 "weight": peer.weight,
-                "effective_weight": peer.effective_weight,
+                "effective_weight": peer.effectiveWeight,
                 "backup": peer.backup,
                 "sources": sorted(peer.sources),
                 "active": peer.conns,
@@ -71,10 +71,10 @@ def snapshot(balancer: Any) -> dict[str, Any]:
                     "rise": a.rise,
                     "fall": a.fall,
                     "last_result": (
-                        None if a.last_result is None else ("ok" if a.last_result else "fail")
+                        None if a.lastResult is None else ("ok" if a.lastResult else "fail")
                     ),
-                    "last_check": a.last_check,
-                    "last_error": a.last_error,
+                    "last_check": a.lastCheck,
+                    "last_error": a.lastError,
                 },
             }
         )
@@ -83,9 +83,9 @@ def snapshot(balancer: Any) -> dict[str, Any]:
         "algorithm": balancer.selector.algorithm,
         "accepted": factory.accepted,
         "rejected": factory.rejected,
-        "connect_failures": factory.connect_failures,
+        "connect_failures": factory.connectFailures,
         "active": len(factory.clients),
-        "proxy_timeout": factory.proxy_timeout,
+        "proxy_timeout": factory.proxyTimeout,
         "proxy_timeout_closed": factory.idleSweep.expired,
         "reloads": balancer.reloads,
         "reload_failures": balancer.reloadFailures,
@@ -150,7 +150,7 @@ class _Collector:
         )
         yield CounterMetricFamily(
             "balancer_connect_failures", "Failed backend connection attempts",
-            value=self._sum("connect_failures", f.connect_failures),
+            value=self._sum("connect_failures", f.connectFailures),
         )
         yield GaugeMetricFamily(
             "balancer_active_connections", "Client connections open now",
@@ -158,7 +158,7 @@ class _Collector:
         )
         yield GaugeMetricFamily(
             "balancer_proxy_timeout_seconds", "The proxy timeout (0: off)",
-            value=f.proxy_timeout,
+            value=f.proxyTimeout,
         )
         yield CounterMetricFamily(
             "balancer_proxy_timeout_closed_connections",
@@ -208,7 +208,7 @@ class _Collector:
             "balancer_backend_check_health", "Rise/fall health counter", labels=labels
         )
         now = b.reactor.seconds()
-        for peer in b.pool.all_peers():
+        for peer in b.pool.allPeers():
             lv = [peer.key, peer.name]
             up.add_metric(lv, 1 if peer.usable(now) else 0)
             for s in ("up", "down", "draining", "disabled"):

@@ -85,17 +85,17 @@ class OptionValueTests(SynchronousTestCase):
 
     def test_proxy_timeout_and_lean_dispatch(self):
         cfg = parse("--backend", "h:1")
-        self.assertEqual((cfg.proxy_timeout, cfg.lean_dispatch), (600.0, True))
+        self.assertEqual((cfg.proxyTimeout, cfg.leanDispatch), (600.0, True))
         cfg = parse("--backend", "h:1", "--proxy-timeout", "0", "--no-lean-dispatch")
-        self.assertEqual((cfg.proxy_timeout, cfg.lean_dispatch), (0.0, False))
-        self.assertEqual(parse("--backend", "h:1", "--proxy-timeout", "90s").proxy_timeout, 90)
+        self.assertEqual((cfg.proxyTimeout, cfg.leanDispatch), (0.0, False))
+        self.assertEqual(parse("--backend", "h:1", "--proxy-timeout", "90s").proxyTimeout, 90)
         self.assertUsageError(["--backend", "h:1", "--proxy-timeout", "-5"], "--proxy-timeout")
         path = self.mktemp()
         with open(path, "w") as f:
             f.write("[balancer]\nbackend = h:1\nlean-dispatch = no\nproxy-timeout = 1m\n")
         cfg = parse("--config", path)
-        self.assertEqual((cfg.proxy_timeout, cfg.lean_dispatch), (60.0, False))
-        self.assertTrue(parse("--config", path, "--lean-dispatch").lean_dispatch)
+        self.assertEqual((cfg.proxyTimeout, cfg.leanDispatch), (60.0, False))
+        self.assertTrue(parse("--config", path, "--lean-dispatch").leanDispatch)
         with open(path, "w") as f:
             f.write("[balancer]\nbackend = h:1\nlean-dispatch = maybe\n")
         self.assertUsageError(["--config", path], "--lean-dispatch", "'maybe'")
@@ -112,7 +112,7 @@ class ServiceTests(SynchronousTestCase):
         writeIni(self.path, *lines)
         cfg = configmod.load({}, self.path)
         self.reactor = MemoryReactorClock()
-        svc = BalancerService(cfg, self.reactor, {}, handle_sighup=False, **kw)
+        svc = BalancerService(cfg, self.reactor, {}, handleSighup=False, **kw)
         return svc
 
     def test_reload_is_all_or_nothing(self):
@@ -125,7 +125,7 @@ class ServiceTests(SynchronousTestCase):
         self.assertFalse(svc.reload())
         self.assertEqual(svc.selector.algorithm, "round-robin")
         self.assertEqual(svc.pool.checks.rise, 2)
-        self.assertEqual(svc.factory.connect_timeout, 1.0)
+        self.assertEqual(svc.factory.connectTimeout, 1.0)
         self.assertEqual(list(svc.pool.peers), ["127.0.0.1:6000"])
         self.assertEqual((svc.reloads, svc.reloadFailures), (0, 1))
         self.assertIn("trustRoots", svc.lastReloadError)
@@ -142,7 +142,7 @@ class ServiceTests(SynchronousTestCase):
                  "rise = 5", "proxy-timeout = 30s", "check-interval = 0")
         self.assertTrue(svc.reload())
         self.assertEqual((svc.selector.algorithm, svc.pool.checks.rise), ("least-conn", 5))
-        self.assertEqual(svc.factory.proxy_timeout, 30.0)
+        self.assertEqual(svc.factory.proxyTimeout, 30.0)
         self.assertEqual(svc.reloads, 1)
 
     def test_proxy_timeout_from_start_and_reload(self):
@@ -155,7 +155,7 @@ class ServiceTests(SynchronousTestCase):
             f.write("[balancer]\nbackend = 127.0.0.1:6000\nproxy-timeout = 30s\n")
         svc = BalancerService(
             configmod.load({"check-interval": "0"}, path), MemoryReactorClock(),
-            handle_sighup=False,
+            handleSighup=False,
         )
         self.assertEqual(svc.factory.idleSweep.timeout, 30.0)
         with open(path, "w") as f:
@@ -173,8 +173,8 @@ class ServiceTests(SynchronousTestCase):
                 raise RuntimeError("pool refused")
             original(source, specs)
 
-        original = svc.pool.set_source
-        svc.pool.set_source = broken
+        original = svc.pool.setSource
+        svc.pool.setSource = broken
         self.assertFalse(svc.reload())
         self.assertEqual(svc.selector.algorithm, "round-robin")
         self.assertEqual(svc.lastReloadError, "pool refused")
@@ -232,7 +232,7 @@ class ServiceTests(SynchronousTestCase):
         )
         self.assertIsInstance(c.exception, SystemExit)
         # the listener made before the failure is closed again
-        self.assertEqual((svc.ports, svc.proxy_ports, svc.status_port), ([], [], None))
+        self.assertEqual((svc.ports, svc.proxyPorts, svc.statusPort), ([], [], None))
         self.assertFalse(svc.running)
 
 
@@ -241,7 +241,7 @@ class FakeBalancer:
         self.path = None
         svc = BalancerService(
             buildConfig({"backend": ["127.0.0.1:6000"], "check-interval": "0"}), reactor,
-            handle_sighup=False,
+            handleSighup=False,
         )
         self.svc = svc
 
@@ -368,7 +368,7 @@ class DiscoveryErrorTests(SynchronousTestCase):
         clock = MemoryReactorClock()
         svc = BalancerService(
             buildConfig({"redis": "redis://u:topsecret@127.0.0.1:1/0"}), clock,
-            handle_sighup=False,
+            handleSighup=False,
         )
         svc.discovery.errors = 3
         svc.discovery.lastError = "boom"

@@ -72,27 +72,27 @@ class TLSCheckTests(TestCase):
     @defer.inlineCallbacks
     def test_good_certificate_passes(self):
         active = yield self.check("localhost")
-        self.assertEqual((active.last_result, active.last_error), (True, ""))
+        self.assertEqual((active.lastResult, active.lastError), (True, ""))
 
     @defer.inlineCallbacks
     def test_hostname_mismatch(self):
         active = yield self.check("other.example")
-        self.assertFalse(active.last_result)
+        self.assertFalse(active.lastResult)
         self.assertEqual(
-            active.last_error, "TLS: host name mismatch (the certificate is not for localhost)"
+            active.lastError, "TLS: host name mismatch (the certificate is not for localhost)"
         )
 
     @defer.inlineCallbacks
     def test_untrusted_issuer(self):
         active = yield self.check("localhost", trusted=False)
-        self.assertFalse(active.last_result)
-        self.assertTrue(active.last_error.startswith("TLS: untrusted issuer"), active.last_error)
+        self.assertFalse(active.lastResult)
+        self.assertTrue(active.lastError.startswith("TLS: untrusted issuer"), active.lastError)
 
     @defer.inlineCallbacks
     def test_expired(self):
         active = yield self.check("localhost", days=(-30, -1))
-        self.assertFalse(active.last_result)
-        self.assertTrue(active.last_error.startswith("TLS: certificate expired"), active.last_error)
+        self.assertFalse(active.lastResult)
+        self.assertTrue(active.lastError.startswith("TLS: certificate expired"), active.lastError)
 
 
 class ACLDiscoveryTests(TestCase):

@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
 
 from balancer import _twisted, fastpoll
-from balancer.listen import SocketEndpoint, server_endpoint
+from balancer.listen import SocketEndpoint, serverEndpoint
 from balancer.sides import loseWrite
 
 
@@ -117,13 +117,13 @@ class SelfCheckTests(SynchronousTestCase):
         [event] = self.events
         self.assertIn("_gone", event["names"])
         reactor = MemoryReactor()
-        endpoint = server_endpoint(reactor, "tcp:0:interface=127.0.0.1", False, 50, lean=True)
+        endpoint = serverEndpoint(reactor, "tcp:0:interface=127.0.0.1", False, 50, lean=True)
         self.assertIsInstance(endpoint, TCP4ServerEndpoint)
-        self.assertRaises(ValueError, server_endpoint, reactor, "tcp:0", True, 50)
+        self.assertRaises(ValueError, serverEndpoint, reactor, "tcp:0", True, 50)
 
     def test_endpoint_fields_rebuild_when_present(self):
         _twisted.selfCheck()
-        endpoint = server_endpoint(MemoryReactor(), "tcp:7410:interface=127.0.0.1", False, 77,
+        endpoint = serverEndpoint(MemoryReactor(), "tcp:7410:interface=127.0.0.1", False, 77,
                                    lean=True)
         self.assertIsInstance(endpoint, SocketEndpoint)
         self.assertEqual((endpoint.port, endpoint.interface, endpoint.backlog, endpoint.lean),

@@ -42,10 +42,10 @@ class HeaderTests(SynchronousTestCase):
 
 
 class HalfCloseTransport(StringTransport):
-    write_closed = False
+    writeClosed = False
 
     def loseWriteConnection(self):
-        self.write_closed = True
+        self.writeClosed = True
 
 
 class ForwardTests(SynchronousTestCase):
@@ -70,11 +70,11 @@ class ForwardTests(SynchronousTestCase):
         a, b, ta, tb = self.pair()
         a.readConnectionLost()
         self.assertTrue(a.readEOF)
-        self.assertTrue(tb.write_closed)
+        self.assertTrue(tb.writeClosed)
         self.assertFalse(tb.disconnecting)
         self.assertFalse(ta.disconnecting)
         b.readConnectionLost()
-        self.assertTrue(ta.write_closed)
+        self.assertTrue(ta.writeClosed)
         a.writeConnectionLost()
         self.assertTrue(ta.disconnecting)
 
@@ -191,11 +191,11 @@ class RawConnectUnitTests(SynchronousTestCase):
 
         from balancer import rawconnect
 
-        def no_socket(*args, **kw):
+        def noSocket(*args, **kw):
             raise OSError(errno.EMFILE, "Too many open files")
 
         attempt = self._attempt()
-        self.patch(rawconnect, "_newSocket", no_socket)
+        self.patch(rawconnect, "_newSocket", noSocket)
         rawconnect.RawConnect(attempt, socket.AF_INET, ("127.0.0.1", 1), 1.0)
         self.assertEqual(attempt.failures, [])
         attempt.factory.reactor.advance(0)
@@ -252,7 +252,7 @@ def connected(factory, sock):
 
 
 class _Factory:
-    proxy_protocol = None
+    proxyProtocol = None
 
     def __init__(self):
         from balancer._twisted import fdOps
@@ -284,28 +284,28 @@ class LeanUnitTests(SynchronousTestCase):
         from balancer.lean import LeanClient
 
         factory = _Factory()
-        c_app, c_lb = self.pair()
-        client = LeanClient(factory, c_lb, ("127.0.0.1", 1))
+        cApp, cLb = self.pair()
+        client = LeanClient(factory, cLb, ("127.0.0.1", 1))
         factory.clients.add(client)
         client.startReading()
-        return factory, client, c_app
+        return factory, client, cApp
 
     def test_hold_stops_reading_past_limit(self):
-        factory, client, c_app = self.client()
-        c_app.setblocking(False)
+        factory, client, cApp = self.client()
+        cApp.setblocking(False)
         chunk = b"x" * 16384
         while client.reading:
-            c_app.send(chunk)
+            cApp.send(chunk)
             client.doRead()
         self.assertGreater(client.held.size, HOLD_LIMIT)
         self.assertNotIn(client, factory.reactor.readers)
         # all of it reaches the backend once connected, and reading resumes
         held = client.held.size
-        b_app, b_lb = self.pair()
-        client.backendConnected(connected(factory, b_lb), "peer")
+        bApp, bLb = self.pair()
+        client.backendConnected(connected(factory, bLb), "peer")
         got = 0
         while got < held:
-            got += len(b_app.recv(1 << 20))
+            got += len(bApp.recv(1 << 20))
             if client.backend.pending:
                 client.backend.doWrite()
         self.assertEqual(got, held)
@@ -317,18 +317,18 @@ class LeanUnitTests(SynchronousTestCase):
         chunk at most is kept; close() (a drain deadline) sends it, then
         shuts and closes both sockets.
         """
-        factory, client, c_app = self.client()
-        c_app.send(b"early")
+        factory, client, cApp = self.client()
+        cApp.send(b"early")
         client.doRead()
-        b_app, b_lb = self.pair()
-        client.backendConnected(connected(factory, b_lb), "peer")
-        self.assertEqual(b_app.recv(100), b"early")
+        bApp, bLb = self.pair()
+        client.backendConnected(connected(factory, bLb), "peer")
+        self.assertEqual(bApp.recv(100), b"early")
         backend = client.backend
-        b_app.setblocking(False)
+        bApp.setblocking(False)
         sent = 0
         while backend.reading:
             try:
-                sent += b_app.send(b"y" * 65536)
+                sent += bApp.send(b"y" * 65536)
             except BlockingIOError:
                 pass
             backend.doRead()
@@ -338,26 +338,26 @@ class LeanUnitTests(SynchronousTestCase):
 
         client.close()
         self.assertEqual(factory.reactor.readers, set())
-        self.assertEqual(b_app.recv(100), b"")  # the backend got its EOF
+        self.assertEqual(bApp.recv(100), b"")  # the backend got its EOF
         self.assertIn(client, factory.clients)  # the client's bytes are not out yet
         unread = 0  # what the balancer had not read from the backend
         while True:
             try:
-                unread += len(b_lb.recv(1 << 20))
+                unread += len(bLb.recv(1 << 20))
             except BlockingIOError:
                 break
         received = 0
-        c_app.setblocking(False)
+        cApp.setblocking(False)
         while not client.closed:
             try:
-                received += len(c_app.recv(1 << 20))
+                received += len(cApp.recv(1 << 20))
             except BlockingIOError:
                 pass
             client.doWrite()
         # every byte the balancer took from the backend reached the client
-        c_app.setblocking(True)
+        cApp.setblocking(True)
         while True:
-            data = c_app.recv(1 << 20)
+            data = cApp.recv(1 << 20)
             if not data:
                 break
             received += len(data)
