@@ -177,7 +177,7 @@ def ensureChecked(reactor: Any = None) -> None:
 
 def plainSocket(transport: Any) -> socket.socket | None:
     """
-    The socket of a plain (non-TLS) TCP transport that L{sendNow} and
+    The socket of a plain (non-TLS) TCP transport that L{balancer.sides} and
     L{shutWriteNow} may use, or C{None} (then use the transport's public
     methods).
     """
@@ -191,24 +191,6 @@ def plainSocket(transport: Any) -> socket.socket | None:
 def queuedBytes(transport: Any) -> int:
     """Bytes queued in C{transport} and not yet sent."""
     return len(transport.dataBuffer) + transport._tempDataLen
-
-
-def sendNow(transport: Any, sock: socket.socket | None, data: bytes) -> None:
-    """
-    Write C{data} to C{transport}: C{send()} at once on C{sock} (its
-    L{plainSocket}) when nothing is queued, and queue only what the kernel
-    did not take, which keeps ordering and Twisted's flow control.
-    """
-    if sock is not None and not transport._tempDataLen and not transport.dataBuffer:
-        try:
-            sent = sock.send(data)
-        except OSError:
-            # EAGAIN, or an error Twisted finds on its own write
-            sent = 0
-        if sent == len(data):
-            return
-        data = data[sent:]
-    transport.write(data)
 
 
 def shutWriteNow(transport: Any, lastDirection: bool) -> bool:
@@ -362,25 +344,20 @@ class _EpollFDs:
         self.selectables: dict[int, Any] = reactor._selectables
 
     def addReader(self, x: Any) -> None:
-        fd = x.fileno()
-        if fd in self.reads:
-            return
-        if fd in self.writes:
-            self.poller.modify(fd, _EPOLLIN | _EPOLLOUT)
-        else:
-            self.poller.register(fd, _EPOLLIN)
-        self.reads.add(fd)
-        self.selectables[fd] = x
+        self._add(x, self.reads, self.writes, _EPOLLIN)
 
     def addWriter(self, x: Any) -> None:
+        self._add(x, self.writes, self.reads, _EPOLLOUT)
+
+    def _add(self, x: Any, primary: set[int], other: set[int], flags: int) -> None:
         fd = x.fileno()
-        if fd in self.writes:
+        if fd in primary:
             return
-        if fd in self.reads:
+        if fd in other:
             self.poller.modify(fd, _EPOLLIN | _EPOLLOUT)
         else:
-            self.poller.register(fd, _EPOLLOUT)
-        self.writes.add(fd)
+            self.poller.register(fd, flags)
+        primary.add(fd)
         self.selectables[fd] = x
 
     def removeReader(self, x: Any) -> None:

@@ -19,22 +19,37 @@ from twisted.internet.endpoints import clientFromString
 from twisted.logger import Logger
 
 from balancer.checker import HealthChecker
-from balancer.config import BackendSpec, normalizeAddress
+from balancer.config import BackendSpec, BalancerConfig, normalizeAddress
 from balancer.selection import Peer, Selector
 
 SOURCE_PRIORITY = ("static", "redis")
 
 
-@dataclass
+@dataclass(frozen=True)
 class CheckSettings:
-    interval: float = 2.0
-    timeout: float = 1.0
-    rise: int = 2
-    fall: int = 3
-    send: bytes | None = None
-    expect: bytes | None = None
-    proxyProtocol: str | None = None
-    enabled: bool = True
+    """
+    The health-check part of a L{BalancerConfig} (compared on a reload:
+    checkers restart only when it changed).
+    """
+
+    interval: float
+    timeout: float
+    rise: int
+    fall: int
+    send: bytes | None
+    expect: bytes | None
+    proxyProtocol: str | None
+
+    @property
+    def enabled(self) -> bool:
+        return self.interval > 0
+
+    @classmethod
+    def fromConfig(cls, cfg: BalancerConfig) -> CheckSettings:
+        return cls(
+            cfg.checkInterval, cfg.checkTimeout, cfg.rise, cfg.fall, cfg.checkSend,
+            cfg.checkExpect, cfg.proxyProtocol,
+        )
 
 
 class Pool:
@@ -93,18 +108,10 @@ class Pool:
                 self._drain(self.peers.pop(key))
 
     def _add(self, spec: BackendSpec) -> Peer:
-        c = self.checks
+        # weight and the passive-check parameters: _update, right after
         peer = Peer(
-            spec.key,
-            address=spec.address,
-            weight=spec.weight,
-            maxFails=spec.maxFails,
-            failTimeout=spec.failTimeout,
-            backup=spec.backup,
-            down=spec.down,
-            rise=c.rise,
-            fall=c.fall,
-            name=spec.name,
+            spec.key, address=spec.address, weight=spec.weight,
+            rise=self.checks.rise, fall=self.checks.fall, name=spec.name,
         )
         target = normalizeAddress(spec.address)
         if target is not None:

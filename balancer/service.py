@@ -41,19 +41,6 @@ class StartupFailed(SystemExit, Exception):
     __module__ = "balancer"  # shorter in twistd's one-line report
 
 
-def checkSettings(cfg: BalancerConfig) -> CheckSettings:
-    return CheckSettings(
-        interval=cfg.checkInterval,
-        timeout=cfg.checkTimeout,
-        rise=cfg.rise,
-        fall=cfg.fall,
-        send=cfg.checkSend,
-        expect=cfg.checkExpect,
-        proxyProtocol=cfg.proxyProtocol,
-        enabled=cfg.checkInterval > 0,
-    )
-
-
 #: options a reload cannot change (they need a restart)
 NOT_RELOADABLE = (
     "listen", "status", "redis", "redisPrefix", "discoveryInterval", "workers",
@@ -109,7 +96,7 @@ class BalancerService(service.MultiService):
         self.lastReloadError: str | None = None
         self.leanDispatch = False
         self.selector = Selector(reactor, cfg.algorithm)
-        self.pool = Pool(reactor, self.selector, checkSettings(cfg), cfg.drainTimeout)
+        self.pool = Pool(reactor, self.selector, CheckSettings.fromConfig(cfg), cfg.drainTimeout)
         self.factory = BalancerFactory(
             reactor, self.selector, cfg.connectTimeout, cfg.tries, cfg.proxyProtocol,
             cfg.proxyTimeout,
@@ -318,6 +305,6 @@ class BalancerService(service.MultiService):
         self.factory.proxyProtocol = new.proxyProtocol
         self.factory.proxyTimeout = new.proxyTimeout
         self.pool.drainTimeout = new.drainTimeout
-        self.pool.setChecks(checkSettings(new))
+        self.pool.setChecks(CheckSettings.fromConfig(new))
         self.config = new
         self.log.info("configuration reloaded: {n} backends", n=len(self.pool.peers))

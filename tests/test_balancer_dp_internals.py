@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from balancer import _twisted, fastpoll
 from balancer.listen import SocketEndpoint, serverEndpoint
-from balancer.sides import loseWrite
+from balancer.sides import _Side
 
 
 class _HalfCloseTransport(StringTransport):
@@ -69,11 +69,13 @@ class SelfCheckTests(SynchronousTestCase):
         t = tcp.Server(a, _ProtocolStub(), ("127.0.0.1", 1), None, 0, _FDSet())
         self.assertIsNone(_twisted.plainSocket(t))
         self.assertFalse(_twisted.shutWriteNow(t, False))
-        out = _HalfCloseTransport()
-        _twisted.sendNow(out, _twisted.plainSocket(t), b"data")
-        self.assertEqual(out.value(), b"data")
-        loseWrite(out)
-        self.assertTrue(out.writeClosed)
+        side = _Side()
+        side.transport = _HalfCloseTransport()
+        side.sock = _twisted.plainSocket(t)
+        self.assertTrue(side.send(b"data"))
+        self.assertEqual(side.transport.value(), b"data")
+        side.shutdownWrite()
+        self.assertTrue(side.transport.writeClosed)
 
     def test_fast_write_used_when_present(self):
         """
@@ -88,8 +90,11 @@ class SelfCheckTests(SynchronousTestCase):
 
         t = tcp.Server(a, _ProtocolStub(), ("127.0.0.1", 1), None, 0, _FDSet())
         self.assertIs(_twisted.plainSocket(t), a)
-        _twisted.sendNow(t, a, b"now")
+        side = _Side()
+        side.transport, side.sock = t, _twisted.plainSocket(t)
+        self.assertTrue(side.send(b"now"))
         self.assertEqual(b.recv(10), b"now")
+        self.assertEqual(_twisted.queuedBytes(t), 0)
 
     def test_missing_tcp_server_falls_back_to_adopt(self):
         """

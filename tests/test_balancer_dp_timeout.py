@@ -12,7 +12,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from balancer.config import parseBackend
+from balancer.config import BalancerConfig, parseBackend
 from balancer.idletimeout import STEPS
 from balancer.pool import CheckSettings, Pool
 from balancer.proxy import DEFAULT_PROXY_TIMEOUT, BalancerFactory
@@ -212,7 +212,7 @@ class PoolDrainTimerTests(SynchronousTestCase):
 
     def test_deadline_closes_leftovers_then_forgets(self):
         clock = Clock()
-        pool = Pool(clock, Selector(clock), CheckSettings(enabled=False), drainTimeout=5.0)
+        pool = Pool(clock, Selector(clock), CheckSettings.fromConfig(BalancerConfig(checkInterval=0)), drainTimeout=5.0)
         a, b = parseBackend("127.0.0.1:7001"), parseBackend("127.0.0.1:7002")
         pool.setSource("static", [a, b])
         peer = pool.peers[b.key]
@@ -237,7 +237,7 @@ class PoolDrainTimerTests(SynchronousTestCase):
 
     def test_back_before_deadline_cancels_it(self):
         clock = Clock()
-        pool = Pool(clock, Selector(clock), CheckSettings(enabled=False), drainTimeout=5.0)
+        pool = Pool(clock, Selector(clock), CheckSettings.fromConfig(BalancerConfig(checkInterval=0)), drainTimeout=5.0)
         a = parseBackend("127.0.0.1:7001")
         pool.setSource("static", [a])
         pool.peers[a.key].connectionStarted()

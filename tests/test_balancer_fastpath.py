@@ -64,19 +64,25 @@ class ForwardTests(SynchronousTestCase):
         b.dataReceived(b"to-a")
         self.assertEqual(tb.value(), b"to-b")
         self.assertEqual(ta.value(), b"to-a")
-        self.assertEqual((a.rx, b.rx), (4, 4))
+        self.assertEqual((a.rx, b.rx), (1, 1))
 
     def test_half_close_propagates(self):
+        """
+        An EOF from one side shuts the other's writing only; once the other
+        direction ends too, both transports are closed (after flushing).
+        """
         a, b, ta, tb = self.pair()
         a.readConnectionLost()
-        self.assertTrue(a.readEOF)
+        self.assertTrue(a.eof)
         self.assertTrue(tb.writeClosed)
         self.assertFalse(tb.disconnecting)
         self.assertFalse(ta.disconnecting)
+        b.dataReceived(b"reply after the client's EOF")
+        self.assertEqual(ta.value(), b"reply after the client's EOF")
         b.readConnectionLost()
-        self.assertTrue(ta.writeClosed)
-        a.writeConnectionLost()
+        self.assertFalse(ta.writeClosed)  # closed, not half-closed: last direction
         self.assertTrue(ta.disconnecting)
+        self.assertTrue(tb.disconnecting)
 
     def test_connection_lost_closes_other(self):
         a, b, ta, tb = self.pair()
