@@ -14,6 +14,8 @@ socket) internals.  The speed-ups that need them:
    parsed C{tcp:}/C{ssl:} server endpoint (C{_port}, C{_interface},
    C{_backlog}, C{_sslContextFactory}), to rebuild it with
    C{SO_REUSEPORT} or as a lean listener;
+ - B{txredisapi}: the reconnect back-off ceiling of a lazy connection
+   (C{_factory.maxDelay});
  - B{lean path}: a C{tcp.Server} built around a connected socket without
    the C{dup()} of C{adoptStreamConnection}; the epoll reactor's
    descriptor bookkeeping (C{_reads}, C{_writes}, C{_selectables}) kept
@@ -24,7 +26,8 @@ socket) internals.  The speed-ups that need them:
 L{selfCheck} verifies at start-up that this Twisted version has them all;
 each feature that is missing falls back to the public path (plain
 C{transport.write}/C{loseWriteConnection}, the stock epoll loop, the parsed
-endpoint as it is, C{adoptStreamConnection}) with one log line saying so.
+endpoint as it is, C{adoptStreamConnection}, txredisapi's back-off) with
+one log line saying so.
 No other balancer module names a private attribute of another library.
 """
 
@@ -71,10 +74,7 @@ features = _Features()
 
 
 def _probeTransport() -> list[str]:
-    """
-    The private transport names this Twisted lacks (checked on a real
-    C{tcp.Server} around a socket pair, never connected to a reactor).
-    """
+    # checked on a real tcp.Server around a socket pair, never started
     a, b = socket.socketpair()
     try:
         t = tcp.Server(a, protocol.Protocol(), ("127.0.0.1", 0), None, 0, _NoReactor())
@@ -104,6 +104,10 @@ def _probeEndpoint() -> list[str]:
     return missing
 
 
+def _probeSocket() -> list[str]:
+    return [n for n in _SOCKET_ATTRS if not hasattr(socket.socket, n)]
+
+
 _reactorWarned = []
 
 
@@ -120,14 +124,23 @@ def _reactorMissing(reactor: Any) -> list[str]:
     return missing
 
 
-def _probeReactor(reactor: Any) -> list[str]:
+def _isEpoll(reactor: Any) -> bool:
     try:
         from twisted.internet.epollreactor import EPollReactor
     except ImportError:  # pragma: no cover - not Linux
-        return ["epollreactor"]
-    if not isinstance(reactor, EPollReactor):
-        return []  # nothing to speed up: not a failure of the check
-    return [n for n in _REACTOR_ATTRS if not hasattr(reactor, n)]
+        return False
+    return isinstance(reactor, EPollReactor)
+
+
+def _probeReactor(reactor: Any) -> list[str]:
+    # another reactor has nothing to speed up: not a failure of the check
+    return [n for n in _REACTOR_ATTRS if not hasattr(reactor, n)] if _isEpoll(reactor) else []
+
+
+def _leanEpoll(reactor: Any) -> bool:
+    """Whether C{reactor} is an epoll reactor whose internals may be used."""
+    ensureChecked()
+    return not _reactorMissing(reactor) and features.leanDispatch and _isEpoll(reactor)
 
 
 def selfCheck(reactor: Any = None) -> _Features:
@@ -136,29 +149,12 @@ def selfCheck(reactor: Any = None) -> _Features:
     off (with one log line each) the features whose attributes are
     missing.  With C{reactor}, also check the lean dispatch against it.
     """
-    missing = _probeTransport()
-    if missing:
-        features.fastWrite = features.adoptSocket = False
-        log.warn(
-            "Twisted transports lack {names}: forwarding with transport.write",
-            names=", ".join(missing),
-        )
-    missing = _probeEndpoint()
-    if missing:
-        features.endpointFields = False
-        log.warn(
-            "Twisted endpoints lack {names}: listening on endpoints as parsed "
-            "(no SO_REUSEPORT, no lean listener)",
-            names=", ".join(missing),
-        )
-    missing = [n for n in _SOCKET_ATTRS if not hasattr(socket.socket, n)]
-    if missing:
-        features.rawAccept = False
-        log.warn("socket.socket lacks {names}: accepting with socket.accept", names=", ".join(missing))
-    missing = _probeRedis()
-    if missing:
-        features.redisMaxDelay = False
-        log.warn("txredisapi lacks {names}: its default reconnect back-off", names=", ".join(missing))
+    for probe, what, names, fallback in _PROBES:
+        missing = probe()
+        if missing:
+            for name in names:
+                setattr(features, name, False)
+            log.warn("{what} lack {names}: " + fallback, what=what, names=", ".join(missing))
     if reactor is not None:
         del _reactorWarned[:]
         _reactorMissing(reactor)
@@ -177,15 +173,11 @@ def ensureChecked(reactor: Any = None) -> None:
 
 def plainSocket(transport: Any) -> socket.socket | None:
     """
-    The socket of a plain (non-TLS) TCP transport that L{balancer.sides} and
-    L{shutWriteNow} may use, or C{None} (then use the transport's public
-    methods).
+    The socket of a plain (non-TLS) TCP transport, to send on at once, or
+    C{None} (then use the transport's public methods).
     """
-    if not features.fastWrite:
-        return None
-    if isinstance(transport, tcp.Connection) and not getattr(transport, "TLS", False):
-        return transport.socket
-    return None
+    plain = isinstance(transport, tcp.Connection) and not getattr(transport, "TLS", False)
+    return transport.socket if plain and features.fastWrite else None
 
 
 def queuedBytes(transport: Any) -> int:
@@ -203,11 +195,8 @@ def shutWriteNow(transport: Any, lastDirection: bool) -> bool:
     C{loseWriteConnection}).
     """
     t = transport
-    if not (
-        plainSocket(t) is not None
-        and t.connected
-        and not (t.disconnecting or t._writeDisconnecting or t.producerPaused)
-        and not (t.dataBuffer or t._tempDataLen)
+    if plainSocket(t) is None or not t.connected or queuedBytes(t) or (
+        t.disconnecting or t._writeDisconnecting or t.producerPaused
     ):
         return False
     # What FileDescriptor.doWrite does once the buffer is empty.
@@ -259,10 +248,9 @@ def adoptSocket(
 ) -> Any:
     """
     Make connected C{sock} the transport of C{proto}, reading at once: a
-    C{tcp.Server} built around it (no C{dup()}), or with the fallback
-    C{reactor.adoptStreamConnection} (C{sock} is closed after its dup).
-    C{proto.makeConnection} is called by the caller for the first and by
-    Twisted for the second: it returns whether the caller must call it.
+    C{tcp.Server} built around it (no C{dup()}; returned, the caller
+    connects C{proto}), or C{None} after the fallback
+    C{reactor.adoptStreamConnection} (which dups C{sock}, then closed).
     """
     ensureChecked()
     if features.adoptSocket:
@@ -287,14 +275,7 @@ def epollInternals(reactor: Any) -> tuple[Any, dict[int, Any], Any, Any] | None:
     epoll reactor, or C{None} (another reactor, or lean dispatch turned
     off by L{selfCheck}).
     """
-    ensureChecked()
-    if _reactorMissing(reactor) or not features.leanDispatch:
-        return None
-    try:
-        from twisted.internet.epollreactor import EPollReactor
-    except ImportError:  # pragma: no cover
-        return None
-    if not isinstance(reactor, EPollReactor):
+    if not _leanEpoll(reactor):
         return None
     return (
         reactor._poller, reactor._selectables, reactor._doReadOrWrite,
@@ -323,19 +304,13 @@ def endpointFields(endpoint: Any) -> tuple[int, str, int, Any] | None:
 
 
 def setBacklog(endpoint: Any, backlog: int) -> None:
-    """
-    Set the listen backlog of a parsed C{tcp:}/C{ssl:} server endpoint
-    (no-op without L{endpointFields}).
-    """
+    """The backlog of a parsed C{tcp:}/C{ssl:} server endpoint (if allowed)."""
     if features.endpointFields and hasattr(endpoint, "_backlog"):
         endpoint._backlog = backlog
 
 
 class _EpollFDs:
-    """
-    The same, kept directly in an epoll reactor's state: what its
-    C{_add}/C{_remove} do, without their layers, plus the two shortcuts.
-    """
+    """L{fdOps} kept in an epoll reactor's state: its C{_add}/C{_remove}, leaner."""
 
     def __init__(self, reactor: Any) -> None:
         self.poller = reactor._poller
@@ -403,21 +378,11 @@ _EPOLLOUT = getattr(select, "EPOLLOUT", 4)
 
 def fdOps(reactor: Any) -> Any:
     """
-    Descriptor bookkeeping for the lean data path: C{addReader},
-    C{removeReader}, C{addWriter}, C{removeWriter}, C{writerToReader(old,
-    new)} and C{forget(selectable, reading, writing)} (before its socket is
-    closed); kept directly in an epoll reactor's state when L{selfCheck}
-    allows, else through the reactor's public methods.
+    Descriptor bookkeeping for the lean data path (C{IReactorFDSet}'s four,
+    C{writerToReader(old, new)}, C{forget(selectable, reading, writing)}
+    before a close): in an epoll reactor's state, or through its methods.
     """
-    ensureChecked()
-    if not _reactorMissing(reactor) and features.leanDispatch:
-        try:
-            from twisted.internet.epollreactor import EPollReactor
-        except ImportError:  # pragma: no cover
-            EPollReactor = None
-        if EPollReactor is not None and isinstance(reactor, EPollReactor):
-            return _EpollFDs(reactor)
-    return PublicFDs(reactor)
+    return _EpollFDs(reactor) if _leanEpoll(reactor) else PublicFDs(reactor)
 
 
 def acceptor(listener: socket.socket) -> Callable[[], tuple[Any, Any]]:
@@ -444,7 +409,6 @@ def acceptor(listener: socket.socket) -> Callable[[], tuple[Any, Any]]:
 
 
 def _probeRedis() -> list[str]:
-    """The txredisapi private names this version lacks."""
     import txredisapi
 
     conn = txredisapi.ConnectionHandler(
@@ -472,3 +436,14 @@ def setRedisMaxDelay(connection: Any, maxDelay: float) -> bool:
         return False
     factory.maxDelay = maxDelay
     return True
+
+
+# probe, what it probes, the features it guards, the fallback its log line names
+_PROBES: list[tuple[Callable[[], list[str]], str, tuple[str, ...], str]] = [
+    (_probeTransport, "Twisted transports", ("fastWrite", "adoptSocket"),
+     "forwarding with transport.write"),
+    (_probeEndpoint, "Twisted endpoints", ("endpointFields",),
+     "listening on endpoints as parsed (no SO_REUSEPORT, no lean listener)"),
+    (_probeSocket, "Python sockets", ("rawAccept",), "accepting with socket.accept"),
+    (_probeRedis, "txredisapi connections", ("redisMaxDelay",), "default reconnect back-off"),
+]
