@@ -9,6 +9,8 @@ proxy timeout (L{balancer.idletimeout}).
 The modules of the data path, one job each:
 
  - L{balancer.proxyheader}: the PROXY protocol header;
+ - L{balancer.forward}: the forwarding state machine of both paths;
+ - L{balancer.clientcore}: a client's start (early data, EOF, header) and end;
  - L{balancer.earlydata}: client bytes held until the backend is up;
  - L{balancer.sides}: the Twisted path (protocols on Twisted transports);
  - L{balancer.lean}: the raw-socket path for plain C{tcp:} listeners;
@@ -29,7 +31,6 @@ from twisted.python.failure import Failure
 
 from balancer import _twisted
 from balancer.attempt import Attempt
-from balancer.earlydata import HOLD_LIMIT
 from balancer.idletimeout import IdleSweep
 from balancer.interfaces import IProxiedClient
 from balancer.proxyheader import proxyHeader
@@ -37,7 +38,7 @@ from balancer.rawconnect import ConnectDeadlines, peerSockaddr
 from balancer.selection import Peer, Selector
 from balancer.sides import ServerSide
 
-__all__ = ["BalancerFactory", "HOLD_LIMIT", "ServerSide"]
+__all__ = ["BalancerFactory", "DEFAULT_PROXY_TIMEOUT"]
 
 # nginx's proxy_timeout default (seconds); 0 turns it off
 DEFAULT_PROXY_TIMEOUT = 600.0

@@ -95,6 +95,22 @@ class TLSCheckTests(TestCase):
         self.assertTrue(active.lastError.startswith("TLS: certificate expired"), active.lastError)
 
 
+@defer.inlineCallbacks
+def firstDiscovery(test, url: str):
+    """
+    Run a L{RedisDiscovery} of prefix C{p:} at C{url} until its first
+    successful poll: C{(discovery, specs, logins)}.
+    """
+    from tests.cluster_helpers import until
+
+    seen = []
+    d = RedisDiscovery(reactor, url, "p:", 0.2, lambda specs, logins: seen.append((specs, logins)))
+    d.startService()
+    test.addCleanup(d.stopService)
+    yield until(lambda: seen, 10, 0.05, what=f"discovery from {url}")
+    return (d,) + seen[0]
+
+
 class ACLDiscoveryTests(TestCase):
     timeout = 60
 
@@ -124,15 +140,9 @@ class ACLDiscoveryTests(TestCase):
 
     @defer.inlineCallbacks
     def test_acl_user_reads_registry(self):
-        seen = []
-        d = RedisDiscovery(
-            reactor, f"redis://balancer:s3cret@127.0.0.1:{self.server.port}/0", "p:", 0.2,
-            lambda specs, logins: seen.append((specs, logins)),
+        d, specs, logins = yield firstDiscovery(
+            self, f"redis://balancer:s3cret@127.0.0.1:{self.server.port}/0"
         )
-        d.startService()
-        self.addCleanup(d.stopService)
-        yield self.waitFor(lambda: seen)
-        specs, logins = seen[0]
         self.assertEqual([(s.address, s.weight, s.name) for s in specs],
                          [("127.0.0.1:6000", 2, "chat-a")])
         self.assertEqual(logins, {"127.0.0.1:6000": 4})

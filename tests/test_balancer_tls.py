@@ -15,12 +15,11 @@ from twisted.internet.endpoints import clientFromString, connectProtocol, server
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from balancer.discovery import RedisDiscovery
 from tests.balancer_helpers import (
     Client, EchoBackend, connect, makeConfig, roundtrip, startBackends, startBalancer, waitFor,
 )
 from tests.cluster_helpers import RedisServer, canConnect, until
-from tests.test_balancer_cp_network import makeCert
+from tests.test_balancer_cp_network import firstDiscovery, makeCert
 
 
 class _Certs:
@@ -194,15 +193,9 @@ class RedissDiscoveryTests(TestCase):
         yield admin.execute_command("HSET", "p:server:chat-a", "name", "chat-a", "host",
                                     "127.0.0.1", "port", "6000", "weight", "3", "logins", "1",
                                     "updated", "0")
-        seen = []
-        d = RedisDiscovery(
-            reactor, f"rediss://:s3cret@localhost:{server.port}/0?ca={certs.cert}", "p:", 0.2,
-            lambda specs, logins: seen.append((specs, logins)),
+        d, specs, logins = yield firstDiscovery(
+            self, f"rediss://:s3cret@localhost:{server.port}/0?ca={certs.cert}"
         )
-        d.startService()
-        self.addCleanup(d.stopService)
-        yield until(lambda: seen, 10, 0.05, what="discovery over rediss://")
-        specs, logins = seen[0]
         self.assertEqual([(s.address, s.weight, s.name) for s in specs],
                          [("127.0.0.1:6000", 3, "chat-a")])
         self.assertEqual(d.errors, 0)
