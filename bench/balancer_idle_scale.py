@@ -67,7 +67,7 @@ def openFds(pid: int) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--connections", type=int, default=50000)
-    ap.add_argument("--per-process", dest="perProcess", type=int, default=9000,
+    ap.add_argument("--per-process", dest="perProcess", metavar="N", type=int, default=9000,
                     help="idle connections per balancer process on average (2 fds each)")
     args = ap.parse_args()
 
