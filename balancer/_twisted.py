@@ -14,6 +14,8 @@ socket) internals.  The speed-ups that need them:
    parsed C{tcp:}/C{ssl:} server endpoint (C{_port}, C{_interface},
    C{_backlog}, C{_sslContextFactory}), to rebuild it with
    C{SO_REUSEPORT} or as a lean listener;
+ - B{txredisapi}: the reconnect back-off ceiling of a lazy connection
+   (C{_factory.maxDelay});
  - B{lean path}: a C{tcp.Server} built around a connected socket without
    the C{dup()} of C{adoptStreamConnection}; the epoll reactor's
    descriptor bookkeeping (C{_reads}, C{_writes}, C{_selectables}) kept
@@ -24,7 +26,8 @@ socket) internals.  The speed-ups that need them:
 L{selfCheck} verifies at start-up that this Twisted version has them all;
 each feature that is missing falls back to the public path (plain
 C{transport.write}/C{loseWriteConnection}, the stock epoll loop, the parsed
-endpoint as it is, C{adoptStreamConnection}) with one log line saying so.
+endpoint as it is, C{adoptStreamConnection}, txredisapi's back-off) with
+one log line saying so.
 No other balancer module names a private attribute of another library.
 """
 
@@ -63,6 +66,7 @@ class _Features:
     endpointFields = True
     adoptSocket = True
     rawAccept = True
+    redisMaxDelay = True
     checked = False
 
 
@@ -70,10 +74,7 @@ features = _Features()
 
 
 def _probeTransport() -> list[str]:
-    """
-    The private transport names this Twisted lacks (checked on a real
-    C{tcp.Server} around a socket pair, never connected to a reactor).
-    """
+    # checked on a real tcp.Server around a socket pair, never started
     a, b = socket.socketpair()
     try:
         t = tcp.Server(a, protocol.Protocol(), ("127.0.0.1", 0), None, 0, _NoReactor())
@@ -103,6 +104,10 @@ def _probeEndpoint() -> list[str]:
     return missing
 
 
+def _probeSocket() -> list[str]:
+    return [n for n in _SOCKET_ATTRS if not hasattr(socket.socket, n)]
+
+
 _reactorWarned = []
 
 
@@ -119,14 +124,23 @@ def _reactorMissing(reactor: Any) -> list[str]:
     return missing
 
 
-def _probeReactor(reactor: Any) -> list[str]:
+def _isEpoll(reactor: Any) -> bool:
     try:
         from twisted.internet.epollreactor import EPollReactor
     except ImportError:  # pragma: no cover - not Linux
-        return ["epollreactor"]
-    if not isinstance(reactor, EPollReactor):
-        return []  # nothing to speed up: not a failure of the check
-    return [n for n in _REACTOR_ATTRS if not hasattr(reactor, n)]
+        return False
+    return isinstance(reactor, EPollReactor)
+
+
+def _probeReactor(reactor: Any) -> list[str]:
+    # another reactor has nothing to speed up: not a failure of the check
+    return [n for n in _REACTOR_ATTRS if not hasattr(reactor, n)] if _isEpoll(reactor) else []
+
+
+def _leanEpoll(reactor: Any) -> bool:
+    """Whether C{reactor} is an epoll reactor whose internals may be used."""
+    ensureChecked()
+    return not _reactorMissing(reactor) and features.leanDispatch and _isEpoll(reactor)
 
 
 def selfCheck(reactor: Any = None) -> _Features:
@@ -135,25 +149,12 @@ def selfCheck(reactor: Any = None) -> _Features:
     off (with one log line each) the features whose attributes are
     missing.  With C{reactor}, also check the lean dispatch against it.
     """
-    missing = _probeTransport()
-    if missing:
-        features.fastWrite = features.adoptSocket = False
-        log.warn(
-            "Twisted transports lack {names}: forwarding with transport.write",
-            names=", ".join(missing),
-        )
-    missing = _probeEndpoint()
-    if missing:
-        features.endpointFields = False
-        log.warn(
-            "Twisted endpoints lack {names}: listening on endpoints as parsed "
-            "(no SO_REUSEPORT, no lean listener)",
-            names=", ".join(missing),
-        )
-    missing = [n for n in _SOCKET_ATTRS if not hasattr(socket.socket, n)]
-    if missing:
-        features.rawAccept = False
-        log.warn("socket.socket lacks {names}: accepting with socket.accept", names=", ".join(missing))
+    for probe, what, names, fallback in _PROBES:
+        missing = probe()
+        if missing:
+            for name in names:
+                setattr(features, name, False)
+            log.warn("{what} lack {names}: " + fallback, what=what, names=", ".join(missing))
     if reactor is not None:
         del _reactorWarned[:]
         _reactorMissing(reactor)
@@ -172,38 +173,16 @@ def ensureChecked(reactor: Any = None) -> None:
 
 def plainSocket(transport: Any) -> socket.socket | None:
     """
-    The socket of a plain (non-TLS) TCP transport that L{sendNow} and
-    L{shutWriteNow} may use, or C{None} (then use the transport's public
-    methods).
+    The socket of a plain (non-TLS) TCP transport, to send on at once, or
+    C{None} (then use the transport's public methods).
     """
-    if not features.fastWrite:
-        return None
-    if isinstance(transport, tcp.Connection) and not getattr(transport, "TLS", False):
-        return transport.socket
-    return None
+    plain = isinstance(transport, tcp.Connection) and not getattr(transport, "TLS", False)
+    return transport.socket if plain and features.fastWrite else None
 
 
 def queuedBytes(transport: Any) -> int:
     """Bytes queued in C{transport} and not yet sent."""
     return len(transport.dataBuffer) + transport._tempDataLen
-
-
-def sendNow(transport: Any, sock: socket.socket | None, data: bytes) -> None:
-    """
-    Write C{data} to C{transport}: C{send()} at once on C{sock} (its
-    L{plainSocket}) when nothing is queued, and queue only what the kernel
-    did not take, which keeps ordering and Twisted's flow control.
-    """
-    if sock is not None and not transport._tempDataLen and not transport.dataBuffer:
-        try:
-            sent = sock.send(data)
-        except OSError:
-            # EAGAIN, or an error Twisted finds on its own write
-            sent = 0
-        if sent == len(data):
-            return
-        data = data[sent:]
-    transport.write(data)
 
 
 def shutWriteNow(transport: Any, lastDirection: bool) -> bool:
@@ -216,11 +195,8 @@ def shutWriteNow(transport: Any, lastDirection: bool) -> bool:
     C{loseWriteConnection}).
     """
     t = transport
-    if not (
-        plainSocket(t) is not None
-        and t.connected
-        and not (t.disconnecting or t._writeDisconnecting or t.producerPaused)
-        and not (t.dataBuffer or t._tempDataLen)
+    if plainSocket(t) is None or not t.connected or queuedBytes(t) or (
+        t.disconnecting or t._writeDisconnecting or t.producerPaused
     ):
         return False
     # What FileDescriptor.doWrite does once the buffer is empty.
@@ -272,10 +248,9 @@ def adoptSocket(
 ) -> Any:
     """
     Make connected C{sock} the transport of C{proto}, reading at once: a
-    C{tcp.Server} built around it (no C{dup()}), or with the fallback
-    C{reactor.adoptStreamConnection} (C{sock} is closed after its dup).
-    C{proto.makeConnection} is called by the caller for the first and by
-    Twisted for the second: it returns whether the caller must call it.
+    C{tcp.Server} built around it (no C{dup()}; returned, the caller
+    connects C{proto}), or C{None} after the fallback
+    C{reactor.adoptStreamConnection} (which dups C{sock}, then closed).
     """
     ensureChecked()
     if features.adoptSocket:
@@ -300,14 +275,7 @@ def epollInternals(reactor: Any) -> tuple[Any, dict[int, Any], Any, Any] | None:
     epoll reactor, or C{None} (another reactor, or lean dispatch turned
     off by L{selfCheck}).
     """
-    ensureChecked()
-    if _reactorMissing(reactor) or not features.leanDispatch:
-        return None
-    try:
-        from twisted.internet.epollreactor import EPollReactor
-    except ImportError:  # pragma: no cover
-        return None
-    if not isinstance(reactor, EPollReactor):
+    if not _leanEpoll(reactor):
         return None
     return (
         reactor._poller, reactor._selectables, reactor._doReadOrWrite,
@@ -336,19 +304,13 @@ def endpointFields(endpoint: Any) -> tuple[int, str, int, Any] | None:
 
 
 def setBacklog(endpoint: Any, backlog: int) -> None:
-    """
-    Set the listen backlog of a parsed C{tcp:}/C{ssl:} server endpoint
-    (no-op without L{endpointFields}).
-    """
+    """The backlog of a parsed C{tcp:}/C{ssl:} server endpoint (if allowed)."""
     if features.endpointFields and hasattr(endpoint, "_backlog"):
         endpoint._backlog = backlog
 
 
 class _EpollFDs:
-    """
-    The same, kept directly in an epoll reactor's state: what its
-    C{_add}/C{_remove} do, without their layers, plus the two shortcuts.
-    """
+    """L{fdOps} kept in an epoll reactor's state: its C{_add}/C{_remove}, leaner."""
 
     def __init__(self, reactor: Any) -> None:
         self.poller = reactor._poller
@@ -357,25 +319,20 @@ class _EpollFDs:
         self.selectables: dict[int, Any] = reactor._selectables
 
     def addReader(self, x: Any) -> None:
-        fd = x.fileno()
-        if fd in self.reads:
-            return
-        if fd in self.writes:
-            self.poller.modify(fd, _EPOLLIN | _EPOLLOUT)
-        else:
-            self.poller.register(fd, _EPOLLIN)
-        self.reads.add(fd)
-        self.selectables[fd] = x
+        self._add(x, self.reads, self.writes, _EPOLLIN)
 
     def addWriter(self, x: Any) -> None:
+        self._add(x, self.writes, self.reads, _EPOLLOUT)
+
+    def _add(self, x: Any, primary: set[int], other: set[int], flags: int) -> None:
         fd = x.fileno()
-        if fd in self.writes:
+        if fd in primary:
             return
-        if fd in self.reads:
+        if fd in other:
             self.poller.modify(fd, _EPOLLIN | _EPOLLOUT)
         else:
-            self.poller.register(fd, _EPOLLOUT)
-        self.writes.add(fd)
+            self.poller.register(fd, flags)
+        primary.add(fd)
         self.selectables[fd] = x
 
     def removeReader(self, x: Any) -> None:
@@ -421,21 +378,11 @@ _EPOLLOUT = getattr(select, "EPOLLOUT", 4)
 
 def fdOps(reactor: Any) -> Any:
     """
-    Descriptor bookkeeping for the lean data path: C{addReader},
-    C{removeReader}, C{addWriter}, C{removeWriter}, C{writerToReader(old,
-    new)} and C{forget(selectable, reading, writing)} (before its socket is
-    closed); kept directly in an epoll reactor's state when L{selfCheck}
-    allows, else through the reactor's public methods.
+    Descriptor bookkeeping for the lean data path (C{IReactorFDSet}'s four,
+    C{writerToReader(old, new)}, C{forget(selectable, reading, writing)}
+    before a close): in an epoll reactor's state, or through its methods.
     """
-    ensureChecked()
-    if not _reactorMissing(reactor) and features.leanDispatch:
-        try:
-            from twisted.internet.epollreactor import EPollReactor
-        except ImportError:  # pragma: no cover
-            EPollReactor = None
-        if EPollReactor is not None and isinstance(reactor, EPollReactor):
-            return _EpollFDs(reactor)
-    return PublicFDs(reactor)
+    return _EpollFDs(reactor) if _leanEpoll(reactor) else PublicFDs(reactor)
 
 
 def acceptor(listener: socket.socket) -> Callable[[], tuple[Any, Any]]:
@@ -461,16 +408,42 @@ def acceptor(listener: socket.socket) -> Callable[[], tuple[Any, Any]]:
 # -- txredisapi ---------------------------------------------------------------------
 
 
+def _probeRedis() -> list[str]:
+    import txredisapi
+
+    conn = txredisapi.ConnectionHandler(
+        txredisapi.RedisFactory(None, 0, 1, isLazy=True, convertNumbers=False)
+    )
+    return [] if _redisFactory(conn) is not None else ["_factory.maxDelay"]
+
+
+def _redisFactory(connection: Any) -> Any:
+    factory = getattr(connection, "_factory", None)
+    return factory if isinstance(getattr(factory, "maxDelay", None), (int, float)) else None
+
+
 def setRedisMaxDelay(connection: Any, maxDelay: float) -> bool:
     """
     Cap the reconnection back-off of a txredisapi lazy connection (its
     factory's C{maxDelay}, reached through the private C{_factory}).
-    Returns C{False}, with one log line, when the connection has no such
-    factory (the library's default back-off then applies).
+    Returns C{False}, with one log line, when it has no such factory (the
+    library's longer default back-off then applies).
     """
-    factory = getattr(connection, "_factory", None)
-    if factory is None or not hasattr(factory, "maxDelay"):
+    ensureChecked()
+    factory = _redisFactory(connection) if features.redisMaxDelay else None
+    if factory is None:
         log.warn("txredisapi connection has no _factory.maxDelay: default reconnect back-off")
         return False
     factory.maxDelay = maxDelay
     return True
+
+
+# probe, what it probes, the features it guards, the fallback its log line names
+_PROBES: list[tuple[Callable[[], list[str]], str, tuple[str, ...], str]] = [
+    (_probeTransport, "Twisted transports", ("fastWrite", "adoptSocket"),
+     "forwarding with transport.write"),
+    (_probeEndpoint, "Twisted endpoints", ("endpointFields",),
+     "listening on endpoints as parsed (no SO_REUSEPORT, no lean listener)"),
+    (_probeSocket, "Python sockets", ("rawAccept",), "accepting with socket.accept"),
+    (_probeRedis, "txredisapi connections", ("redisMaxDelay",), "default reconnect back-off"),
+]

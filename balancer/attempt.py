@@ -37,21 +37,21 @@ class Attempt(protocol.ClientFactory):
         Connect; C{sockaddr} is the peer's L{peerSockaddr} if known.
         """
         f = self.factory
-        if sockaddr is None and f.raw_connect:
+        if sockaddr is None and f.rawConnect:
             sockaddr = peerSockaddr(self.peer)
         if sockaddr is not None:
-            self.connector = RawConnect(self, sockaddr[0], sockaddr[1], f.connect_timeout)
+            self.connector = RawConnect(self, sockaddr[0], sockaddr[1], f.connectTimeout)
             return
         target = self.peer.extra.get("tcp")
         if target is not None:
             host, port = target
-            self.connector = f.reactor.connectTCP(host, port, self, timeout=f.connect_timeout)
+            self.connector = f.reactor.connectTCP(host, port, self, timeout=f.connectTimeout)
         else:
             endpoint = self.peer.extra["endpoint"]
             factory = protocol.Factory.forProtocol(lambda: BackendSide(self))
             factory.noisy = False
             d = endpoint.connect(factory)
-            d.addTimeout(f.connect_timeout, f.reactor)
+            d.addTimeout(f.connectTimeout, f.reactor)
             self.deferred = d
             d.addErrback(lambda reason: self.clientConnectionFailed(None, reason))
 

@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from balancer.proxy import proxy_header
+from balancer.proxyheader import proxyHeader
 from balancer.selection import Peer
 
 MAX_REPLY = 64 * 1024
@@ -112,7 +112,7 @@ class _CheckProtocol(protocol.Protocol):
         out = b""
         if self.proxy:
             t = self.transport
-            out += proxy_header(self.proxy, t.getHost(), t.getPeer())
+            out += proxyHeader(self.proxy, t.getHost(), t.getPeer())
         if self.send:
             out += self.send
         if out:

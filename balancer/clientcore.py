@@ -6,9 +6,9 @@ an EOF that arrives meanwhile is remembered, and once connected the
 PROXY header and the held bytes go first, then either reading waits until
 they are out, or the remembered EOF is passed on, or forwarding starts.
 
-Each path supplies the primitives over its own I/O: L{balancer.sides}
-over Twisted transports (producers do the backpressure), L{balancer.lean}
-over raw sockets (one pending chunk does).
+Forwarding itself is L{balancer.forward.Half}'s; each path supplies the
+primitives over its own I/O: L{balancer.sides} over Twisted transports,
+L{balancer.lean} over raw sockets.
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ from balancer.earlydata import EarlyData, firstBytes
 
 class ClientCore:
     """
-    Mixed into L{balancer.sides.ServerSide} and L{balancer.lean.LeanClient}
-    (no instance layout of its own, so the lean client keeps its slots).
+    Mixed into L{balancer.sides.ServerSide} and L{balancer.lean.LeanClient},
+    next to L{balancer.forward.Half} (no instance layout of its own, so the
+    lean client keeps its slots).
 
     The path provides: C{held}, C{factory}, C{attempt}, C{tried}, C{peer};
-    C{pauseReading()}, C{resumeReading()}, C{eofReceived()} (the client's
-    EOF was read), C{linkBackend(backend)}, C{localAddress()},
-    C{clientAddress()}, C{sendToBackend(data) -> bool} (C{False}: not all
-    taken, reading is resumed when it is) and C{passEOF()}.
+    C{pauseReading()}, C{resumeReading()}, C{linkBackend(backend)} (after
+    which C{other} is the backend's L{balancer.forward.Half}),
+    C{localAddress()} and C{clientAddress()}.
     """
 
     __slots__ = ()
@@ -54,15 +54,30 @@ class ClientCore:
         self.linkBackend(backend)
         held, self.held = self.held, None
         f = self.factory
-        if f.proxy_protocol is not None:
+        if f.proxyProtocol is not None:
             data = firstBytes(f, self.clientAddress(), self.localAddress(), held)
         elif held is not None:
             data = held.take()
         else:
             data = b""
-        if data and not self.sendToBackend(data):
-            self.pauseReading()  # until the held bytes are out
-        elif self.eofReceived():
-            self.passEOF()
+        if data and not self.other.send(data):
+            # reading resumes, or the EOF is passed on, once they are out
+            self.pauseReading()
+        elif self.eof:
+            self.other.shutWrite()
         else:
             self.resumeReading()
+
+    def endAccounting(self) -> None:
+        """
+        The connection is over: cancel a connection attempt under way and
+        release the backend.
+        """
+        attempt = self.attempt
+        self.attempt = None
+        if attempt is not None:
+            attempt.cancel()
+        peer = self.peer
+        self.peer = None
+        if peer is not None:
+            self.factory.release(peer)

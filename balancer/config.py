@@ -104,8 +104,8 @@ class BackendSpec:
 
     address: str
     weight: int = 1
-    max_fails: int = 1
-    fail_timeout: float = 10.0
+    maxFails: int = 1
+    failTimeout: float = 10.0
     backup: bool = False
     down: bool = False
     name: str = ""
@@ -143,9 +143,9 @@ def parseBackend(line: str) -> BackendSpec:
             if key == "weight":
                 values["weight"] = _boundedInt(1, MAX_WEIGHT)(value)
             elif key == "max_fails":
-                values["max_fails"] = _boundedInt(0, MAX_WEIGHT)(value)
+                values["maxFails"] = _boundedInt(0, MAX_WEIGHT)(value)
             elif key == "fail_timeout":
-                values["fail_timeout"] = parseDuration(value)
+                values["failTimeout"] = parseDuration(value)
             elif key == "name":
                 values["name"] = value
             else:
@@ -292,6 +292,17 @@ def _algorithm(text: str) -> str:
     return text
 
 
+def attributeName(option: str) -> str:
+    """The L{BalancerConfig} field of an option: C{connect-timeout} -> C{connectTimeout}."""
+    head, *rest = option.split("-")
+    return head + "".join(word.capitalize() for word in rest)
+
+
+def optionName(attribute: str) -> str:
+    """The option of a L{BalancerConfig} field: C{connectTimeout} -> C{connect-timeout}."""
+    return re.sub(r"([A-Z])", lambda m: "-" + m.group(1).lower(), attribute)
+
+
 # option name -> (built-in default, converter)
 SCALARS: dict[str, tuple[Any, Any]] = {
     "algorithm": ("round-robin", _algorithm),
@@ -322,28 +333,28 @@ class BalancerConfig:
     listen: list[str] = field(default_factory=lambda: ["tcp:8000"])
     backends: list[BackendSpec] = field(default_factory=list)
     algorithm: str = "round-robin"
-    connect_timeout: float = 1.0
+    connectTimeout: float = 1.0
     tries: int | None = None
-    check_interval: float = 2.0
-    check_timeout: float = 1.0
+    checkInterval: float = 2.0
+    checkTimeout: float = 1.0
     rise: int = 2
     fall: int = 3
-    check_send: bytes | None = None
-    check_expect: bytes | None = None
+    checkSend: bytes | None = None
+    checkExpect: bytes | None = None
     redis: str | None = None
-    redis_prefix: str = "chat:"
-    discovery_interval: float = 1.0
-    proxy_protocol: str | None = None
+    redisPrefix: str = "chat:"
+    discoveryInterval: float = 1.0
+    proxyProtocol: str | None = None
     #: longest time a proxied connection may go without a byte in either
     #: direction (nginx's proxy_timeout); 0 turns it off
-    proxy_timeout: float = 600.0
+    proxyTimeout: float = 600.0
     #: install the lean epoll dispatch loop (balancer.fastpoll)
-    lean_dispatch: bool = True
+    leanDispatch: bool = True
     status: str | None = None
-    drain_timeout: float = 0.0
+    drainTimeout: float = 0.0
     workers: int = 1
     backlog: int = 1024
-    config_file: str | None = None
+    configFile: str | None = None
 
 
 def readIni(path: str) -> dict[str, Any]:
@@ -378,7 +389,7 @@ def buildConfig(
     cfg = BalancerConfig(
         listen=[normalizeListen(d) for d in merged["listen"]],
         backends=backends,
-        **{k.replace("-", "_"): merged[k] for k in SCALARS},
+        **{attributeName(k): merged[k] for k in SCALARS},
     )
     validate(cfg)
     return cfg
@@ -386,20 +397,20 @@ def buildConfig(
 
 def validate(cfg: BalancerConfig) -> None:
     _algorithm(cfg.algorithm)
-    if cfg.proxy_protocol is not None:
-        _proxyProtocol(cfg.proxy_protocol)
+    if cfg.proxyProtocol is not None:
+        _proxyProtocol(cfg.proxyProtocol)
     for name in ("rise", "fall", "workers"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name} must be at least 1")
     if cfg.tries is not None and cfg.tries < 1:
         raise ConfigError("--tries must be at least 1")
-    if cfg.check_interval < 0:
+    if cfg.checkInterval < 0:
         raise ConfigError("--check-interval must be positive (0 turns checks off)")
-    if cfg.proxy_timeout < 0:
+    if cfg.proxyTimeout < 0:
         raise ConfigError("--proxy-timeout must be positive (0 turns it off)")
-    for name in ("connect_timeout", "check_timeout", "discovery_interval"):
+    for name in ("connectTimeout", "checkTimeout", "discoveryInterval"):
         if getattr(cfg, name) <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+            raise ConfigError(f"--{optionName(name)} must be positive")
     keys = [b.key for b in cfg.backends]
     dupes = {k for k in keys if keys.count(k) > 1}
     if dupes:
@@ -419,11 +430,6 @@ def load(cmdline: dict[str, Any], path: str | None) -> BalancerConfig:
     C{path} (re-read on every call, which is what SIGHUP does).
     """
     cfg = buildConfig(cmdline, readIni(path) if path else None)
-    cfg.config_file = path
+    cfg.configFile = path
     return cfg
 
-
-# Names the data path (balancer/pool.py) and the test helpers import; to be
-# renamed with them.
-normalize_address = normalizeAddress
-parse_backend = parseBackend

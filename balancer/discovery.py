@@ -21,7 +21,7 @@ from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from balancer import _redisinternals
+from balancer import _twisted
 from balancer.config import BackendSpec, ConfigError
 from chatproto.common.redisurl import RedisURL, parseRedisURL
 from chatproto.common.registry import ServerEntry, readRegistry
@@ -55,8 +55,8 @@ def toBackends(
     """
     specs = [
         BackendSpec(
-            address=e.address, weight=e.weight, max_fails=maxFails,
-            fail_timeout=failTimeout, name=e.name,
+            address=e.address, weight=e.weight, maxFails=maxFails,
+            failTimeout=failTimeout, name=e.name,
         )
         for e in entries
     ]
@@ -123,7 +123,7 @@ class RedisDiscovery(service.Service):
             replyTimeout=max(2.0, 2 * self.interval),
         )
         # keep trying, but not too slowly once Redis is back
-        _redisinternals.setMaxReconnectDelay(conn, MAX_RECONNECT_DELAY)
+        _twisted.setRedisMaxDelay(conn, MAX_RECONNECT_DELAY)
         return conn
 
     def startService(self) -> None:

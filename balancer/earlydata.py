@@ -42,7 +42,7 @@ def firstBytes(factory: object, client: object, local: object, held: EarlyData |
     What goes to a backend first: the PROXY header (if configured) for
     C{client} connected to our address C{local}, then the held bytes.
     """
-    data = factory.headerFor(client, local) if factory.proxy_protocol is not None else b""
+    data = factory.headerFor(client, local) if factory.proxyProtocol is not None else b""
     if held is not None:
         data += held.take()
     return data

@@ -50,31 +50,32 @@ def _makeDoPoll(internals: tuple[Any, dict[int, Any], Any, Any]) -> Any:
             selectable = get(fd)
             if selectable is None:
                 continue
+            if event & INOUT == EPOLLIN:
+                # Readable, maybe with a hang-up or error, not writable:
+                # what _doReadOrWrite does for it (read; a hang-up is then
+                # seen by the read), minus its other checks.
+                handler, isRead = selectable.doRead, True
+            elif event == EPOLLOUT:
+                # writable and nothing else (a connect completing)
+                handler, isRead = selectable.doWrite, False
+            else:
+                # hang-up or error without input, both directions: Twisted's
+                # own handling
+                handler = None
             try:
-                if event & INOUT == EPOLLIN:
-                    # Readable, maybe with a hang-up or error, not writable:
-                    # what _doReadOrWrite does for it (read; a hang-up is
-                    # then seen by the read), minus its other checks.
-                    try:
-                        why = selectable.doRead()
-                    except BaseException:
-                        why = sys.exc_info()[1]
-                        log.failure("in doRead of {s}", s=selectable)
-                    if why:
-                        disconnect(selectable, why, True)
-                elif event == EPOLLOUT:
-                    # writable and nothing else (a connect completing)
-                    try:
-                        why = selectable.doWrite()
-                    except BaseException:
-                        why = sys.exc_info()[1]
-                        log.failure("in doWrite of {s}", s=selectable)
-                    if why:
-                        disconnect(selectable, why, False)
-                else:
-                    # hang-up or error without input, both directions:
-                    # Twisted's own handling
+                if handler is None:
                     dispatch(selectable, fd, event)
+                    continue
+                try:
+                    why = handler()
+                except BaseException:
+                    why = sys.exc_info()[1]
+                    log.failure(
+                        "in {handler} of {s}", handler="doRead" if isRead else "doWrite",
+                        s=selectable,
+                    )
+                if why:
+                    disconnect(selectable, why, isRead)
             except BaseException:
                 # connectionLost (or a broken selectable) raised: what
                 # callWithLogger does, log it and go on with the others

@@ -18,27 +18,27 @@ class PassiveHealth:
     nginx's passive failure accounting for one backend.
 
     A failed connect increments C{fails} and stamps C{checked}/C{accessed}.
-    Once C{fails >= max_fails}, the backend is unavailable while
-    C{now - checked <= fail_timeout}.  After that a single probe is let
+    Once C{fails >= maxFails}, the backend is unavailable while
+    C{now - checked <= failTimeout}.  After that a single probe is let
     through (L{picked} moves C{checked} forward, closing the window again);
     a success after that probe (C{accessed < checked}) resets C{fails}.
-    C{max_fails = 0} disables the accounting, as in nginx.
+    C{maxFails = 0} disables the accounting, as in nginx.
     """
 
-    __slots__ = ("max_fails", "fail_timeout", "fails", "checked", "accessed")
+    __slots__ = ("maxFails", "failTimeout", "fails", "checked", "accessed")
 
-    def __init__(self, max_fails: int = 1, fail_timeout: float = 10.0) -> None:
-        self.max_fails = max_fails
-        self.fail_timeout = fail_timeout
+    def __init__(self, maxFails: int = 1, failTimeout: float = 10.0) -> None:
+        self.maxFails = maxFails
+        self.failTimeout = failTimeout
         self.fails = 0
         self.checked = 0.0
         self.accessed = 0.0
 
     def available(self, now: float) -> bool:
         return not (
-            self.max_fails
-            and self.fails >= self.max_fails
-            and now - self.checked <= self.fail_timeout
+            self.maxFails
+            and self.fails >= self.maxFails
+            and now - self.checked <= self.failTimeout
         )
 
     def picked(self, now: float) -> None:
@@ -46,18 +46,18 @@ class PassiveHealth:
         The backend was chosen for a connection attempt (nginx's
         C{get_peer} tail).
         """
-        if now - self.checked > self.fail_timeout:
+        if now - self.checked > self.failTimeout:
             self.checked = now
 
     def failed(self, now: float) -> bool:
         """
         Record a failure; return C{True} when this failure disabled the
-        backend (reached C{max_fails}).
+        backend (reached C{maxFails}).
         """
         self.fails += 1
         self.accessed = now
         self.checked = now
-        return bool(self.max_fails) and self.fails == self.max_fails
+        return bool(self.maxFails) and self.fails == self.maxFails
 
     def succeeded(self) -> None:
         """
@@ -85,7 +85,7 @@ class ActiveHealth:
     down; once down, C{rise} consecutive successes bring it up.
     """
 
-    __slots__ = ("rise", "fall", "health", "last_result", "last_check", "last_error")
+    __slots__ = ("rise", "fall", "health", "lastResult", "lastCheck", "lastError")
 
     def __init__(self, rise: int = 2, fall: int = 3) -> None:
         if rise < 1 or fall < 1:
@@ -93,9 +93,9 @@ class ActiveHealth:
         self.rise = rise
         self.fall = fall
         self.health = rise
-        self.last_result: bool | None = None
-        self.last_check: float | None = None
-        self.last_error = ""
+        self.lastResult: bool | None = None
+        self.lastCheck: float | None = None
+        self.lastError = ""
 
     @property
     def up(self) -> bool:
@@ -105,10 +105,10 @@ class ActiveHealth:
         """
         Record one check result; return C{True} if the up/down state changed.
         """
-        was_up = self.up
-        self.last_result = ok
-        self.last_check = now
-        self.last_error = "" if ok else error
+        wasUp = self.up
+        self.lastResult = ok
+        self.lastCheck = now
+        self.lastError = "" if ok else error
         if ok:
             if self.health < self.rise + self.fall - 1:
                 self.health += 1
@@ -118,4 +118,4 @@ class ActiveHealth:
             self.health -= 1
             if self.health < self.rise:
                 self.health = 0
-        return self.up != was_up
+        return self.up != wasUp

@@ -11,12 +11,13 @@ Python per connection.  Here, as in nginx:
    inherit C{TCP_NODELAY} from it (Linux copies it to the child socket);
  - L{LeanClient} (the client's socket) and a L{_Half} (the backend's
    socket, from L{balancer.rawconnect.RawConnect}) are the reactor's read and
-   write descriptors themselves: a read is C{send()} to the other socket at
-   once; what the kernel does not take is kept (one chunk at most), the
-   destination is watched for writability and the source is not read until
-   it is sent (backpressure); an EOF becomes C{shutdown(SHUT_WR)} of the
-   other socket once its pending bytes are out (half-close), and the pair is
-   closed when both directions are done, or at once on an error.
+   write descriptors themselves, and L{balancer.forward.Half}s: a read is
+   C{send()} to the other socket at once; what the kernel does not take is
+   kept (one chunk at most), the destination is watched for writability and
+   the source is not read until it is sent (backpressure); an EOF becomes
+   C{shutdown(SHUT_WR)} of the other socket once its pending bytes are out
+   (half-close), and the pair is closed when both directions are done, or
+   at once on an error.
 
 Selection, retries, counting, draining, the early-data hold and the
 proxy timeout are shared with the Twisted path: a L{LeanClient} is an
@@ -41,6 +42,7 @@ from zope.interface import implementer
 from balancer import _twisted
 from balancer.clientcore import ClientCore
 from balancer.earlydata import HOLD_LIMIT, EarlyData
+from balancer.forward import Half, sendSome
 from balancer.interfaces import IProxiedClient
 from balancer.sides import ServerSide
 
@@ -67,17 +69,15 @@ def _address(addr: tuple[Any, ...]) -> IPv4Address | IPv6Address:
 
 
 @implementer(IReadDescriptor, IWriteDescriptor)
-class _Half:
+class _Half(Half):
     """
-    One socket of a proxied pair; C{other} is the pair's other socket.
+    One socket of a proxied pair as a reactor descriptor: the
+    L{balancer.forward.Half} state machine over a raw socket.
 
     @ivar pending: bytes read from C{other} that this socket did not take
         yet; while there are any, this socket is watched for writability
         and C{other} is not read.
     @ivar reading: this socket is watched for reading.
-    @ivar eof: this socket's peer has finished sending.
-    @ivar shut: nothing more will be sent to this socket.
-    @ivar rx: reads from this socket (the proxy timeout's activity count).
     """
 
     __slots__ = (
@@ -109,6 +109,9 @@ class _Half:
             self.reading = False
             self.fds.removeReader(self)
 
+    pauseReading = readingDone = stopReading
+    resumeReading = startReading
+
     def doRead(self) -> None:
         try:
             data = self.sock.recv(READ_SIZE)
@@ -117,26 +120,10 @@ class _Half:
         except OSError:
             self.client.abort()
             return
-        self.rx += 1
-        other = self.other
-        if not data:
-            self.eof = True
-            if other is not None and not other.pending:
-                if self.shut:
-                    # the other direction is done too: close the pair
-                    # (no need to stop reading a socket about to close)
-                    self.client.abort()
-                    return
-                self.stopReading()
-                other.shutWrite()
-                return
-            self.stopReading()
-            # else: once other's pending bytes are out (doWrite), or once
-            # the backend is connected (LeanClient.backendConnected)
-        elif other is None:
-            self.client.hold(data)
-        elif not other.send(data):
-            self.stopReading()
+        if data:
+            self.forward(data)
+        else:
+            self.readEnded()
 
     def send(self, data: bytes) -> bool:
         """
@@ -144,53 +131,36 @@ class _Half:
         send it when the socket is writable.  Returns whether the sender may
         go on reading (C{False}: bytes are pending, or the pair is closed).
         """
-        try:
-            sent = self.sock.send(data)
-        except _EAGAIN:
-            sent = 0
-        except OSError:
-            self.client.abort()
-            return False
+        sent = sendSome(self.sock, data)
         if sent == len(data):
             return True
+        if sent < 0:
+            self.client.abort()
+            return False
         self.pending = data[sent:]
         self.fds.addWriter(self)
         return False
 
     def doWrite(self) -> None:
         data = self.pending
-        try:
-            sent = self.sock.send(data)
-        except _EAGAIN:
-            return
-        except OSError:
+        sent = sendSome(self.sock, data)
+        if sent < 0:
             self.client.abort()
-            return
-        if sent < len(data):
+        elif sent < len(data):
             self.pending = data[sent:]
-            return
-        self.pending = b""
-        self.fds.removeWriter(self)
-        source = self.other
-        if source.eof:
-            self.shutWrite()
         else:
-            source.startReading()
+            self.pending = b""
+            self.fds.removeWriter(self)
+            self.drained()
 
-    def shutWrite(self) -> None:
-        """
-        Nothing more is sent to this socket: pass the EOF on with
-        C{shutdown(SHUT_WR)}, or close the pair when this was the last open
-        direction (C{close()} sends the same FIN).
-        """
-        self.shut = True
-        if self.other.shut:
-            self.client.abort()
-            return
+    def shutdownWrite(self) -> None:
         try:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
             self.client.abort()
+
+    def closePair(self) -> None:
+        self.client.abort()
 
     def connectionLost(self, reason: Any) -> None:
         """
@@ -237,22 +207,8 @@ class LeanClient(ClientCore, _Half):
 
     # -- ClientCore's primitives over raw sockets ----------------------------------
 
-    pauseReading = _Half.stopReading
-    resumeReading = _Half.startReading
-
-    def eofReceived(self) -> bool:
-        return self.eof
-
-    def passEOF(self) -> None:
-        self.backend.shutWrite()
-
     def localAddress(self) -> IPv4Address | IPv6Address:
         return _address(self.sock.getsockname())
-
-    def sendToBackend(self, data: bytes) -> bool:
-        # False: bytes are pending; reading resumes once they are out
-        # (_Half.doWrite)
-        return self.backend.send(data)
 
     def linkBackend(self, connect: Any) -> None:
         """
@@ -330,14 +286,7 @@ class LeanClient(ClientCore, _Half):
                     half.reading = False
                 half.sock.close()
                 half.client = half.other = None
-        attempt = self.attempt
-        self.attempt = None
-        if attempt is not None:
-            attempt.cancel()
-        peer = self.peer
-        self.peer = None
-        if peer is not None:
-            f.release(peer)
+        self.endAccounting()
 
 
 @implementer(IReadDescriptor)

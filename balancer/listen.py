@@ -79,11 +79,11 @@ class SocketEndpoint:
                 sock.close()
 
 
-def server_endpoint(
-    reactor: Any, description: str, reuse_port: bool, backlog: int, lean: bool = False
+def serverEndpoint(
+    reactor: Any, description: str, reusePort: bool, backlog: int, lean: bool = False
 ) -> Any:
     """
-    The endpoint for C{--listen DESCRIPTION}.  With C{reuse_port}, C{tcp:}
+    The endpoint for C{--listen DESCRIPTION}.  With C{reusePort}, C{tcp:}
     and C{ssl:} endpoints are rebuilt as L{SocketEndpoint}s; with C{lean},
     C{tcp:} endpoints are rebuilt as lean L{SocketEndpoint}s.  Without
     Twisted's endpoint internals (L{balancer._twisted.endpointFields}) the
@@ -95,9 +95,9 @@ def server_endpoint(
     if isTCP or isSSL:
         if "backlog=" not in description:
             _twisted.setBacklog(endpoint, backlog)
-        fields = _twisted.endpointFields(endpoint) if (reuse_port or lean) else None
+        fields = _twisted.endpointFields(endpoint) if (reusePort or lean) else None
         if fields is None:
-            if reuse_port:
+            if reusePort:
                 raise ValueError(
                     f"--workers cannot rebuild {description!r} on this Twisted version"
                 )
@@ -105,11 +105,11 @@ def server_endpoint(
         port, interface, endpointBacklog, tlsContext = fields
         if isTCP:
             return SocketEndpoint(
-                reactor, port, interface, endpointBacklog, reusePort=reuse_port, lean=lean
+                reactor, port, interface, endpointBacklog, reusePort=reusePort, lean=lean
             )
-        if reuse_port:
+        if reusePort:
             return SocketEndpoint(reactor, port, interface, endpointBacklog, tlsContext)
         return endpoint
-    if reuse_port:
+    if reusePort:
         raise ValueError(f"--workers needs tcp: or ssl: listen endpoints, not {description!r}")
     return endpoint

@@ -19,22 +19,37 @@ from twisted.internet.endpoints import clientFromString
 from twisted.logger import Logger
 
 from balancer.checker import HealthChecker
-from balancer.config import BackendSpec, normalize_address
+from balancer.config import BackendSpec, BalancerConfig, normalizeAddress
 from balancer.selection import Peer, Selector
 
 SOURCE_PRIORITY = ("static", "redis")
 
 
-@dataclass
+@dataclass(frozen=True)
 class CheckSettings:
-    interval: float = 2.0
-    timeout: float = 1.0
-    rise: int = 2
-    fall: int = 3
-    send: bytes | None = None
-    expect: bytes | None = None
-    proxy_protocol: str | None = None
-    enabled: bool = True
+    """
+    The health-check part of a L{BalancerConfig} (compared on a reload:
+    checkers restart only when it changed).
+    """
+
+    interval: float
+    timeout: float
+    rise: int
+    fall: int
+    send: bytes | None
+    expect: bytes | None
+    proxyProtocol: str | None
+
+    @property
+    def enabled(self) -> bool:
+        return self.interval > 0
+
+    @classmethod
+    def fromConfig(cls, cfg: BalancerConfig) -> CheckSettings:
+        return cls(
+            cfg.checkInterval, cfg.checkTimeout, cfg.rise, cfg.fall, cfg.checkSend,
+            cfg.checkExpect, cfg.proxyProtocol,
+        )
 
 
 class Pool:
@@ -45,12 +60,12 @@ class Pool:
         reactor: Any,
         selector: Selector,
         checks: CheckSettings,
-        drain_timeout: float = 0.0,
+        drainTimeout: float = 0.0,
     ) -> None:
         self.reactor = reactor
         self.selector = selector
         self.checks = checks
-        self.drain_timeout = drain_timeout
+        self.drainTimeout = drainTimeout
         self.sources: dict[str, dict[str, BackendSpec]] = {}
         self.peers: dict[str, Peer] = {}
         self.draining: dict[str, Peer] = {}
@@ -60,7 +75,7 @@ class Pool:
 
     # -- sources -------------------------------------------------------------
 
-    def set_source(self, source: str, specs: list[BackendSpec]) -> None:
+    def setSource(self, source: str, specs: list[BackendSpec]) -> None:
         """
         Replace everything C{source} says about backends and apply the
         difference.
@@ -93,20 +108,12 @@ class Pool:
                 self._drain(self.peers.pop(key))
 
     def _add(self, spec: BackendSpec) -> Peer:
-        c = self.checks
+        # weight and the passive-check parameters: _update, right after
         peer = Peer(
-            spec.key,
-            address=spec.address,
-            weight=spec.weight,
-            max_fails=spec.max_fails,
-            fail_timeout=spec.fail_timeout,
-            backup=spec.backup,
-            down=spec.down,
-            rise=c.rise,
-            fall=c.fall,
-            name=spec.name,
+            spec.key, address=spec.address, weight=spec.weight,
+            rise=self.checks.rise, fall=self.checks.fall, name=spec.name,
         )
-        target = normalize_address(spec.address)
+        target = normalizeAddress(spec.address)
         if target is not None:
             peer.extra["tcp"] = target
         else:
@@ -125,8 +132,8 @@ class Pool:
                 peer=peer.key, old=peer.weight, new=spec.weight,
             )
             peer.setWeight(spec.weight)
-        peer.passive.max_fails = spec.max_fails
-        peer.passive.fail_timeout = spec.fail_timeout
+        peer.passive.maxFails = spec.maxFails
+        peer.passive.failTimeout = spec.failTimeout
         peer.backup = spec.backup
         peer.down = spec.down
         if spec.name:
@@ -140,11 +147,11 @@ class Pool:
         self.log.info(
             "backend {peer} removed, draining {n} connections", peer=peer.key, n=peer.conns
         )
-        if self.drain_timeout > 0 and peer.conns:
+        if self.drainTimeout > 0 and peer.conns:
             self._timers[peer.key] = self.reactor.callLater(
-                self.drain_timeout, self._drainDeadline, peer
+                self.drainTimeout, self._drainDeadline, peer
             )
-        self.connection_ended(peer)
+        self.connectionEnded(peer)
 
     def _undrain(self, peer: Peer) -> None:
         timer = self._timers.pop(peer.key, None)
@@ -168,7 +175,7 @@ class Pool:
         for client in clients:
             client.close()
 
-    def connection_ended(self, peer: Peer) -> None:
+    def connectionEnded(self, peer: Peer) -> None:
         """
         Called when a proxied connection of C{peer} ended; forgets a drained
         peer once its last connection is gone.
@@ -187,7 +194,7 @@ class Pool:
             return
         c = self.checks
         checker = HealthChecker(
-            self.reactor, peer, c.interval, c.timeout, c.send, c.expect, c.proxy_protocol
+            self.reactor, peer, c.interval, c.timeout, c.send, c.expect, c.proxyProtocol
         )
         peer.extra["checker"] = checker
         checker.start()
@@ -197,7 +204,7 @@ class Pool:
         if checker is not None:
             checker.stop()
 
-    def set_checks(self, checks: CheckSettings) -> None:
+    def setChecks(self, checks: CheckSettings) -> None:
         """
         New health check settings (a reload): restart the checkers if they
         changed.
@@ -227,7 +234,7 @@ class Pool:
 
     # -- views -------------------------------------------------------------------
 
-    def all_peers(self) -> list[Peer]:
+    def allPeers(self) -> list[Peer]:
         return list(self.peers.values()) + list(self.draining.values())
 
 

@@ -9,6 +9,8 @@ proxy timeout (L{balancer.idletimeout}).
 The modules of the data path, one job each:
 
  - L{balancer.proxyheader}: the PROXY protocol header;
+ - L{balancer.forward}: the forwarding state machine of both paths;
+ - L{balancer.clientcore}: a client's start (early data, EOF, header) and end;
  - L{balancer.earlydata}: client bytes held until the backend is up;
  - L{balancer.sides}: the Twisted path (protocols on Twisted transports);
  - L{balancer.lean}: the raw-socket path for plain C{tcp:} listeners;
@@ -29,15 +31,14 @@ from twisted.python.failure import Failure
 
 from balancer import _twisted
 from balancer.attempt import Attempt
-from balancer.earlydata import HOLD_LIMIT
 from balancer.idletimeout import IdleSweep
 from balancer.interfaces import IProxiedClient
-from balancer.proxyheader import proxy_header, proxyHeader
+from balancer.proxyheader import proxyHeader
 from balancer.rawconnect import ConnectDeadlines, peerSockaddr
 from balancer.selection import Peer, Selector
 from balancer.sides import ServerSide
 
-__all__ = ["BalancerFactory", "HOLD_LIMIT", "proxy_header", "ServerSide"]
+__all__ = ["BalancerFactory", "DEFAULT_PROXY_TIMEOUT"]
 
 # nginx's proxy_timeout default (seconds); 0 turns it off
 DEFAULT_PROXY_TIMEOUT = 600.0
@@ -60,35 +61,35 @@ class BalancerFactory(protocol.Factory):
         self,
         reactor: Any,
         selector: Selector,
-        connect_timeout: float = 1.0,
+        connectTimeout: float = 1.0,
         tries: int | None = None,
-        proxy_protocol: str | None = None,
-        proxy_timeout: float = DEFAULT_PROXY_TIMEOUT,
+        proxyProtocol: str | None = None,
+        proxyTimeout: float = DEFAULT_PROXY_TIMEOUT,
     ) -> None:
         _twisted.ensureChecked(reactor)
         self.reactor = reactor
         # connect to IP literals with RawConnect (needs a real reactor)
-        self.raw_connect = IReactorFDSet.providedBy(reactor)
+        self.rawConnect = IReactorFDSet.providedBy(reactor)
         self.selector = selector
-        self.connect_timeout = connect_timeout
+        self.connectTimeout = connectTimeout
         self.tries = tries
-        self.proxy_protocol = proxy_protocol
+        self.proxyProtocol = proxyProtocol
         self.accepted = 0
         self.rejected = 0
-        self.connect_failures = 0
+        self.connectFailures = 0
         self.clients: set[Any] = set()
-        self.on_finished: list[Any] = []
+        self.onFinished: list[Any] = []
         self.deadlines = ConnectDeadlines(reactor)
         # descriptor bookkeeping of the lean path and RawConnect
-        self.fds = _twisted.fdOps(reactor) if self.raw_connect else None
-        self.idleSweep = IdleSweep(reactor, self.clients, proxy_timeout)
+        self.fds = _twisted.fdOps(reactor) if self.rawConnect else None
+        self.idleSweep = IdleSweep(reactor, self.clients, proxyTimeout)
 
     @property
-    def proxy_timeout(self) -> float:
+    def proxyTimeout(self) -> float:
         return self.idleSweep.timeout
 
-    @proxy_timeout.setter
-    def proxy_timeout(self, timeout: float) -> None:
+    @proxyTimeout.setter
+    def proxyTimeout(self, timeout: float) -> None:
         self.idleSweep.setTimeout(timeout)
 
     def buildProtocol(self, addr: Any) -> ServerSide:
@@ -115,9 +116,9 @@ class BalancerFactory(protocol.Factory):
         The PROXY header for a client at address C{client} connected to our
         address C{local}, or C{b""}.
         """
-        if self.proxy_protocol is None:
+        if self.proxyProtocol is None:
             return b""
-        return proxyHeader(self.proxy_protocol, client, local)
+        return proxyHeader(self.proxyProtocol, client, local)
 
     def dispatch(self, client: IProxiedClient) -> None:
         """
@@ -143,7 +144,7 @@ class BalancerFactory(protocol.Factory):
             client.abort()
             self.clients.discard(client)
             return
-        sockaddr = peerSockaddr(peer) if self.raw_connect else None
+        sockaddr = peerSockaddr(peer) if self.rawConnect else None
         if client.lean and sockaddr is None:
             # a host name or an endpoint string: Twisted's transports
             client = client.toTwisted()
@@ -158,14 +159,14 @@ class BalancerFactory(protocol.Factory):
         self.selector.succeeded(peer)
 
     def attemptFailed(self, peer: Peer, reason: Failure) -> None:
-        self.connect_failures += 1
+        self.connectFailures += 1
         self.release(peer)
         self.selector.failed(peer)
         if reason.check(error.TimeoutError, error.ConnectingCancelledError):
             why = "timed out"
         else:
             why = reason.getErrorMessage()
-        peer.active.last_error = f"connect: {why}"
+        peer.active.lastError = f"connect: {why}"
         self.log.warn("connect to backend {peer} failed: {why}", peer=peer.key, why=why)
 
     def release(self, peer: Peer) -> None:
@@ -173,10 +174,10 @@ class BalancerFactory(protocol.Factory):
         A connection (or attempt) of C{peer} is over.
         """
         peer.connectionEnded()
-        for callback in self.on_finished:
+        for callback in self.onFinished:
             callback(peer)
 
-    def close_all(self) -> None:
+    def closeAll(self) -> None:
         self.idleSweep.stop()
         self.deadlines.stop()
         for client in list(self.clients):

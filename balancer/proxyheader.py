@@ -51,6 +51,3 @@ def proxyHeader(version: str, source: Any, destination: Any) -> bytes:
     fam = b"\x11" if s.version == 4 else b"\x21"
     return _V2_SIGNATURE + b"\x21" + fam + struct.pack("!H", len(body)) + body
 
-
-# the name balancer/checker.py imports (through balancer.proxy)
-proxy_header = proxyHeader

@@ -6,8 +6,8 @@ client connection with one of the algorithms:
 
  - C{round-robin}: nginx's smooth weighted round-robin, exactly as in
    C{ngx_stream_upstream_get_peer}: every usable peer adds its
-   C{effective_weight} to C{currentWeight}, the largest wins and has the
-   total subtracted.  C{effective_weight} is cut by C{weight // max_fails}
+   C{effectiveWeight} to C{currentWeight}, the largest wins and has the
+   total subtracted.  C{effectiveWeight} is cut by C{weight // maxFails}
    on every failure and grows back by one per selection round.
  - C{least-conn}: nginx's C{least_conn}: fewest active connections relative
    to weight, ties broken by smooth weighted round-robin.
@@ -45,8 +45,8 @@ class Peer:
         key: str,
         address: str | None = None,
         weight: int = 1,
-        max_fails: int = 1,
-        fail_timeout: float = 10.0,
+        maxFails: int = 1,
+        failTimeout: float = 10.0,
         backup: bool = False,
         down: bool = False,
         rise: int = 2,
@@ -57,11 +57,11 @@ class Peer:
         self.address = address if address is not None else key
         self.name = name or key
         self.weight = max(1, int(weight))
-        self.effective_weight = self.weight
+        self.effectiveWeight = self.weight
         self.currentWeight = 0
         self.backup = backup
         self.down = down
-        self.passive = PassiveHealth(max_fails, fail_timeout)
+        self.passive = PassiveHealth(maxFails, failTimeout)
         self.active = ActiveHealth(rise, fall)
         self.draining = False
         self.sources: set[str] = set()
@@ -82,9 +82,9 @@ class Peer:
         weight = max(1, int(weight))
         if weight != self.weight:
             self.weight = weight
-            self.effective_weight = min(self.effective_weight, weight)
-            if self.effective_weight <= 0:
-                self.effective_weight = weight
+            self.effectiveWeight = min(self.effectiveWeight, weight)
+            if self.effectiveWeight <= 0:
+                self.effectiveWeight = weight
 
     def usable(self, now: float) -> bool:
         return (
@@ -113,7 +113,7 @@ class Peer:
             return self.conns
         return self.logins + self.pending
 
-    def set_logins(self, logins: int | None) -> None:
+    def setLogins(self, logins: int | None) -> None:
         self.logins = logins
         self.pending = 0
 
@@ -134,10 +134,10 @@ def _smoothPick(candidates: Iterable[Peer]) -> Peer | None:
     best: Peer | None = None
     total = 0
     for peer in candidates:
-        peer.currentWeight += peer.effective_weight
-        total += peer.effective_weight
-        if peer.effective_weight < peer.weight:
-            peer.effective_weight += 1
+        peer.currentWeight += peer.effectiveWeight
+        total += peer.effectiveWeight
+        if peer.effectiveWeight < peer.weight:
+            peer.effectiveWeight += 1
         if best is None or peer.currentWeight > best.currentWeight:
             best = peer
     if best is not None:
@@ -216,10 +216,10 @@ class Selector:
         """
         peer.failures += 1
         peer.passive.failed(self.clock.seconds())
-        if peer.passive.max_fails:
-            peer.effective_weight -= peer.weight // peer.passive.max_fails
-        if peer.effective_weight < 0:
-            peer.effective_weight = 0
+        if peer.passive.maxFails:
+            peer.effectiveWeight -= peer.weight // peer.passive.maxFails
+        if peer.effectiveWeight < 0:
+            peer.effectiveWeight = 0
 
     def succeeded(self, peer: Peer) -> None:
         peer.passive.succeeded()
@@ -233,11 +233,11 @@ def _checkedFirst(peers: list[Peer]) -> list[Peer]:
     """
     unchecked = 0
     for peer in peers:
-        if peer.active.last_result is None:
+        if peer.active.lastResult is None:
             unchecked += 1
     if unchecked == 0 or unchecked == len(peers):
         return peers
-    return [p for p in peers if p.active.last_result is not None]
+    return [p for p in peers if p.active.lastResult is not None]
 
 
 def _conns(peer: Peer) -> int:

@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from balancer import config as configmod
 from balancer.config import BalancerConfig, ConfigError
 from balancer.discovery import RedisDiscovery
-from balancer.listen import server_endpoint
+from balancer.listen import serverEndpoint
 from balancer.pool import CheckSettings, Pool
 from balancer.proxy import BalancerFactory
 from balancer.selection import Selector
@@ -41,23 +41,10 @@ class StartupFailed(SystemExit, Exception):
     __module__ = "balancer"  # shorter in twistd's one-line report
 
 
-def checkSettings(cfg: BalancerConfig) -> CheckSettings:
-    return CheckSettings(
-        interval=cfg.check_interval,
-        timeout=cfg.check_timeout,
-        rise=cfg.rise,
-        fall=cfg.fall,
-        send=cfg.check_send,
-        expect=cfg.check_expect,
-        proxy_protocol=cfg.proxy_protocol,
-        enabled=cfg.check_interval > 0,
-    )
-
-
 #: options a reload cannot change (they need a restart)
 NOT_RELOADABLE = (
-    "listen", "status", "redis", "redis_prefix", "discovery_interval", "workers",
-    "backlog", "lean_dispatch",
+    "listen", "status", "redis", "redisPrefix", "discoveryInterval", "workers",
+    "backlog", "leanDispatch",
 )
 
 
@@ -89,7 +76,7 @@ class BalancerService(service.MultiService):
         reactor: Any = None,
         cmdline: dict[str, Any] | None = None,
         reusePort: bool = False,
-        handle_sighup: bool = True,
+        handleSighup: bool = True,
         workerStatus: str | None = None,
     ) -> None:
         super().__init__()
@@ -101,34 +88,32 @@ class BalancerService(service.MultiService):
         self.config = cfg
         self.cmdline = cmdline or {}
         self.reusePort = reusePort
-        self.handleSighup = handle_sighup
+        self.handleSighup = handleSighup
         self.workerStatus = workerStatus
         self.workers: Any = None
         self.reloads = 0
         self.reloadFailures = 0
         self.lastReloadError: str | None = None
         self.leanDispatch = False
-        self._dispatchShadowed: set[str] = set()
         self.selector = Selector(reactor, cfg.algorithm)
-        self.pool = Pool(reactor, self.selector, checkSettings(cfg), cfg.drain_timeout)
+        self.pool = Pool(reactor, self.selector, CheckSettings.fromConfig(cfg), cfg.drainTimeout)
         self.factory = BalancerFactory(
-            reactor, self.selector, cfg.connect_timeout, cfg.tries, cfg.proxy_protocol
+            reactor, self.selector, cfg.connectTimeout, cfg.tries, cfg.proxyProtocol,
+            cfg.proxyTimeout,
         )
-        # read by the data path (idle timer of proxied connections)
-        self.factory.proxy_timeout = cfg.proxy_timeout
-        self.factory.on_finished.append(self.pool.connection_ended)
+        self.factory.onFinished.append(self.pool.connectionEnded)
         self.pool.factory = self.factory
-        self.pool.set_source("static", cfg.backends)
+        self.pool.setSource("static", cfg.backends)
         self.discovery: RedisDiscovery | None = None
         if cfg.redis:
             self.discovery = RedisDiscovery(
-                reactor, cfg.redis, cfg.redis_prefix, cfg.discovery_interval,
+                reactor, cfg.redis, cfg.redisPrefix, cfg.discoveryInterval,
                 self._discovered,
             )
             self.discovery.setServiceParent(self)
         self.ports: list[Any] = []
-        self.proxy_ports: list[Any] = []
-        self.status_port: Any = None
+        self.proxyPorts: list[Any] = []
+        self.statusPort: Any = None
         self.workerStatusPort: Any = None
         self.listening: defer.Deferred[list[Any]] = defer.Deferred()
         self._oldSighup: Any = None
@@ -150,30 +135,18 @@ class BalancerService(service.MultiService):
         self.listening.callback(self.ports)
 
     def _installDispatch(self) -> None:
-        if not self.config.lean_dispatch:
+        if not self.config.leanDispatch:
             return
         from balancer import fastpoll
 
-        # without fastpoll.uninstall, stopService takes back the instance
-        # attributes install() sets (the reactor's own methods show again)
-        self._dispatchShadowed = {
-            name for name in ("doPoll", "doIteration") if name in vars(self.reactor)
-        } if hasattr(self.reactor, "__dict__") else set()
-        # fastpoll.install returns whether it took over (None: older version)
-        self.leanDispatch = fastpoll.install(self.reactor) is not False
+        self.leanDispatch = fastpoll.install(self.reactor)
 
     def _uninstallDispatch(self) -> None:
         if not self.leanDispatch:
             return
         from balancer import fastpoll
 
-        uninstall = getattr(fastpoll, "uninstall", None)
-        if uninstall is not None:
-            uninstall(self.reactor)
-        elif hasattr(self.reactor, "__dict__"):
-            for name in ("doPoll", "doIteration"):
-                if name not in self._dispatchShadowed and name in vars(self.reactor):
-                    delattr(self.reactor, name)
+        fastpoll.uninstall(self.reactor)
         self.leanDispatch = False
 
     def _listenOne(self, description: str, factory: Any, what: str, **kw: Any) -> Any:
@@ -182,7 +155,7 @@ class BalancerService(service.MultiService):
         takes answer synchronously.
         """
         try:
-            endpoint = server_endpoint(self.reactor, description, **kw)
+            endpoint = serverEndpoint(self.reactor, description, **kw)
             d = endpoint.listen(factory)
         except Exception as e:
             d = defer.fail(e)
@@ -203,26 +176,26 @@ class BalancerService(service.MultiService):
                 # watch raw sockets (as it must for RawConnect)
                 port = self._listenOne(
                     description, self.factory, "listen",
-                    reuse_port=self.reusePort, backlog=cfg.backlog,
-                    lean=self.factory.raw_connect,
+                    reusePort=self.reusePort, backlog=cfg.backlog,
+                    lean=self.factory.rawConnect,
                 )
-                self.proxy_ports.append(port)
+                self.proxyPorts.append(port)
                 self.ports.append(port)
                 self.log.info("balancer listening on {addr}", addr=port.getHost())
             if cfg.status:
-                self.status_port = self._listenOne(
+                self.statusPort = self._listenOne(
                     cfg.status, statusSite(self), "serve --status",
-                    reuse_port=False, backlog=50,
+                    reusePort=False, backlog=50,
                 )
-                self.ports.append(self.status_port)
-                self.log.info("status endpoint on {addr}", addr=self.status_port.getHost())
+                self.ports.append(self.statusPort)
+                self.log.info("status endpoint on {addr}", addr=self.statusPort.getHost())
             if self.workerStatus:
                 from balancer.status import snapshot
                 from balancer.workers import statusDumpFactory
 
                 self.workerStatusPort = self._listenOne(
                     self.workerStatus, statusDumpFactory(lambda: snapshot(self)),
-                    "serve the worker status", reuse_port=False, backlog=50,
+                    "serve the worker status", reusePort=False, backlog=50,
                 )
         except StartupFailed:
             # SystemExit prints the message (to twistd's log, and to the
@@ -230,8 +203,8 @@ class BalancerService(service.MultiService):
             for port in self.ports + [self.workerStatusPort]:
                 if port is not None:
                     port.stopListening()
-            self.ports, self.proxy_ports = [], []
-            self.status_port = self.workerStatusPort = None
+            self.ports, self.proxyPorts = [], []
+            self.statusPort = self.workerStatusPort = None
             raise
 
     @defer.inlineCallbacks
@@ -243,22 +216,22 @@ class BalancerService(service.MultiService):
         if self.workerStatusPort is not None:
             ports.append(self.workerStatusPort)
             self.workerStatusPort = None
-        self.proxy_ports = []
-        self.status_port = None
+        self.proxyPorts = []
+        self.statusPort = None
         yield defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
         self.pool.stop()
         yield super().stopService()
-        self.factory.close_all()
+        self.factory.closeAll()
         self._uninstallDispatch()
 
     # -- discovery ---------------------------------------------------------------
 
     def _discovered(self, specs: list[Any], logins: dict[str, int | None]) -> None:
-        self.pool.set_source("redis", specs)
+        self.pool.setSource("redis", specs)
         for key, count in logins.items():
             peer = self.pool.peers.get(key)
             if peer is not None:
-                peer.set_logins(count)
+                peer.setLogins(count)
 
     # -- reload -----------------------------------------------------------------
 
@@ -266,7 +239,7 @@ class BalancerService(service.MultiService):
         self.reactor.callFromThread(self._onSighup)
 
     def _onSighup(self) -> None:
-        self.log.info("SIGHUP: reloading {path}", path=self.config.config_file)
+        self.log.info("SIGHUP: reloading {path}", path=self.config.configFile)
         self.reload()
         if self.workers is not None:
             self.workers.signalAll("HUP")
@@ -278,7 +251,7 @@ class BalancerService(service.MultiService):
         configuration if the new one is invalid.
         """
         try:
-            new = configmod.load(self.cmdline, self.config.config_file)
+            new = configmod.load(self.cmdline, self.config.configFile)
             self._checkEndpoints(new)
         except ConfigError as e:
             return self._reloadFailed(str(e))
@@ -322,16 +295,16 @@ class BalancerService(service.MultiService):
         old = self.config
         for name in NOT_RELOADABLE:
             if getattr(old, name) != getattr(new, name):
-                self.log.warn("--{name} changed: needs a restart", name=name.replace("_", "-"))
+                self.log.warn("--{name} changed: needs a restart", name=configmod.optionName(name))
                 setattr(new, name, getattr(old, name))
         # the one step that may still fail goes first
-        self.pool.set_source("static", new.backends)
+        self.pool.setSource("static", new.backends)
         self.selector.algorithm = new.algorithm
-        self.factory.connect_timeout = new.connect_timeout
+        self.factory.connectTimeout = new.connectTimeout
         self.factory.tries = new.tries
-        self.factory.proxy_protocol = new.proxy_protocol
-        self.factory.proxy_timeout = new.proxy_timeout
-        self.pool.drain_timeout = new.drain_timeout
-        self.pool.set_checks(checkSettings(new))
+        self.factory.proxyProtocol = new.proxyProtocol
+        self.factory.proxyTimeout = new.proxyTimeout
+        self.pool.drainTimeout = new.drainTimeout
+        self.pool.setChecks(CheckSettings.fromConfig(new))
         self.config = new
         self.log.info("configuration reloaded: {n} backends", n=len(self.pool.peers))

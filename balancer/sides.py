@@ -6,14 +6,15 @@ or endpoint string; plain C{tcp:} listeners use L{balancer.lean}).
 Backpressure is Twisted's portforward scheme: each transport is registered
 as the other's streaming producer, so a slow reader pauses the fast writer
 and the balancer never buffers more than about one transport buffer per
-direction.  Client data that arrives before the backend is connected is
-held (L{balancer.earlydata}) and delivered first.
+direction.  Forwarding, half-close and closing are
+L{balancer.forward.Half}'s, the client's start L{balancer.clientcore}'s.
 
 Speed: C{transport.write} only queues and sends on a later reactor turn.
 When the destination is a plain TCP transport with nothing queued,
-L{balancer._twisted.sendNow} calls C{send()} on its socket at once and
-queues only what the kernel did not take (ordering and flow control are
-kept); without Twisted's internals it is plain C{transport.write}.
+L{_Side.send} calls C{send()} on its socket at once and queues only what
+the kernel did not take (ordering and flow control are kept); an EOF and
+a close are done at once too (L{balancer._twisted.shutWriteNow}); without
+Twisted's internals it is plain C{transport.write}.
 """
 
 from __future__ import annotations
@@ -22,14 +23,16 @@ import socket
 from typing import Any
 
 from twisted.internet import protocol
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, ISSLTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from balancer import _twisted
+from balancer.checker import tlsFailureReason
 from balancer.clientcore import ClientCore
 from balancer.earlydata import EarlyData
+from balancer.forward import Half, sendSome
 from balancer.interfaces import IProxiedClient
 
 
@@ -45,69 +48,86 @@ def setNoDelay(transport: Any) -> None:
         pass
 
 
-def loseWrite(transport: Any) -> None:
-    """
-    C{transport.loseWriteConnection()}, done at once when possible
-    (L{balancer._twisted.shutWriteNow}).
-    """
-    last = getattr(getattr(transport, "protocol", None), "readEOF", False)
-    if not _twisted.shutWriteNow(transport, last):
-        transport.loseWriteConnection()
+def _unproduce(transport: Any) -> None:
+    # a paused producer would keep a closing transport open
+    if getattr(transport, "producer", None) is not None:
+        transport.unregisterProducer()
 
 
 @implementer(IHalfCloseableProtocol)
-class _Side(protocol.Protocol):
+class _Side(Half, protocol.Protocol):
     """
-    Common code of both halves: forwarding, half-close, teardown.
+    One half of a proxied pair on a Twisted transport: the
+    L{balancer.forward.Half} state machine, with the transport's buffer and
+    producers in place of a pending chunk.
     """
 
     other: _Side | None = None
-    _out: Any = None  # the other side's transport
-    _outSock: socket.socket | None = None
+    sock: socket.socket | None = None  # the transport's, for send()
     _fastRead = False
-    readEOF = False
-    writeEOF = False
+    eof = False
+    shut = False
+    pending = False  # the transport queues (and flushes before an EOF)
     rx = 0
 
     def dataReceived(self, data: bytes) -> None:
-        self.rx += len(data)
-        _twisted.sendNow(self._out, self._outSock, data)
+        self.forward(data)
 
-    def _forward(self, data: bytes) -> None:
-        # dataReceived without the protocol layers (fast read)
-        self.rx += len(data)
-        out = self._out
-        if out is not None:
-            _twisted.sendNow(out, self._outSock, data)
+    def readConnectionLost(self) -> None:
+        if not self.eof:
+            self.readEnded()
 
-    def send(self, data: bytes) -> None:
-        """
-        Write C{data} to the other side.
-        """
-        _twisted.sendNow(self._out, self._outSock, data)
+    def writeConnectionLost(self) -> None:
+        pass  # the pair is closed once both directions are done (Half)
 
     def link(self, other: _Side) -> None:
         self.other = other
-        self._out = other.transport
-        self._outSock = _twisted.plainSocket(other.transport)
-        if self._outSock is not None:
-            self._fastRead = _twisted.installFastRead(self.transport, self._forward)
+        self.sock = _twisted.plainSocket(self.transport)
+        if self.sock is not None:
+            self._fastRead = _twisted.installFastRead(self.transport, self.forward)
 
-    def readConnectionLost(self) -> None:
-        if self.readEOF:
-            return
-        self.readEOF = True
-        if self.other is not None:
-            loseWrite(self.other.transport)
-        self._maybeClose()
+    # -- Half's primitives over a Twisted transport -------------------------------
 
-    def writeConnectionLost(self) -> None:
-        self.writeEOF = True
-        self._maybeClose()
+    def send(self, data: bytes) -> bool:
+        """
+        Write C{data} to this transport: C{send()} on its socket at once when
+        nothing is queued (L{balancer._twisted.plainSocket}), and queue only
+        what the kernel did not take, which keeps ordering and flow control.
+        """
+        sock, t = self.sock, self.transport
+        if sock is not None and not _twisted.queuedBytes(t):
+            sent = sendSome(sock, data)
+            if sent == len(data):
+                return True
+            if sent > 0:
+                data = data[sent:]
+        t.write(data)  # an error is Twisted's to find
+        return True
 
-    def _maybeClose(self) -> None:
-        if self.readEOF and self.writeEOF:
-            self.transport.loseConnection()
+    def pauseReading(self) -> None:
+        self.transport.pauseProducing()
+
+    def resumeReading(self) -> None:
+        self.transport.resumeProducing()
+
+    def readingDone(self) -> None:
+        pass  # Twisted stopped reading at the EOF
+
+    def shutdownWrite(self) -> None:
+        t = self.transport
+        if not _twisted.shutWriteNow(t, False):
+            t.loseWriteConnection()
+
+    def closePair(self) -> None:
+        """
+        Close both transports once what they queued is sent.
+        """
+        for side in (self, self.other):
+            t = side.transport if side is not None else None
+            if t is not None:
+                _unproduce(t)
+                if not _twisted.shutWriteNow(t, True):
+                    t.loseConnection()
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         if self._fastRead:
@@ -115,14 +135,11 @@ class _Side(protocol.Protocol):
             _twisted.removeFastRead(self.transport)
         other = self.other
         self.other = None
-        self._out = self._outSock = None
         if other is not None:
             other.other = None
-            other._out = other._outSock = None
             t = other.transport
             if t is not None:
-                if getattr(t, "producer", None) is not None:
-                    t.unregisterProducer()
+                _unproduce(t)
                 t.loseConnection()
 
 
@@ -138,7 +155,6 @@ class ServerSide(ClientCore, _Side):
     backend: BackendSide | None = None
     peer: Any = None
     held: EarlyData | None = None
-    pendingEOF = False
     attempt: Any = None
     tried: set[Any] | None = None
     closed = False
@@ -159,21 +175,6 @@ class ServerSide(ClientCore, _Side):
         self.tried = set()
         self.factory.dispatch(self)
 
-    def dataReceived(self, data: bytes) -> None:
-        if self.other is None:
-            # Not connected to a backend yet.  TLS handshakes and data in
-            # flight can still arrive while paused.
-            self.rx += len(data)
-            self.hold(data)
-            return
-        _Side.dataReceived(self, data)
-
-    def readConnectionLost(self) -> None:
-        if self.other is None:
-            self.pendingEOF = True
-            return
-        _Side.readConnectionLost(self)
-
     def activity(self) -> int:
         backend = self.backend
         return self.rx + (backend.rx if backend is not None else 0)
@@ -190,20 +191,8 @@ class ServerSide(ClientCore, _Side):
             self.paused = False
             self.transport.resumeProducing()
 
-    def eofReceived(self) -> bool:
-        return self.pendingEOF
-
-    def passEOF(self) -> None:
-        _Side.readConnectionLost(self)
-
     def localAddress(self) -> Any:
         return self.transport.getHost()
-
-    def sendToBackend(self, data: bytes) -> bool:
-        # the transport queues what the kernel does not take; the producer
-        # registration does the backpressure
-        self.send(data)
-        return True
 
     def linkBackend(self, backend: BackendSide) -> None:
         self.backend = backend
@@ -215,16 +204,10 @@ class ServerSide(ClientCore, _Side):
 
     def close(self) -> None:
         """
-        Close both connections after flushing what is buffered (used at a
-        drain deadline); producers are unregistered first, or a paused one
-        would keep a transport from closing.
+        Close both connections after flushing what is queued (a drain
+        deadline).
         """
-        for side in (self, self.backend):
-            t = side.transport if side is not None else None
-            if t is not None:
-                if getattr(t, "producer", None) is not None:
-                    t.unregisterProducer()
-                t.loseConnection()
+        self.closePair()
 
     def clientAddress(self) -> Any:
         return self.transport.getPeer()
@@ -236,14 +219,7 @@ class ServerSide(ClientCore, _Side):
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.closed = True
         self.factory.clients.discard(self)
-        attempt = self.attempt
-        self.attempt = None
-        if attempt is not None:
-            attempt.cancel()
-        peer = self.peer
-        self.peer = None
-        if peer is not None:
-            self.factory.release(peer)
+        self.endAccounting()
         _Side.connectionLost(self, reason)
 
 
@@ -252,12 +228,26 @@ class BackendSide(_Side):
     The balancer's connection to a backend for one client.
     """
 
+    log = Logger()
+    tls = False
+
     def __init__(self, attempt: Any) -> None:
         self.attempt: Any = attempt
+        self.peer = attempt.peer
 
     def connectionMade(self) -> None:
+        self.tls = ISSLTransport.providedBy(self.transport)
         setNoDelay(self.transport)
         attempt = self.attempt
         self.attempt = None
         if attempt is not None:
             attempt.connected(self)
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        if self.tls:
+            why = tlsFailureReason(reason, self.transport)
+            if why is not None:
+                # a tls: backend whose handshake failed after the TCP
+                # connect: the client is closed, and the log says why
+                self.log.warn("backend {peer}: {why}", peer=self.peer.key, why=why)
+        _Side.connectionLost(self, reason)

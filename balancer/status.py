@@ -37,7 +37,7 @@ HEADER_TIMEOUT = 5.0
 IDLE_TIMEOUT = 10.0
 
 #: the counters summed over the workers under C{total}
-SUMMED = ("accepted", "rejected", "connect_failures", "active")
+SUMMED = ("accepted", "rejected", "connect_failures", "active", "proxy_timeout_closed")
 
 
 def snapshot(balancer: Any) -> dict[str, Any]:
@@ -47,7 +47,7 @@ def snapshot(balancer: Any) -> dict[str, Any]:
     factory, pool = balancer.factory, balancer.pool
     now = balancer.reactor.seconds()
     backends = []
-    for peer in pool.all_peers():
+    for peer in pool.allPeers():
         a = peer.active
         backends.append(
             {
@@ -56,7 +56,7 @@ def snapshot(balancer: Any) -> dict[str, Any]:
                 "state": peer.state,
                 "usable": peer.usable(now),
                 "weight": peer.weight,
-                "effective_weight": peer.effective_weight,
+                "effective_weight": peer.effectiveWeight,
                 "backup": peer.backup,
                 "sources": sorted(peer.sources),
                 "active": peer.conns,
@@ -71,10 +71,10 @@ def snapshot(balancer: Any) -> dict[str, Any]:
                     "rise": a.rise,
                     "fall": a.fall,
                     "last_result": (
-                        None if a.last_result is None else ("ok" if a.last_result else "fail")
+                        None if a.lastResult is None else ("ok" if a.lastResult else "fail")
                     ),
-                    "last_check": a.last_check,
-                    "last_error": a.last_error,
+                    "last_check": a.lastCheck,
+                    "last_error": a.lastError,
                 },
             }
         )
@@ -83,8 +83,10 @@ def snapshot(balancer: Any) -> dict[str, Any]:
         "algorithm": balancer.selector.algorithm,
         "accepted": factory.accepted,
         "rejected": factory.rejected,
-        "connect_failures": factory.connect_failures,
+        "connect_failures": factory.connectFailures,
         "active": len(factory.clients),
+        "proxy_timeout": factory.proxyTimeout,
+        "proxy_timeout_closed": factory.idleSweep.expired,
         "reloads": balancer.reloads,
         "reload_failures": balancer.reloadFailures,
         "last_reload_error": balancer.lastReloadError,
@@ -112,7 +114,7 @@ def combine(own: dict[str, Any], workers: list[tuple[int, int, Any]]) -> dict[st
     """
     data = dict(own)
     entries = [{"index": 0, **own}]
-    total = {name: own[name] for name in SUMMED}
+    total = {name: int(own.get(name, 0)) for name in SUMMED}
     for index, pid, snap in workers:
         if snap is None:
             entries.append({"index": index, "pid": pid, "error": "no answer"})
@@ -148,11 +150,20 @@ class _Collector:
         )
         yield CounterMetricFamily(
             "balancer_connect_failures", "Failed backend connection attempts",
-            value=self._sum("connect_failures", f.connect_failures),
+            value=self._sum("connect_failures", f.connectFailures),
         )
         yield GaugeMetricFamily(
             "balancer_active_connections", "Client connections open now",
             value=self._sum("active", len(f.clients)),
+        )
+        yield GaugeMetricFamily(
+            "balancer_proxy_timeout_seconds", "The proxy timeout (0: off)",
+            value=f.proxyTimeout,
+        )
+        yield CounterMetricFamily(
+            "balancer_proxy_timeout_closed_connections",
+            "Proxied connections closed by the proxy timeout",
+            value=self._sum("proxy_timeout_closed", f.idleSweep.expired),
         )
         yield CounterMetricFamily(
             "balancer_reloads", "Configuration reloads applied", value=b.reloads
@@ -197,7 +208,7 @@ class _Collector:
             "balancer_backend_check_health", "Rise/fall health counter", labels=labels
         )
         now = b.reactor.seconds()
-        for peer in b.pool.all_peers():
+        for peer in b.pool.allPeers():
             lv = [peer.key, peer.name]
             up.add_metric(lv, 1 if peer.usable(now) else 0)
             for s in ("up", "down", "draining", "disabled"):

@@ -144,7 +144,7 @@ class WorkerMonitor(ProcessMonitor):
         self.statusDir = tempfile.mkdtemp(prefix="balancer-workers-")
         for index, argv in sorted(self.argvs.items()):
             name = self.nameOf(index)
-            if name in self._processes:
+            if name in self.processes:
                 self.removeProcess(name)
             self.addProcess(
                 name,
@@ -157,16 +157,22 @@ class WorkerMonitor(ProcessMonitor):
     def startProcess(self, name: str) -> None:
         super().startProcess(name)
         proto = self.protocols.get(name)
-        if proto is not None and proto.transport is not None:
-            self.log.info("started {name} (pid {pid})", name=name, pid=proto.transport.pid)
+        if proto is None:
+            return  # could not spawn: ProcessMonitor schedules a retry
+        self.log.info("started {name} (pid {pid})", name=name, pid=proto.transport.pid)
+        ended = proto.processEnded
 
-    def _monitoredProcessExited(self, name: str, reason: Any = None) -> None:
-        if self.running and reason is not None:
-            self.log.warn("{name} ended ({why})", name=name, why=reason.getErrorMessage())
-        waiter = self.ended.pop(name, None)
-        super()._monitoredProcessExited(name, reason)
-        if waiter is not None:
-            waiter.callback(None)
+        def processEnded(reason: Any) -> None:
+            # the ProcessProtocol's own hook: log, let ProcessMonitor
+            # schedule the restart, then wake stopService
+            if self.running:
+                self.log.warn("{name} ended ({why})", name=name, why=reason.getErrorMessage())
+            waiter = self.ended.pop(name, None)
+            ended(reason)
+            if waiter is not None:
+                waiter.callback(None)
+
+        proto.processEnded = processEnded
 
     def pids(self) -> dict[int, int]:
         """

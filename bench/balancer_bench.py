@@ -49,7 +49,7 @@ STATUS_PORT = 17281
 PORTS: dict[str, tuple[int, int]] = {}
 
 
-def set_ports(base: int) -> None:
+def setPorts(base: int) -> None:
     """
     Every port the benchmark uses, from C{base} (default 17000).
     """
@@ -65,17 +65,17 @@ def set_ports(base: int) -> None:
     })
 
 
-set_ports(17000)
+setPorts(17000)
 TOOLS = ("redis-server", "redis-benchmark", "nginx", "iperf3")
 
 
-def find_tool(name: str) -> str | None:
+def findTool(name: str) -> str | None:
     return shutil.which(name) or next(
         (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.path.exists(p)), None
     )
 
 
-def wait_port(port: int, timeout: float = 10.0) -> None:
+def waitPort(port: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -86,7 +86,7 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
     raise RuntimeError(f"nothing listening on {port}")
 
 
-def cpu_seconds(pids: list[int]) -> float:
+def cpuSeconds(pids: list[int]) -> float:
     total = 0
     for pid in pids:
         with open(f"/proc/{pid}/stat") as f:
@@ -95,7 +95,7 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def rss_kib(pids: list[int]) -> int:
+def rssKib(pids: list[int]) -> int:
     total = 0
     for pid in pids:
         with open(f"/proc/{pid}/status") as f:
@@ -113,7 +113,7 @@ def children(pid: int) -> list[int]:
         return []
 
 
-def open_idle(count: int, port: int, source) -> list[socket.socket]:
+def openIdle(count: int, port: int, source) -> list[socket.socket]:
     """
     Open C{count} connections to HOST:C{port}, connection C{i} from address
     C{source(i)}, each answered PING/PONG through to a backend (500 at a
@@ -128,8 +128,8 @@ def open_idle(count: int, port: int, source) -> list[socket.socket]:
             s.bind((source(i), 0))
             s.connect_ex((HOST, port))
             if len(socks) % 500 == 0:
-                Bench._ping_all(socks[-500:])
-        Bench._ping_all(socks[len(socks) - len(socks) % 500:])
+                Bench._pingAll(socks[-500:])
+        Bench._pingAll(socks[len(socks) - len(socks) % 500:])
     except BaseException:
         for s in socks:
             s.close()
@@ -154,17 +154,17 @@ class Bench:
 
     def start(self) -> None:
         for port in REDIS_PORTS:
-            self.spawn([find_tool("redis-server"), "--port", str(port), "--bind", HOST,
+            self.spawn([findTool("redis-server"), "--port", str(port), "--bind", HOST,
                         "--save", "", "--appendonly", "no", "--maxclients", "19000",
                         "--protected-mode", "no"])
-        self.spawn([find_tool("iperf3"), "-s", "-B", HOST, "-p", str(IPERF_PORT)])
+        self.spawn([findTool("iperf3"), "-s", "-B", HOST, "-p", str(IPERF_PORT)])
         for port in REDIS_PORTS + (IPERF_PORT,):
-            wait_port(port)
+            waitPort(port)
         targets = self.args.targets
         if "nginx" in targets:
             conf = os.path.join(self.tmp, "nginx.conf")
-            stream_so = "/usr/lib/nginx/modules/ngx_stream_module.so"
-            load = f"load_module {stream_so};" if os.path.exists(stream_so) else ""
+            streamSo = "/usr/lib/nginx/modules/ngx_stream_module.so"
+            load = f"load_module {streamSo};" if os.path.exists(streamSo) else ""
             with open(conf, "w") as f:
                 f.write(f"""{load}
 worker_processes 1;
@@ -185,20 +185,20 @@ stream {{
     server {{ listen {HOST}:{PORTS['nginx'][1]}; proxy_pass iperf; }}
 }}
 """)
-            p = self.spawn([find_tool("nginx"), "-c", conf, "-e", f"{self.tmp}/nginx-error.log"])
-            wait_port(PORTS["nginx"][0])
+            p = self.spawn([findTool("nginx"), "-c", conf, "-e", f"{self.tmp}/nginx-error.log"])
+            waitPort(PORTS["nginx"][0])
             time.sleep(0.2)
             self.pids["nginx"] = children(p.pid) or [p.pid]
         env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
         twistd = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
                   "-n", "--pidfile=", "-r", "epoll", "-l", os.path.join(self.tmp, "twistd.log")]
         if "balancer" in targets:
-            redis_backends = []
+            redisBackends = []
             for port in REDIS_PORTS:
-                redis_backends += ["--backend", f"{HOST}:{port} max_fails=3 fail_timeout=30s"]
+                redisBackends += ["--backend", f"{HOST}:{port} max_fails=3 fail_timeout=30s"]
             p = self.spawn(twistd + [
                 "balancer", "--listen", f"tcp:{PORTS['balancer'][0]}:interface={HOST}",
-                *redis_backends, "--status", f"tcp:{STATUS_PORT}:interface={HOST}",
+                *redisBackends, "--status", f"tcp:{STATUS_PORT}:interface={HOST}",
                 "--check-interval", "2s", "--check-send", r"PING\r\n", "--check-expect", "PONG",
             ], env=env)
             # bulk test: a second balancer with the iperf3 backend
@@ -207,8 +207,8 @@ stream {{
                                       "--listen", f"tcp:{PORTS['balancer'][1]}:interface={HOST}",
                                       "--backend", f"{HOST}:{IPERF_PORT}",
                                       "--check-interval", "2s"], env=env)
-            wait_port(PORTS["balancer"][0])
-            wait_port(PORTS["balancer"][1])
+            waitPort(PORTS["balancer"][0])
+            waitPort(PORTS["balancer"][1])
             self.pids["balancer"] = [p.pid]
         if "portforward" in targets:
             p = self.spawn(twistd + ["portforward", "-p", f"tcp:{PORTS['portforward'][0]}:interface={HOST}",
@@ -216,7 +216,7 @@ stream {{
             self.spawn(twistd[:-2] + ["-l", os.path.join(self.tmp, "twistd-pf.log"), "portforward",
                                       "-p", f"tcp:{PORTS['portforward'][1]}:interface={HOST}",
                                       "-h", HOST, "-d", str(IPERF_PORT)], env=env)
-            wait_port(PORTS["portforward"][0])
+            waitPort(PORTS["portforward"][0])
             self.pids["portforward"] = [p.pid]
         self.pids["direct"] = []
 
@@ -233,9 +233,9 @@ stream {{
 
     # -- measurements ------------------------------------------------------------
 
-    def redis_benchmark(self, port: int, *extra: str) -> list[dict[str, str]]:
+    def redisBenchmark(self, port: int, *extra: str) -> list[dict[str, str]]:
         out = subprocess.run(
-            [find_tool("redis-benchmark"), "-h", HOST, "-p", str(port), "--csv", *extra],
+            [findTool("redis-benchmark"), "-h", HOST, "-p", str(port), "--csv", *extra],
             capture_output=True, text=True, timeout=300, check=True,
         ).stdout
         return list(csv.DictReader(io.StringIO(out)))
@@ -244,20 +244,20 @@ stream {{
         port = PORTS[target][0]
         n = self.args.requests
         pids = self.pids[target]
-        cpu0 = cpu_seconds(pids) if pids else 0.0
-        rows = self.redis_benchmark(port, "-c", "50", "-n", str(n), "-t", "ping_inline,set,get")
-        cpu1 = cpu_seconds(pids) if pids else 0.0
+        cpu0 = cpuSeconds(pids) if pids else 0.0
+        rows = self.redisBenchmark(port, "-c", "50", "-n", str(n), "-t", "ping_inline,set,get")
+        cpu1 = cpuSeconds(pids) if pids else 0.0
         rps = statistics.mean(float(r["rps"]) for r in rows)
-        cpu_us = (cpu1 - cpu0) * 1e6 / (n * len(rows)) if pids else None
-        return rps, cpu_us
+        cpuUs = (cpu1 - cpu0) * 1e6 / (n * len(rows)) if pids else None
+        return rps, cpuUs
 
     def pipelined(self, target: str) -> float:
-        rows = self.redis_benchmark(PORTS[target][0], "-c", "50", "-P", "16",
+        rows = self.redisBenchmark(PORTS[target][0], "-c", "50", "-P", "16",
                                     "-n", str(self.args.requests * 5), "-t", "ping_inline,set,get")
         return statistics.mean(float(r["rps"]) for r in rows)
 
     def p99(self, target: str) -> float:
-        rows = self.redis_benchmark(PORTS[target][0], "-c", "1", "-n", "20000", "-t", "ping_inline")
+        rows = self.redisBenchmark(PORTS[target][0], "-c", "1", "-n", "20000", "-t", "ping_inline")
         return float(rows[0]["p99_latency_ms"])
 
     def conns(self, target: str) -> tuple[float, float | None]:
@@ -267,15 +267,15 @@ stream {{
         """
         n = 20000
         pids = self.pids[target]
-        cpu0 = cpu_seconds(pids) if pids else 0.0
-        rows = self.redis_benchmark(PORTS[target][0], "-c", "50", "-k", "0",
+        cpu0 = cpuSeconds(pids) if pids else 0.0
+        rows = self.redisBenchmark(PORTS[target][0], "-c", "50", "-k", "0",
                                     "-n", str(n), "-t", "ping_inline")
-        cpu1 = cpu_seconds(pids) if pids else 0.0
+        cpu1 = cpuSeconds(pids) if pids else 0.0
         return float(rows[0]["rps"]), ((cpu1 - cpu0) * 1e6 / n if pids else None)
 
     def bulk(self, target: str) -> float:
         out = subprocess.run(
-            [find_tool("iperf3"), "-c", HOST, "-p", str(PORTS[target][1]), "-t", "3", "-J"],
+            [findTool("iperf3"), "-c", HOST, "-p", str(PORTS[target][1]), "-t", "3", "-J"],
             capture_output=True, text=True, timeout=60,
         ).stdout
         data = json.loads(out)
@@ -287,11 +287,11 @@ stream {{
         if not pids or not n:
             return None
         time.sleep(0.5)
-        before = rss_kib(pids)
-        socks = open_idle(n, PORTS[target][0], lambda i: f"127.0.0.{2 + i // 20000}")
+        before = rssKib(pids)
+        socks = openIdle(n, PORTS[target][0], lambda i: f"127.0.0.{2 + i // 20000}")
         try:
             time.sleep(1.0)
-            after = rss_kib(pids)
+            after = rssKib(pids)
         finally:
             for s in socks:
                 s.close()
@@ -299,7 +299,7 @@ stream {{
         return (after - before) / n
 
     @staticmethod
-    def _ping_all(socks: list[socket.socket]) -> None:
+    def _pingAll(socks: list[socket.socket]) -> None:
         """
         Make sure every connection is proxied through to a backend.
         """
@@ -339,9 +339,9 @@ def main() -> int:
                     help="ports used: BASE+1..3 (redis, iperf3), +100.. nginx, +200.. balancer, "
                          "+281 status, +300.. portforward")
     args = ap.parse_args()
-    set_ports(args.port_base)
+    setPorts(args.port_base)
     args.targets = args.targets.split(",") + (["portforward"] if args.with_portforward else [])
-    missing = [t for t in TOOLS if not find_tool(t)]
+    missing = [t for t in TOOLS if not findTool(t)]
     if missing:
         print("missing tools: " + ", ".join(missing))
         print("on Debian: apt-get install redis-server redis-tools nginx-light libnginx-mod-stream iperf3")

@@ -37,7 +37,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from balancer_bench import ROOT, children, find_tool, open_idle, rss_kib, wait_port  # noqa: E402
+from balancer_bench import ROOT, children, findTool, openIdle, rssKib, waitPort  # noqa: E402
 
 HOST = "127.0.0.1"
 LISTEN_PORT = 17400
@@ -51,7 +51,7 @@ def hold(index: int, count: int, ready, release) -> None:
     """
     socks = []
     try:
-        socks = open_idle(count, LISTEN_PORT, lambda i: f"127.0.0.{10 + index}")
+        socks = openIdle(count, LISTEN_PORT, lambda i: f"127.0.0.{10 + index}")
         ready.put((index, len(socks), None))
     except Exception as e:  # report, don't hang the parent
         ready.put((index, 0, repr(e)))
@@ -60,24 +60,24 @@ def hold(index: int, count: int, ready, release) -> None:
         s.close()
 
 
-def open_fds(pid: int) -> int:
+def openFds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--connections", type=int, default=50000)
-    ap.add_argument("--per-process", type=int, default=9000,
+    ap.add_argument("--per-process", dest="perProcess", metavar="N", type=int, default=9000,
                     help="idle connections per balancer process on average (2 fds each)")
     args = ap.parse_args()
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    if args.per_process * 2 + 200 > hard:
-        print(f"--per-process {args.per_process} needs more than the hard limit of {hard} open files")
+    if args.perProcess * 2 + 200 > hard:
+        print(f"--per-process {args.perProcess} needs more than the hard limit of {hard} open files")
         return 2
-    workers = max(1, math.ceil(args.connections / args.per_process))
-    clients = max(1, math.ceil(args.connections / min(args.per_process, hard - 200)))
+    workers = max(1, math.ceil(args.connections / args.perProcess))
+    clients = max(1, math.ceil(args.connections / min(args.perProcess, hard - 200)))
     tmp = tempfile.mkdtemp(prefix="balancer-idle-")
     procs: list[subprocess.Popen] = []
 
@@ -92,10 +92,10 @@ def main() -> int:
     try:
         ports = [FIRST_BACKEND_PORT + i for i in range(workers)]
         for port in ports:
-            spawn([find_tool("redis-server"), "--port", str(port), "--bind", HOST, "--save", "",
+            spawn([findTool("redis-server"), "--port", str(port), "--bind", HOST, "--save", "",
                    "--appendonly", "no", "--maxclients", str(hard - 100), "--protected-mode", "no"])
         for port in ports:
-            wait_port(port)
+            waitPort(port)
         env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
         backends = []
         for port in ports:
@@ -107,7 +107,7 @@ def main() -> int:
             "--workers", str(workers), "--status", f"tcp:{LISTEN_PORT + 99}:interface={HOST}",
             "--check-interval", "2s", "--check-send", r"PING\r\n", "--check-expect", "PONG",
         ], env=env)
-        wait_port(LISTEN_PORT)
+        waitPort(LISTEN_PORT)
         deadline = time.monotonic() + 30
         while len(children(balancer.pid)) < workers - 1 and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -116,8 +116,8 @@ def main() -> int:
         if len(pids) != workers:
             print(f"expected {workers} balancer processes, found {len(pids)}")
             return 1
-        before = rss_kib(pids)
-        fds_before = {pid: open_fds(pid) for pid in pids}
+        before = rssKib(pids)
+        fdsBefore = {pid: openFds(pid) for pid in pids}
 
         ready = multiprocessing.Queue()
         started = time.monotonic()
@@ -134,8 +134,8 @@ def main() -> int:
                 errors.append(f"client {index}: {error}")
         took = time.monotonic() - started
         time.sleep(2)
-        after = rss_kib(pids)
-        per_worker = [(open_fds(pid) - fds_before[pid]) // 2 for pid in pids]
+        after = rssKib(pids)
+        perWorker = [(openFds(pid) - fdsBefore[pid]) // 2 for pid in pids]
         alive = all(p.poll() is None for p in procs)
 
         print(f"balancer processes: {workers} (RLIMIT_NOFILE hard limit {hard})")

@@ -14,12 +14,12 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.task import deferLater
 from zope.interface import implementer
 
-from balancer.config import BalancerConfig, parse_backend
+from balancer.config import BalancerConfig, parseBackend
 from balancer.service import BalancerService
 
 
 @defer.inlineCallbacks
-def wait_for(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.01) -> Any:
+def waitFor(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.01) -> Any:
     """
     Poll C{predicate} until it is true; fail after C{timeout} seconds.
     """
@@ -96,7 +96,7 @@ class EchoBackend(protocol.Factory):
             yield port.stopListening()
         for c in list(self.conns):
             c.transport.abortConnection()
-        yield wait_for(lambda: not self.conns)
+        yield waitFor(lambda: not self.conns)
 
 
 @implementer(IHalfCloseableProtocol)
@@ -140,27 +140,27 @@ def roundtrip(port: int, payload: bytes = b"hello") -> Any:
     return data
 
 
-def make_config(backends: list[str], **kw: Any) -> BalancerConfig:
+def makeConfig(backends: list[str], **kw: Any) -> BalancerConfig:
     kw.setdefault("listen", ["tcp:0:interface=127.0.0.1"])
-    kw.setdefault("check_interval", 0.05)
-    kw.setdefault("check_timeout", 0.5)
-    return BalancerConfig(backends=[parse_backend(b) for b in backends], **kw)
+    kw.setdefault("checkInterval", 0.05)
+    kw.setdefault("checkTimeout", 0.5)
+    return BalancerConfig(backends=[parseBackend(b) for b in backends], **kw)
 
 
 @defer.inlineCallbacks
-def start_balancer(test: Any, cfg: BalancerConfig, **kw: Any) -> Any:
+def startBalancer(test: Any, cfg: BalancerConfig, **kw: Any) -> Any:
     """
     Start a balancer; C{svc.port} is its port.  Its C{tcp:} listeners take
-    the lean path; a test with C{twisted_path = True} gets C{svc.port} from
+    the lean path; a test with C{twistedPath = True} gets C{svc.port} from
     an extra Twisted listener (C{listenTCP}) on the same factory instead.
     """
-    kw.setdefault("handle_sighup", False)
+    kw.setdefault("handleSighup", False)
     svc = BalancerService(cfg, reactor, **kw)
     svc.startService()
-    test.addCleanup(stop_balancer, svc)
+    test.addCleanup(stopBalancer, svc)
     yield svc.listening
-    svc.port = svc.proxy_ports[0].getHost().port
-    if getattr(test, "twisted_path", False):
+    svc.port = svc.proxyPorts[0].getHost().port
+    if getattr(test, "twistedPath", False):
         port = reactor.listenTCP(0, svc.factory, interface="127.0.0.1")
         test.addCleanup(port.stopListening)
         svc.port = port.getHost().port
@@ -179,15 +179,15 @@ def buffered(server: Any) -> int:
 
 
 @defer.inlineCallbacks
-def stop_balancer(svc: BalancerService) -> Any:
+def stopBalancer(svc: BalancerService) -> Any:
     if svc.running:
         yield svc.stopService()
-    yield wait_for(lambda: not svc.factory.clients)
+    yield waitFor(lambda: not svc.factory.clients)
     # let aborted connections finish closing
     yield deferLater(reactor, 0, lambda: None)
 
 
-def start_backends(test: Any, *names: str) -> list[EchoBackend]:
+def startBackends(test: Any, *names: str) -> list[EchoBackend]:
     backends = [EchoBackend(n).start() for n in names]
     for b in backends:
         test.addCleanup(b.stop)

@@ -36,13 +36,13 @@ class ParseTests(SynchronousTestCase):
     def test_backend_defaults_match_nginx(self):
         self.assertEqual(
             parseBackend("127.0.0.1:6000"),
-            BackendSpec("127.0.0.1:6000", weight=1, max_fails=1, fail_timeout=10.0),
+            BackendSpec("127.0.0.1:6000", weight=1, maxFails=1, failTimeout=10.0),
         )
 
     def test_backend_full_line(self):
         spec = parseBackend("127.0.0.1:6000 weight=5 max_fails=3 fail_timeout=30s backup")
         self.assertEqual(
-            (spec.weight, spec.max_fails, spec.fail_timeout, spec.backup, spec.down),
+            (spec.weight, spec.maxFails, spec.failTimeout, spec.backup, spec.down),
             (5, 3, 30.0, True, False),
         )
         self.assertTrue(parseBackend("h:1 down").down)
@@ -84,11 +84,11 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(cfg.listen, ["tcp:8000"])
         self.assertEqual(cfg.algorithm, "round-robin")
         self.assertEqual(
-            (cfg.connect_timeout, cfg.tries, cfg.check_interval, cfg.rise, cfg.fall),
+            (cfg.connectTimeout, cfg.tries, cfg.checkInterval, cfg.rise, cfg.fall),
             (1.0, None, 2.0, 2, 3),
         )
-        self.assertEqual((cfg.redis_prefix, cfg.discovery_interval), ("chat:", 1.0))
-        self.assertIsNone(cfg.check_send)
+        self.assertEqual((cfg.redisPrefix, cfg.discoveryInterval), ("chat:", 1.0))
+        self.assertIsNone(cfg.checkSend)
 
     def test_argv(self):
         cfg = self.parse([
@@ -102,26 +102,26 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(cfg.listen, ["tcp:9000", "tcp:9001"])
         self.assertEqual([b.weight for b in cfg.backends], [2, 1])
         self.assertEqual(
-            (cfg.algorithm, cfg.connect_timeout, cfg.tries, cfg.check_interval),
+            (cfg.algorithm, cfg.connectTimeout, cfg.tries, cfg.checkInterval),
             ("least-conn", 0.5, 2, 1.0),
         )
-        self.assertEqual((cfg.rise, cfg.fall, cfg.check_send, cfg.check_expect),
+        self.assertEqual((cfg.rise, cfg.fall, cfg.checkSend, cfg.checkExpect),
                          (3, 4, b"PING\n", b"PONG"))
-        self.assertEqual((cfg.proxy_protocol, cfg.status, cfg.drain_timeout),
+        self.assertEqual((cfg.proxyProtocol, cfg.status, cfg.drainTimeout),
                          ("v2", "tcp:8081", 30.0))
 
     def test_bad_option_is_usage_error(self):
         self.assertRaises(usage.UsageError, self.parse,
                           ["--backend", "h:1", "--proxy-protocol", "v3"])
 
-    def write_ini(self, text):
+    def writeIni(self, text):
         path = self.mktemp()
         with open(path, "w") as f:
             f.write(textwrap.dedent(text))
         return path
 
     def test_ini_and_command_line_wins(self):
-        path = self.write_ini("""
+        path = self.writeIni("""
             [balancer]
             listen = tcp:7000
             backend =
@@ -136,19 +136,19 @@ class OptionsTests(SynchronousTestCase):
         cfg = options.config
         self.assertEqual(cfg.listen, ["tcp:7000"])
         self.assertEqual([b.address for b in cfg.backends], ["127.0.0.1:6000", "127.0.0.1:6001"])
-        self.assertEqual(cfg.backends[0].max_fails, 3)
+        self.assertEqual(cfg.backends[0].maxFails, 3)
         self.assertEqual(cfg.algorithm, "least-logins")  # command line wins
         self.assertEqual(cfg.rise, 1)  # command line wins
-        self.assertEqual(cfg.check_interval, 5.0)  # from the file
-        self.assertEqual(cfg.check_send, b"PING\n")
+        self.assertEqual(cfg.checkInterval, 5.0)  # from the file
+        self.assertEqual(cfg.checkSend, b"PING\n")
         self.assertEqual(cfg.fall, 3)  # default
-        self.assertEqual(cfg.config_file, path)
+        self.assertEqual(cfg.configFile, path)
         # a repeatable option on the command line replaces the file's list
         cfg = self.parse(["--config", path, "--backend", "127.0.0.1:7777"]).config
         self.assertEqual([b.address for b in cfg.backends], ["127.0.0.1:7777"])
 
     def test_ini_unknown_key(self):
-        path = self.write_ini("[balancer]\nbackend = h:1\nfrobnicate = yes\n")
+        path = self.writeIni("[balancer]\nbackend = h:1\nfrobnicate = yes\n")
         self.assertRaises(usage.UsageError, self.parse, ["--config", path])
 
     def test_example_ini_parses(self):
@@ -157,7 +157,7 @@ class OptionsTests(SynchronousTestCase):
         here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         cfg = self.parse(["--config", os.path.join(here, "etc", "balancer.ini")]).config
         self.assertEqual([b.address for b in cfg.backends], ["127.0.0.1:6000", "127.0.0.1:6001"])
-        self.assertEqual((cfg.check_send, cfg.check_expect), (b"PING\n", b"PONG"))
+        self.assertEqual((cfg.checkSend, cfg.checkExpect), (b"PING\n", b"PONG"))
 
     def test_make_service(self):
         options = self.parse(["--backend", "127.0.0.1:6000", "--workers", "2"])
@@ -192,7 +192,7 @@ class ReusePortTests(SynchronousTestCase):
     def test_two_listeners_share_a_port(self):
         from twisted.internet import reactor
 
-        from balancer.listen import SocketEndpoint, server_endpoint
+        from balancer.listen import SocketEndpoint, serverEndpoint
         from twisted.internet.protocol import Factory
 
         first = self.successResultOf(
@@ -201,13 +201,13 @@ class ReusePortTests(SynchronousTestCase):
         self.addCleanup(first.stopListening)
         port = first.getHost().port
         second = self.successResultOf(
-            server_endpoint(reactor, f"tcp:{port}:interface=127.0.0.1", True, 10).listen(Factory())
+            serverEndpoint(reactor, f"tcp:{port}:interface=127.0.0.1", True, 10).listen(Factory())
         )
         self.addCleanup(second.stopListening)
         self.assertEqual(second.getHost().port, port)
         # a lean listener (--workers with a tcp: listener) shares it too
         third = self.successResultOf(
-            server_endpoint(
+            serverEndpoint(
                 reactor, f"tcp:{port}:interface=127.0.0.1", True, 10, lean=True
             ).listen(Factory())
         )

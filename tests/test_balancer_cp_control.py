@@ -85,17 +85,17 @@ class OptionValueTests(SynchronousTestCase):
 
     def test_proxy_timeout_and_lean_dispatch(self):
         cfg = parse("--backend", "h:1")
-        self.assertEqual((cfg.proxy_timeout, cfg.lean_dispatch), (600.0, True))
+        self.assertEqual((cfg.proxyTimeout, cfg.leanDispatch), (600.0, True))
         cfg = parse("--backend", "h:1", "--proxy-timeout", "0", "--no-lean-dispatch")
-        self.assertEqual((cfg.proxy_timeout, cfg.lean_dispatch), (0.0, False))
-        self.assertEqual(parse("--backend", "h:1", "--proxy-timeout", "90s").proxy_timeout, 90)
+        self.assertEqual((cfg.proxyTimeout, cfg.leanDispatch), (0.0, False))
+        self.assertEqual(parse("--backend", "h:1", "--proxy-timeout", "90s").proxyTimeout, 90)
         self.assertUsageError(["--backend", "h:1", "--proxy-timeout", "-5"], "--proxy-timeout")
         path = self.mktemp()
         with open(path, "w") as f:
             f.write("[balancer]\nbackend = h:1\nlean-dispatch = no\nproxy-timeout = 1m\n")
         cfg = parse("--config", path)
-        self.assertEqual((cfg.proxy_timeout, cfg.lean_dispatch), (60.0, False))
-        self.assertTrue(parse("--config", path, "--lean-dispatch").lean_dispatch)
+        self.assertEqual((cfg.proxyTimeout, cfg.leanDispatch), (60.0, False))
+        self.assertTrue(parse("--config", path, "--lean-dispatch").leanDispatch)
         with open(path, "w") as f:
             f.write("[balancer]\nbackend = h:1\nlean-dispatch = maybe\n")
         self.assertUsageError(["--config", path], "--lean-dispatch", "'maybe'")
@@ -112,7 +112,7 @@ class ServiceTests(SynchronousTestCase):
         writeIni(self.path, *lines)
         cfg = configmod.load({}, self.path)
         self.reactor = MemoryReactorClock()
-        svc = BalancerService(cfg, self.reactor, {}, handle_sighup=False, **kw)
+        svc = BalancerService(cfg, self.reactor, {}, handleSighup=False, **kw)
         return svc
 
     def test_reload_is_all_or_nothing(self):
@@ -125,7 +125,7 @@ class ServiceTests(SynchronousTestCase):
         self.assertFalse(svc.reload())
         self.assertEqual(svc.selector.algorithm, "round-robin")
         self.assertEqual(svc.pool.checks.rise, 2)
-        self.assertEqual(svc.factory.connect_timeout, 1.0)
+        self.assertEqual(svc.factory.connectTimeout, 1.0)
         self.assertEqual(list(svc.pool.peers), ["127.0.0.1:6000"])
         self.assertEqual((svc.reloads, svc.reloadFailures), (0, 1))
         self.assertIn("trustRoots", svc.lastReloadError)
@@ -142,8 +142,26 @@ class ServiceTests(SynchronousTestCase):
                  "rise = 5", "proxy-timeout = 30s", "check-interval = 0")
         self.assertTrue(svc.reload())
         self.assertEqual((svc.selector.algorithm, svc.pool.checks.rise), ("least-conn", 5))
-        self.assertEqual(svc.factory.proxy_timeout, 30.0)
+        self.assertEqual(svc.factory.proxyTimeout, 30.0)
         self.assertEqual(svc.reloads, 1)
+
+    def test_proxy_timeout_from_start_and_reload(self):
+        """
+        The factory gets C{--proxy-timeout} when it is built and again on
+        every reload.
+        """
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("[balancer]\nbackend = 127.0.0.1:6000\nproxy-timeout = 30s\n")
+        svc = BalancerService(
+            configmod.load({"check-interval": "0"}, path), MemoryReactorClock(),
+            handleSighup=False,
+        )
+        self.assertEqual(svc.factory.idleSweep.timeout, 30.0)
+        with open(path, "w") as f:
+            f.write("[balancer]\nbackend = 127.0.0.1:6000\nproxy-timeout = 2m\n")
+        self.assertTrue(svc.reload())
+        self.assertEqual(svc.factory.idleSweep.timeout, 120.0)
 
     def test_reload_rolls_back_when_applying_fails(self):
         svc = self.service("backend = 127.0.0.1:6000", "check-interval = 0")
@@ -155,8 +173,8 @@ class ServiceTests(SynchronousTestCase):
                 raise RuntimeError("pool refused")
             original(source, specs)
 
-        original = svc.pool.set_source
-        svc.pool.set_source = broken
+        original = svc.pool.setSource
+        svc.pool.setSource = broken
         self.assertFalse(svc.reload())
         self.assertEqual(svc.selector.algorithm, "round-robin")
         self.assertEqual(svc.lastReloadError, "pool refused")
@@ -214,7 +232,7 @@ class ServiceTests(SynchronousTestCase):
         )
         self.assertIsInstance(c.exception, SystemExit)
         # the listener made before the failure is closed again
-        self.assertEqual((svc.ports, svc.proxy_ports, svc.status_port), ([], [], None))
+        self.assertEqual((svc.ports, svc.proxyPorts, svc.statusPort), ([], [], None))
         self.assertFalse(svc.running)
 
 
@@ -223,7 +241,7 @@ class FakeBalancer:
         self.path = None
         svc = BalancerService(
             buildConfig({"backend": ["127.0.0.1:6000"], "check-interval": "0"}), reactor,
-            handle_sighup=False,
+            handleSighup=False,
         )
         self.svc = svc
 
@@ -263,6 +281,21 @@ class StatusLimitTests(SynchronousTestCase):
         self.assertIn(b'"reload_failures": 0', body)
         self.assertTrue(t.disconnecting)  # one request per connection
 
+    def test_proxy_timeout_fields(self):
+        """
+        The status JSON and C{/metrics} show the proxy timeout in force and
+        how many connections it closed.
+        """
+        self.svc.factory.idleSweep.expired = 3
+        proto, t = self.connect()
+        proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        body = json.loads(t.value().partition(b"\r\n\r\n")[2])
+        self.assertEqual((body["proxy_timeout"], body["proxy_timeout_closed"]), (600.0, 3))
+        proto, t = self.connect()
+        proto.dataReceived(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertIn(b"\nbalancer_proxy_timeout_seconds 600.0\n", t.value())
+        self.assertIn(b"\nbalancer_proxy_timeout_closed_connections_total 3.0\n", t.value())
+
     def test_slow_headers_are_cut(self):
         proto, t = self.connect()
         for _ in range(4):
@@ -290,11 +323,14 @@ class StatusLimitTests(SynchronousTestCase):
         self.assertIsNotNone(p3)
 
     def test_combine_workers(self):
-        own = {"pid": 1, "accepted": 2, "rejected": 0, "connect_failures": 1, "active": 1}
-        w = {"pid": 2, "accepted": 3, "rejected": 1, "connect_failures": 0, "active": 2}
+        own = {"pid": 1, "accepted": 2, "rejected": 0, "connect_failures": 1, "active": 1,
+               "proxy_timeout_closed": 4}
+        w = {"pid": 2, "accepted": 3, "rejected": 1, "connect_failures": 0, "active": 2,
+             "proxy_timeout_closed": 1}
         data = combine(own, [(1, 2, w), (2, 3, None)])
         self.assertEqual(data["total"], {"processes": 3, "accepted": 5, "rejected": 1,
-                                         "connect_failures": 1, "active": 3})
+                                         "connect_failures": 1, "active": 3,
+                                         "proxy_timeout_closed": 5})
         self.assertEqual([e.get("pid") for e in data["workers"]], [1, 2, 3])
         self.assertEqual(data["workers"][2]["error"], "no answer")
 
@@ -332,7 +368,7 @@ class DiscoveryErrorTests(SynchronousTestCase):
         clock = MemoryReactorClock()
         svc = BalancerService(
             buildConfig({"redis": "redis://u:topsecret@127.0.0.1:1/0"}), clock,
-            handle_sighup=False,
+            handleSighup=False,
         )
         svc.discovery.errors = 3
         svc.discovery.lastError = "boom"
@@ -343,78 +379,6 @@ class DiscoveryErrorTests(SynchronousTestCase):
     def test_sentinel_not_supported_yet(self):
         self.assertRaises(ConfigError, RedisDiscovery, MemoryReactorClock(),
                           "redis+sentinel://h:26379/m", "p:", 1.0, lambda *a: None)
-
-
-class DispatchRestoreTests(SynchronousTestCase):
-    def test_stop_restores_the_stock_loop_without_uninstall(self):
-        """
-        Without C{fastpoll.uninstall}, stopping the service takes back what
-        C{install} put on the reactor instance.
-        """
-        class LoopReactor(MemoryReactorClock):
-            def doIteration(self, timeout):
-                pass
-
-            doPoll = doIteration
-
-        reactor = LoopReactor()
-        stock = reactor.doIteration
-
-        def install(r):
-            r.doPoll = r.doIteration = lambda timeout: None
-            return True
-
-        self.patch(fastpoll, "install", install)
-        if hasattr(fastpoll, "uninstall"):
-            old = fastpoll.uninstall
-            del fastpoll.uninstall
-            self.addCleanup(setattr, fastpoll, "uninstall", old)
-        svc = BalancerService(
-            buildConfig({"backend": ["127.0.0.1:6000"], "check-interval": "0",
-                         "listen": ["tcp:0:interface=127.0.0.1"]}),
-            reactor, handle_sighup=False,
-        )
-        svc.startService()
-        self.assertNotEqual(reactor.doIteration, stock)
-        self.successResultOf(svc.stopService())
-        self.assertEqual(reactor.doIteration, stock)
-        self.assertNotIn("doPoll", vars(reactor))
-
-
-class RedisInternalsTests(SynchronousTestCase):
-    def test_sets_max_delay(self):
-        from balancer import _redisinternals
-
-        class Factory:
-            maxDelay = 10
-
-        class Conn:
-            _factory = Factory()
-
-        conn = Conn()
-        self.assertTrue(_redisinternals.selfCheck(conn))
-        self.assertTrue(_redisinternals.setMaxReconnectDelay(conn, 5))
-        self.assertEqual(conn._factory.maxDelay, 5)
-
-    def test_falls_back_without_the_attribute(self):
-        from balancer import _redisinternals
-
-        class Conn:
-            pass
-
-        conn = Conn()
-        self.assertFalse(_redisinternals.selfCheck(conn))
-        self.assertFalse(_redisinternals.setMaxReconnectDelay(conn, 5))
-        self.assertFalse(hasattr(conn, "_factory"))
-
-    def test_real_txredisapi_passes_the_check(self):
-        import txredisapi
-
-        from balancer import _redisinternals
-
-        conn = txredisapi.lazyConnection("127.0.0.1", 1, reconnect=False)
-        self.addCleanup(conn.disconnect)
-        self.assertTrue(_redisinternals.selfCheck(conn))
 
 
 class WatchParentTests(SynchronousTestCase):

@@ -72,27 +72,43 @@ class TLSCheckTests(TestCase):
     @defer.inlineCallbacks
     def test_good_certificate_passes(self):
         active = yield self.check("localhost")
-        self.assertEqual((active.last_result, active.last_error), (True, ""))
+        self.assertEqual((active.lastResult, active.lastError), (True, ""))
 
     @defer.inlineCallbacks
     def test_hostname_mismatch(self):
         active = yield self.check("other.example")
-        self.assertFalse(active.last_result)
+        self.assertFalse(active.lastResult)
         self.assertEqual(
-            active.last_error, "TLS: host name mismatch (the certificate is not for localhost)"
+            active.lastError, "TLS: host name mismatch (the certificate is not for localhost)"
         )
 
     @defer.inlineCallbacks
     def test_untrusted_issuer(self):
         active = yield self.check("localhost", trusted=False)
-        self.assertFalse(active.last_result)
-        self.assertTrue(active.last_error.startswith("TLS: untrusted issuer"), active.last_error)
+        self.assertFalse(active.lastResult)
+        self.assertTrue(active.lastError.startswith("TLS: untrusted issuer"), active.lastError)
 
     @defer.inlineCallbacks
     def test_expired(self):
         active = yield self.check("localhost", days=(-30, -1))
-        self.assertFalse(active.last_result)
-        self.assertTrue(active.last_error.startswith("TLS: certificate expired"), active.last_error)
+        self.assertFalse(active.lastResult)
+        self.assertTrue(active.lastError.startswith("TLS: certificate expired"), active.lastError)
+
+
+@defer.inlineCallbacks
+def firstDiscovery(test, url: str):
+    """
+    Run a L{RedisDiscovery} of prefix C{p:} at C{url} until its first
+    successful poll: C{(discovery, specs, logins)}.
+    """
+    from tests.cluster_helpers import until
+
+    seen = []
+    d = RedisDiscovery(reactor, url, "p:", 0.2, lambda specs, logins: seen.append((specs, logins)))
+    d.startService()
+    test.addCleanup(d.stopService)
+    yield until(lambda: seen, 10, 0.05, what=f"discovery from {url}")
+    return (d,) + seen[0]
 
 
 class ACLDiscoveryTests(TestCase):
@@ -124,15 +140,9 @@ class ACLDiscoveryTests(TestCase):
 
     @defer.inlineCallbacks
     def test_acl_user_reads_registry(self):
-        seen = []
-        d = RedisDiscovery(
-            reactor, f"redis://balancer:s3cret@127.0.0.1:{self.server.port}/0", "p:", 0.2,
-            lambda specs, logins: seen.append((specs, logins)),
+        d, specs, logins = yield firstDiscovery(
+            self, f"redis://balancer:s3cret@127.0.0.1:{self.server.port}/0"
         )
-        d.startService()
-        self.addCleanup(d.stopService)
-        yield self.waitFor(lambda: seen)
-        specs, logins = seen[0]
         self.assertEqual([(s.address, s.weight, s.name) for s in specs],
                          [("127.0.0.1:6000", 2, "chat-a")])
         self.assertEqual(logins, {"127.0.0.1:6000": 4})

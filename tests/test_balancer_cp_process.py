@@ -56,7 +56,7 @@ def alive(pid: int) -> bool:
 
 
 class StartupFailureTests(unittest.TestCase):
-    def run_balancer(self, *args: str, daemon: bool = False):
+    def runBalancer(self, *args: str, daemon: bool = False):
         exited = Exited()
         argv = [TWISTD]
         if daemon:
@@ -76,7 +76,7 @@ class StartupFailureTests(unittest.TestCase):
         self.addCleanup(cleanup)
         return exited
 
-    def busy_port(self) -> int:
+    def busyPort(self) -> int:
         s = socket.socket()
         s.bind(("127.0.0.1", 0))
         s.listen(1)
@@ -84,22 +84,22 @@ class StartupFailureTests(unittest.TestCase):
         return s.getsockname()[1]
 
     async def test_listenPortInUse(self):
-        port = self.busy_port()
-        exited = self.run_balancer("--listen", f"tcp:{port}:interface=127.0.0.1")
+        port = self.busyPort()
+        exited = self.runBalancer("--listen", f"tcp:{port}:interface=127.0.0.1")
         self.assertEqual(await exited.ended, 1)
         out = exited.output.decode()
         self.assertIn(f"cannot listen on tcp:{port}:interface=127.0.0.1: Address already in use", out)
         self.assertNotIn("Traceback", out)
 
     async def test_daemonizedListenFailureExitsNonZero(self):
-        port = self.busy_port()
-        exited = self.run_balancer("--listen", f"tcp:{port}:interface=127.0.0.1", daemon=True)
+        port = self.busyPort()
+        exited = self.runBalancer("--listen", f"tcp:{port}:interface=127.0.0.1", daemon=True)
         self.assertEqual(await exited.ended, 1)
         self.assertIn(b"cannot listen on", exited.output)
 
     async def test_statusPortInUse(self):
-        port = self.busy_port()
-        exited = self.run_balancer(
+        port = self.busyPort()
+        exited = self.runBalancer(
             "--listen", f"tcp:{freePort()}:interface=127.0.0.1",
             "--status", f"tcp:{port}:interface=127.0.0.1",
         )
@@ -114,7 +114,7 @@ class StartupFailureTests(unittest.TestCase):
             (["--status", "bogus:1"], "bad value for --status: 'bogus:1'"),
             (["--backend", "foo:bar:7220"], "bad backend address 'foo:bar:7220'"),
         ]:
-            exited = self.run_balancer(*args)
+            exited = self.runBalancer(*args)
             self.assertNotEqual(await exited.ended, 0)
             out = exited.output.decode()
             self.assertIn(expected, out)

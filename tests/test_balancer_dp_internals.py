@@ -16,8 +16,8 @@ from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
 
 from balancer import _twisted, fastpoll
-from balancer.listen import SocketEndpoint, server_endpoint
-from balancer.sides import loseWrite
+from balancer.listen import SocketEndpoint, serverEndpoint
+from balancer.sides import _Side
 
 
 class _HalfCloseTransport(StringTransport):
@@ -69,11 +69,13 @@ class SelfCheckTests(SynchronousTestCase):
         t = tcp.Server(a, _ProtocolStub(), ("127.0.0.1", 1), None, 0, _FDSet())
         self.assertIsNone(_twisted.plainSocket(t))
         self.assertFalse(_twisted.shutWriteNow(t, False))
-        out = _HalfCloseTransport()
-        _twisted.sendNow(out, _twisted.plainSocket(t), b"data")
-        self.assertEqual(out.value(), b"data")
-        loseWrite(out)
-        self.assertTrue(out.writeClosed)
+        side = _Side()
+        side.transport = _HalfCloseTransport()
+        side.sock = _twisted.plainSocket(t)
+        self.assertTrue(side.send(b"data"))
+        self.assertEqual(side.transport.value(), b"data")
+        side.shutdownWrite()
+        self.assertTrue(side.transport.writeClosed)
 
     def test_fast_write_used_when_present(self):
         """
@@ -88,8 +90,11 @@ class SelfCheckTests(SynchronousTestCase):
 
         t = tcp.Server(a, _ProtocolStub(), ("127.0.0.1", 1), None, 0, _FDSet())
         self.assertIs(_twisted.plainSocket(t), a)
-        _twisted.sendNow(t, a, b"now")
+        side = _Side()
+        side.transport, side.sock = t, _twisted.plainSocket(t)
+        self.assertTrue(side.send(b"now"))
         self.assertEqual(b.recv(10), b"now")
+        self.assertEqual(_twisted.queuedBytes(t), 0)
 
     def test_missing_tcp_server_falls_back_to_adopt(self):
         """
@@ -117,13 +122,13 @@ class SelfCheckTests(SynchronousTestCase):
         [event] = self.events
         self.assertIn("_gone", event["names"])
         reactor = MemoryReactor()
-        endpoint = server_endpoint(reactor, "tcp:0:interface=127.0.0.1", False, 50, lean=True)
+        endpoint = serverEndpoint(reactor, "tcp:0:interface=127.0.0.1", False, 50, lean=True)
         self.assertIsInstance(endpoint, TCP4ServerEndpoint)
-        self.assertRaises(ValueError, server_endpoint, reactor, "tcp:0", True, 50)
+        self.assertRaises(ValueError, serverEndpoint, reactor, "tcp:0", True, 50)
 
     def test_endpoint_fields_rebuild_when_present(self):
         _twisted.selfCheck()
-        endpoint = server_endpoint(MemoryReactor(), "tcp:7410:interface=127.0.0.1", False, 77,
+        endpoint = serverEndpoint(MemoryReactor(), "tcp:7410:interface=127.0.0.1", False, 77,
                                    lean=True)
         self.assertIsInstance(endpoint, SocketEndpoint)
         self.assertEqual((endpoint.port, endpoint.interface, endpoint.backlog, endpoint.lean),
@@ -391,6 +396,36 @@ class RedisMaxDelayTests(SynchronousTestCase):
         self.patch(_twisted, "log", Logger(observer=events.append))
         self.assertFalse(_twisted.setRedisMaxDelay(object(), 5))
         self.assertEqual(len(events), 1)
+
+    def test_self_check_without_the_attribute_falls_back(self):
+        """
+        A txredisapi without C{_factory.maxDelay}: the start-up check says
+        so once and the back-off is left alone.
+        """
+        events = []
+        self.patch(_twisted, "features", _twisted._Features())
+        self.patch(_twisted, "log", Logger(observer=events.append))
+        self.patch(_twisted, "_redisFactory", lambda conn: None)
+        _twisted.selfCheck()
+        self.assertFalse(_twisted.features.redisMaxDelay)
+        self.assertIn("_factory.maxDelay", [e.get("names") for e in events])
+
+        class Factory:
+            maxDelay = 3600
+
+        class Conn:
+            _factory = Factory()
+
+        self.assertFalse(_twisted.setRedisMaxDelay(Conn(), 5))
+        self.assertEqual(Conn._factory.maxDelay, 3600)
+
+    def test_real_lazy_connection_passes(self):
+        import txredisapi
+
+        conn = txredisapi.lazyConnection("127.0.0.1", 1, reconnect=False)
+        self.addCleanup(conn.disconnect)
+        self.assertTrue(_twisted.setRedisMaxDelay(conn, 5))
+        self.assertEqual(conn._factory.maxDelay, 5)
 
     def test_real_txredisapi_connection_has_it(self):
         """

@@ -12,7 +12,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from balancer.config import parse_backend
+from balancer.config import BalancerConfig, parseBackend
 from balancer.idletimeout import STEPS
 from balancer.pool import CheckSettings, Pool
 from balancer.proxy import DEFAULT_PROXY_TIMEOUT, BalancerFactory
@@ -27,7 +27,7 @@ def _factory(timeout: float = TIMEOUT) -> tuple[BalancerFactory, MemoryReactorCl
     peer = Peer("127.0.0.1:7000")
     peer.extra["tcp"] = ("127.0.0.1", 7000)
     selector.peers.append(peer)
-    factory = BalancerFactory(reactor, selector, proxy_timeout=timeout)
+    factory = BalancerFactory(reactor, selector, proxyTimeout=timeout)
     return factory, reactor, peer
 
 
@@ -38,7 +38,7 @@ class TwistedPathTimeoutTests(SynchronousTestCase):
 
     def proxied(self, timeout: float = TIMEOUT):
         factory, reactor, peer = _factory(timeout)
-        factory.raw_connect = False  # connectTCP, recorded by the fake reactor
+        factory.rawConnect = False  # connectTCP, recorded by the fake reactor
         server = factory.buildProtocol(None)
         client = StringTransport()
         server.makeConnection(client)
@@ -88,7 +88,7 @@ class TwistedPathTimeoutTests(SynchronousTestCase):
 
     def test_default_is_nginx(self):
         factory, _, _ = _factory()
-        self.assertEqual(BalancerFactory(MemoryReactorClock(), Selector(Clock())).proxy_timeout,
+        self.assertEqual(BalancerFactory(MemoryReactorClock(), Selector(Clock())).proxyTimeout,
                          DEFAULT_PROXY_TIMEOUT)
         self.assertEqual(DEFAULT_PROXY_TIMEOUT, 600.0)
 
@@ -212,9 +212,9 @@ class PoolDrainTimerTests(SynchronousTestCase):
 
     def test_deadline_closes_leftovers_then_forgets(self):
         clock = Clock()
-        pool = Pool(clock, Selector(clock), CheckSettings(enabled=False), drain_timeout=5.0)
-        a, b = parse_backend("127.0.0.1:7001"), parse_backend("127.0.0.1:7002")
-        pool.set_source("static", [a, b])
+        pool = Pool(clock, Selector(clock), CheckSettings.fromConfig(BalancerConfig(checkInterval=0)), drainTimeout=5.0)
+        a, b = parseBackend("127.0.0.1:7001"), parseBackend("127.0.0.1:7002")
+        pool.setSource("static", [a, b])
         peer = pool.peers[b.key]
         peer.connectionStarted()
         left = _Drained(peer)
@@ -223,7 +223,7 @@ class PoolDrainTimerTests(SynchronousTestCase):
             clients = {left}
 
         pool.factory = Factory()
-        pool.set_source("static", [a])
+        pool.setSource("static", [a])
         self.assertIn(b.key, pool.draining)
         clock.advance(4.9)
         self.assertEqual(left.closed, 0)
@@ -231,19 +231,19 @@ class PoolDrainTimerTests(SynchronousTestCase):
         self.assertEqual(left.closed, 1)
         self.assertIn(b.key, pool.draining)  # until its connection ends
         peer.connectionEnded()
-        pool.connection_ended(peer)
+        pool.connectionEnded(peer)
         self.assertNotIn(b.key, pool.draining)
         self.assertEqual(clock.getDelayedCalls(), [])
 
     def test_back_before_deadline_cancels_it(self):
         clock = Clock()
-        pool = Pool(clock, Selector(clock), CheckSettings(enabled=False), drain_timeout=5.0)
-        a = parse_backend("127.0.0.1:7001")
-        pool.set_source("static", [a])
+        pool = Pool(clock, Selector(clock), CheckSettings.fromConfig(BalancerConfig(checkInterval=0)), drainTimeout=5.0)
+        a = parseBackend("127.0.0.1:7001")
+        pool.setSource("static", [a])
         pool.peers[a.key].connectionStarted()
-        pool.set_source("static", [])
+        pool.setSource("static", [])
         self.assertEqual(len(clock.getDelayedCalls()), 1)
-        pool.set_source("static", [a])
+        pool.setSource("static", [a])
         self.assertEqual(clock.getDelayedCalls(), [])
         self.assertIn(a.key, pool.peers)
 
@@ -260,7 +260,7 @@ class ProxiedClientInterfaceTests(SynchronousTestCase):
         from balancer.interfaces import IProxiedClient
 
         factory, reactor, peer = _factory()
-        factory.raw_connect = False
+        factory.rawConnect = False
         server = factory.buildProtocol(None)
         server.makeConnection(StringTransport())
         self.assertTrue(verifyObject(IProxiedClient, server))

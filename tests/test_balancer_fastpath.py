@@ -11,41 +11,41 @@ from twisted.protocols.haproxy._v2parser import V2Parser
 from twisted.trial.unittest import SynchronousTestCase
 
 from balancer.earlydata import HOLD_LIMIT
-from balancer.proxyheader import proxyHeader as proxy_header
+from balancer.proxyheader import proxyHeader
 from balancer.sides import BackendSide, ServerSide, _Side
 
 
 class HeaderTests(SynchronousTestCase):
     def test_v1_tcp4(self):
-        h = proxy_header("v1", IPv4Address("TCP", "10.1.2.3", 5555),
+        h = proxyHeader("v1", IPv4Address("TCP", "10.1.2.3", 5555),
                          IPv4Address("TCP", "127.0.0.1", 8000))
         self.assertEqual(h, b"PROXY TCP4 10.1.2.3 127.0.0.1 5555 8000\r\n")
         info = V1Parser.parse(h.rstrip(b"\r\n"))
         self.assertEqual((info.source.host, info.source.port), ("10.1.2.3", 5555))
 
     def test_v1_tcp6(self):
-        h = proxy_header("v1", IPv6Address("TCP", "::1", 5555),
+        h = proxyHeader("v1", IPv6Address("TCP", "::1", 5555),
                          IPv6Address("TCP", "::1", 8000))
         self.assertEqual(h, b"PROXY TCP6 ::1 ::1 5555 8000\r\n")
 
     def test_v2_parses(self):
-        h = proxy_header("v2", IPv4Address("TCP", "192.0.2.7", 40000),
+        h = proxyHeader("v2", IPv4Address("TCP", "192.0.2.7", 40000),
                          IPv4Address("TCP", "127.0.0.1", 8000))
         info = V2Parser.parse(h)
         self.assertEqual((info.source.host, info.source.port), ("192.0.2.7", 40000))
         self.assertEqual(ip_address(info.destination.host), ip_address("127.0.0.1"))
 
     def test_v2_local_without_addresses(self):
-        h = proxy_header("v2", None, None)
+        h = proxyHeader("v2", None, None)
         self.assertEqual(len(h), 16)
         self.assertEqual(h[12], 0x20)
 
 
 class HalfCloseTransport(StringTransport):
-    write_closed = False
+    writeClosed = False
 
     def loseWriteConnection(self):
-        self.write_closed = True
+        self.writeClosed = True
 
 
 class ForwardTests(SynchronousTestCase):
@@ -64,19 +64,25 @@ class ForwardTests(SynchronousTestCase):
         b.dataReceived(b"to-a")
         self.assertEqual(tb.value(), b"to-b")
         self.assertEqual(ta.value(), b"to-a")
-        self.assertEqual((a.rx, b.rx), (4, 4))
+        self.assertEqual((a.rx, b.rx), (1, 1))
 
     def test_half_close_propagates(self):
+        """
+        An EOF from one side shuts the other's writing only; once the other
+        direction ends too, both transports are closed (after flushing).
+        """
         a, b, ta, tb = self.pair()
         a.readConnectionLost()
-        self.assertTrue(a.readEOF)
-        self.assertTrue(tb.write_closed)
+        self.assertTrue(a.eof)
+        self.assertTrue(tb.writeClosed)
         self.assertFalse(tb.disconnecting)
         self.assertFalse(ta.disconnecting)
+        b.dataReceived(b"reply after the client's EOF")
+        self.assertEqual(ta.value(), b"reply after the client's EOF")
         b.readConnectionLost()
-        self.assertTrue(ta.write_closed)
-        a.writeConnectionLost()
+        self.assertFalse(ta.writeClosed)  # closed, not half-closed: last direction
         self.assertTrue(ta.disconnecting)
+        self.assertTrue(tb.disconnecting)
 
     def test_connection_lost_closes_other(self):
         a, b, ta, tb = self.pair()
@@ -90,6 +96,8 @@ class ForwardTests(SynchronousTestCase):
         seen = []
 
         class FakeAttempt:
+            peer = None
+
             def connected(self, backend):
                 seen.append(backend)
 
@@ -189,11 +197,11 @@ class RawConnectUnitTests(SynchronousTestCase):
 
         from balancer import rawconnect
 
-        def no_socket(*args, **kw):
+        def noSocket(*args, **kw):
             raise OSError(errno.EMFILE, "Too many open files")
 
         attempt = self._attempt()
-        self.patch(rawconnect, "_newSocket", no_socket)
+        self.patch(rawconnect, "_newSocket", noSocket)
         rawconnect.RawConnect(attempt, socket.AF_INET, ("127.0.0.1", 1), 1.0)
         self.assertEqual(attempt.failures, [])
         attempt.factory.reactor.advance(0)
@@ -250,7 +258,7 @@ def connected(factory, sock):
 
 
 class _Factory:
-    proxy_protocol = None
+    proxyProtocol = None
 
     def __init__(self):
         from balancer._twisted import fdOps
@@ -282,28 +290,28 @@ class LeanUnitTests(SynchronousTestCase):
         from balancer.lean import LeanClient
 
         factory = _Factory()
-        c_app, c_lb = self.pair()
-        client = LeanClient(factory, c_lb, ("127.0.0.1", 1))
+        cApp, cLb = self.pair()
+        client = LeanClient(factory, cLb, ("127.0.0.1", 1))
         factory.clients.add(client)
         client.startReading()
-        return factory, client, c_app
+        return factory, client, cApp
 
     def test_hold_stops_reading_past_limit(self):
-        factory, client, c_app = self.client()
-        c_app.setblocking(False)
+        factory, client, cApp = self.client()
+        cApp.setblocking(False)
         chunk = b"x" * 16384
         while client.reading:
-            c_app.send(chunk)
+            cApp.send(chunk)
             client.doRead()
         self.assertGreater(client.held.size, HOLD_LIMIT)
         self.assertNotIn(client, factory.reactor.readers)
         # all of it reaches the backend once connected, and reading resumes
         held = client.held.size
-        b_app, b_lb = self.pair()
-        client.backendConnected(connected(factory, b_lb), "peer")
+        bApp, bLb = self.pair()
+        client.backendConnected(connected(factory, bLb), "peer")
         got = 0
         while got < held:
-            got += len(b_app.recv(1 << 20))
+            got += len(bApp.recv(1 << 20))
             if client.backend.pending:
                 client.backend.doWrite()
         self.assertEqual(got, held)
@@ -315,18 +323,18 @@ class LeanUnitTests(SynchronousTestCase):
         chunk at most is kept; close() (a drain deadline) sends it, then
         shuts and closes both sockets.
         """
-        factory, client, c_app = self.client()
-        c_app.send(b"early")
+        factory, client, cApp = self.client()
+        cApp.send(b"early")
         client.doRead()
-        b_app, b_lb = self.pair()
-        client.backendConnected(connected(factory, b_lb), "peer")
-        self.assertEqual(b_app.recv(100), b"early")
+        bApp, bLb = self.pair()
+        client.backendConnected(connected(factory, bLb), "peer")
+        self.assertEqual(bApp.recv(100), b"early")
         backend = client.backend
-        b_app.setblocking(False)
+        bApp.setblocking(False)
         sent = 0
         while backend.reading:
             try:
-                sent += b_app.send(b"y" * 65536)
+                sent += bApp.send(b"y" * 65536)
             except BlockingIOError:
                 pass
             backend.doRead()
@@ -336,26 +344,26 @@ class LeanUnitTests(SynchronousTestCase):
 
         client.close()
         self.assertEqual(factory.reactor.readers, set())
-        self.assertEqual(b_app.recv(100), b"")  # the backend got its EOF
+        self.assertEqual(bApp.recv(100), b"")  # the backend got its EOF
         self.assertIn(client, factory.clients)  # the client's bytes are not out yet
         unread = 0  # what the balancer had not read from the backend
         while True:
             try:
-                unread += len(b_lb.recv(1 << 20))
+                unread += len(bLb.recv(1 << 20))
             except BlockingIOError:
                 break
         received = 0
-        c_app.setblocking(False)
+        cApp.setblocking(False)
         while not client.closed:
             try:
-                received += len(c_app.recv(1 << 20))
+                received += len(cApp.recv(1 << 20))
             except BlockingIOError:
                 pass
             client.doWrite()
         # every byte the balancer took from the backend reached the client
-        c_app.setblocking(True)
+        cApp.setblocking(True)
         while True:
-            data = c_app.recv(1 << 20)
+            data = cApp.recv(1 << 20)
             if not data:
                 break
             received += len(data)

@@ -19,15 +19,15 @@ from tests.balancer_helpers import (
     EchoBackend,
     buffered,
     connect,
-    make_config,
+    makeConfig,
     roundtrip,
-    start_backends,
-    start_balancer,
-    wait_for,
+    startBackends,
+    startBalancer,
+    waitFor,
 )
 
 
-def free_port() -> int:
+def freePort() -> int:
     """
     A loopback port with nothing listening on it (connections get refused).
     """
@@ -44,31 +44,31 @@ class DistributionTests(TestCase):
         60 sequential clients over weights 3,2,1 land 30/20/10, and every
         client gets its bytes echoed.
         """
-        a, b, c = start_backends(self, "a", "b", "c")
-        cfg = make_config(
+        a, b, c = startBackends(self, "a", "b", "c")
+        cfg = makeConfig(
             [f"{a.address} weight=3", f"{b.address} weight=2", f"{c.address} weight=1"],
-            check_send=b"PING\n", check_expect=b"PONG",
+            checkSend=b"PING\n", checkExpect=b"PONG",
         )
-        svc = yield start_balancer(self, cfg)
+        svc = yield startBalancer(self, cfg)
         for i in range(60):
             data = yield roundtrip(svc.port, b"msg%d" % i)
             self.assertEqual(data, b"msg%d" % i)
         self.assertEqual((a.served, b.served, c.served), (30, 20, 10))
-        peers = {p.key: p for p in svc.pool.all_peers()}
+        peers = {p.key: p for p in svc.pool.allPeers()}
         self.assertEqual(peers[a.address].total, 30)
-        yield wait_for(lambda: a.checks > 0 and b.checks > 0 and c.checks > 0)
+        yield waitFor(lambda: a.checks > 0 and b.checks > 0 and c.checks > 0)
 
     @defer.inlineCallbacks
     def test_least_conn_spreads_concurrent_clients(self):
-        a, b = start_backends(self, "a", "b")
-        cfg = make_config([a.address, b.address], algorithm="least-conn")
-        svc = yield start_balancer(self, cfg)
+        a, b = startBackends(self, "a", "b")
+        cfg = makeConfig([a.address, b.address], algorithm="least-conn")
+        svc = yield startBalancer(self, cfg)
         clients = []
         for _ in range(6):
             cl = yield connect(svc.port)
             cl.transport.write(b"x")
             clients.append(cl)
-        yield wait_for(lambda: a.served + b.served == 6)
+        yield waitFor(lambda: a.served + b.served == 6)
         self.assertEqual((a.served, b.served), (3, 3))
         for cl in clients:
             cl.transport.loseConnection()
@@ -76,7 +76,7 @@ class DistributionTests(TestCase):
 
 
 class FailureTests(TestCase):
-    twisted_path = False
+    twistedPath = False
 
     @defer.inlineCallbacks
     def test_connect_refused_retries_next(self):
@@ -84,10 +84,10 @@ class FailureTests(TestCase):
         A refused backend is skipped for the client (retry) and then marked
         failed (max_fails=1): every client is served by the live one.
         """
-        (live,) = start_backends(self, "live")
-        dead = f"127.0.0.1:{free_port()}"
-        cfg = make_config([dead, live.address], check_interval=0)
-        svc = yield start_balancer(self, cfg)
+        (live,) = startBackends(self, "live")
+        dead = f"127.0.0.1:{freePort()}"
+        cfg = makeConfig([dead, live.address], checkInterval=0)
+        svc = yield startBalancer(self, cfg)
         for i in range(4):
             data = yield roundtrip(svc.port, b"r%d" % i)
             self.assertEqual(data, b"r%d" % i)
@@ -99,9 +99,9 @@ class FailureTests(TestCase):
 
     @defer.inlineCallbacks
     def test_no_backend_closes_promptly(self):
-        dead = f"127.0.0.1:{free_port()}"
-        cfg = make_config([dead], check_interval=60)
-        svc = yield start_balancer(self, cfg)
+        dead = f"127.0.0.1:{freePort()}"
+        cfg = makeConfig([dead], checkInterval=60)
+        svc = yield startBalancer(self, cfg)
         client = yield connect(svc.port)
         client.transport.write(b"anyone?")
         data = yield client.done
@@ -118,32 +118,32 @@ class FailureTests(TestCase):
         Killing a backend takes it out of rotation within a few check
         intervals; restarting it brings it back after rise checks.
         """
-        a, b = start_backends(self, "a", "b")
-        cfg = make_config(
+        a, b = startBackends(self, "a", "b")
+        cfg = makeConfig(
             [f"{a.address} max_fails=0", f"{b.address} max_fails=0"],
-            check_interval=0.05, rise=2, fall=2,
-            check_send=b"PING\n", check_expect=b"PONG",
+            checkInterval=0.05, rise=2, fall=2,
+            checkSend=b"PING\n", checkExpect=b"PONG",
         )
-        svc = yield start_balancer(self, cfg)
-        peer_b = svc.pool.peers[b.address]
-        yield wait_for(lambda: peer_b.active.health == 3)
+        svc = yield startBalancer(self, cfg)
+        peerB = svc.pool.peers[b.address]
+        yield waitFor(lambda: peerB.active.health == 3)
         port = b.portnum
         yield b.stop()
-        yield wait_for(lambda: peer_b.state == "down", timeout=2)
-        served_a = a.served
+        yield waitFor(lambda: peerB.state == "down", timeout=2)
+        servedA = a.served
         for _ in range(4):
             data = yield roundtrip(svc.port, b"z")
             self.assertEqual(data, b"z")
-        self.assertEqual(a.served, served_a + 4)
+        self.assertEqual(a.served, servedA + 4)
         b.start(port)
-        yield wait_for(lambda: peer_b.state == "up", timeout=2)
-        self.assertGreaterEqual(peer_b.active.health, 2)
+        yield waitFor(lambda: peerB.state == "up", timeout=2)
+        self.assertGreaterEqual(peerB.active.health, 2)
         for _ in range(4):
             yield roundtrip(svc.port, b"y")
         self.assertEqual(b.served, 2)
 
 
-def hung_port(test) -> int:
+def hungPort(test) -> int:
     """
     A loopback port whose accept queue is full: connects to it neither
     succeed nor fail (the SYN is dropped), so they time out.
@@ -171,7 +171,7 @@ class RawConnectTests(TestCase):
     hand-made non-blocking connect), not by connectTCP.
     """
 
-    twisted_path = False
+    twistedPath = False
 
     @defer.inlineCallbacks
     def test_success_bytes_flow(self):
@@ -179,13 +179,13 @@ class RawConnectTests(TestCase):
 
         from twisted.internet import tcp
 
-        (a,) = start_backends(self, "a")
-        svc = yield start_balancer(self, make_config([a.address], check_interval=0))
+        (a,) = startBackends(self, "a")
+        svc = yield startBalancer(self, makeConfig([a.address], checkInterval=0))
         client = yield connect(svc.port)
         client.transport.write(b"hello")
-        yield wait_for(lambda: bytes(client.data) == b"hello")
+        yield waitFor(lambda: bytes(client.data) == b"hello")
         server = next(iter(svc.factory.clients))
-        if self.twisted_path:
+        if self.twistedPath:
             bt = server.backend.transport
             self.assertIsInstance(bt, tcp.Server)
             self.assertEqual(bt.getPeer().port, a.portnum)
@@ -200,20 +200,20 @@ class RawConnectTests(TestCase):
             self.assertEqual(server.sock.getpeername()[1], client.transport.getHost().port)
         client.transport.loseConnection()
         yield client.done
-        yield wait_for(lambda: not a.conns)
+        yield waitFor(lambda: not a.conns)
 
     @defer.inlineCallbacks
     def test_refused_goes_to_next(self):
-        (live,) = start_backends(self, "live")
-        dead = f"127.0.0.1:{free_port()}"
-        svc = yield start_balancer(self, make_config([dead, live.address], check_interval=0))
+        (live,) = startBackends(self, "live")
+        dead = f"127.0.0.1:{freePort()}"
+        svc = yield startBalancer(self, makeConfig([dead, live.address], checkInterval=0))
         for i in range(2):
             data = yield roundtrip(svc.port, b"r%d" % i)
             self.assertEqual(data, b"r%d" % i)
         peer = svc.pool.peers[dead]
-        self.assertIn("refused", peer.active.last_error)
+        self.assertIn("refused", peer.active.lastError)
         self.assertEqual(peer.conns, 0)
-        self.assertEqual(svc.factory.connect_failures, 1)
+        self.assertEqual(svc.factory.connectFailures, 1)
 
     @defer.inlineCallbacks
     def test_timeout_goes_to_next(self):
@@ -222,16 +222,16 @@ class RawConnectTests(TestCase):
         timedOut = []
         realTimedOut = RawConnect.timedOut
         self.patch(RawConnect, "timedOut", lambda raw: (timedOut.append(raw), realTimedOut(raw)))
-        (live,) = start_backends(self, "live")
-        hung = f"127.0.0.1:{hung_port(self)}"
-        cfg = make_config([hung, live.address], check_interval=0, connect_timeout=0.2)
-        svc = yield start_balancer(self, cfg)
+        (live,) = startBackends(self, "live")
+        hung = f"127.0.0.1:{hungPort(self)}"
+        cfg = makeConfig([hung, live.address], checkInterval=0, connectTimeout=0.2)
+        svc = yield startBalancer(self, cfg)
         data = yield roundtrip(svc.port, b"slow")
         self.assertEqual(data, b"slow")
         data = yield roundtrip(svc.port, b"fast")
         self.assertEqual(data, b"fast")
         peer = svc.pool.peers[hung]
-        self.assertEqual(peer.active.last_error, "connect: timed out")
+        self.assertEqual(peer.active.lastError, "connect: timed out")
         self.assertEqual(peer.failures, 1)
         self.assertEqual(peer.conns, 0)
         self.assertEqual(live.served, 2)
@@ -245,20 +245,20 @@ class RawConnectTests(TestCase):
         A connect() that fails at once (ENETUNREACH) is reported on the
         next reactor turn and the next backend is tried.
         """
-        (live,) = start_backends(self, "live")
-        cfg = make_config(["255.255.255.255:1", live.address], check_interval=0)
-        svc = yield start_balancer(self, cfg)
+        (live,) = startBackends(self, "live")
+        cfg = makeConfig(["255.255.255.255:1", live.address], checkInterval=0)
+        svc = yield startBalancer(self, cfg)
         data = yield roundtrip(svc.port, b"x")
         self.assertEqual(data, b"x")
-        self.assertIn("connect: ", svc.pool.peers["255.255.255.255:1"].active.last_error)
+        self.assertIn("connect: ", svc.pool.peers["255.255.255.255:1"].active.lastError)
 
     @defer.inlineCallbacks
     def test_client_leaves_while_connecting(self):
-        hung = f"127.0.0.1:{hung_port(self)}"
-        cfg = make_config([hung], check_interval=0, connect_timeout=5)
-        svc = yield start_balancer(self, cfg)
+        hung = f"127.0.0.1:{hungPort(self)}"
+        cfg = makeConfig([hung], checkInterval=0, connectTimeout=5)
+        svc = yield startBalancer(self, cfg)
         client = yield connect(svc.port)
-        yield wait_for(lambda: svc.factory.clients)
+        yield waitFor(lambda: svc.factory.clients)
         server = next(iter(svc.factory.clients))
         raw = server.attempt.connector
         from balancer.rawconnect import RawConnect
@@ -267,16 +267,16 @@ class RawConnectTests(TestCase):
         # a reset, not an EOF (an EOF is held until the backend answers)
         client.transport.abortConnection()
         yield client.done
-        yield wait_for(lambda: not svc.factory.clients)
+        yield waitFor(lambda: not svc.factory.clients)
         peer = svc.pool.peers[hung]
         self.assertEqual(peer.conns, 0)
         self.assertEqual(raw.sock.fileno(), -1)
         self.assertIsNone(raw.timer)
-        self.assertEqual(svc.factory.connect_failures, 0)
+        self.assertEqual(svc.factory.connectFailures, 0)
 
 
 class TransparencyTests(TestCase):
-    twisted_path = False
+    twistedPath = False
 
     @defer.inlineCallbacks
     def test_large_transfer_and_half_close(self):
@@ -284,8 +284,8 @@ class TransparencyTests(TestCase):
         Several MB go through both ways byte for byte; the client's
         half-close reaches the backend, whose echo and EOF come back.
         """
-        (a,) = start_backends(self, "a")
-        svc = yield start_balancer(self, make_config([a.address]))
+        (a,) = startBackends(self, "a")
+        svc = yield startBalancer(self, makeConfig([a.address]))
         payload = os.urandom(6 * 1024 * 1024)
         client = yield connect(svc.port)
         client.transport.write(payload)
@@ -323,11 +323,11 @@ class TransparencyTests(TestCase):
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         addr = f"127.0.0.1:{port.getHost().port}"
-        svc = yield start_balancer(self, make_config([addr], check_interval=0))
+        svc = yield startBalancer(self, makeConfig([addr], checkInterval=0))
         for _ in range(3):
             data = yield roundtrip(svc.port, b"question")
             self.assertEqual(data, b"got question")
-        yield wait_for(lambda: not svc.factory.clients)
+        yield waitFor(lambda: not svc.factory.clients)
         self.assertEqual(svc.pool.peers[addr].conns, 0)
 
     @defer.inlineCallbacks
@@ -343,17 +343,17 @@ class TransparencyTests(TestCase):
         started = []
         self.patch(attemptmod.Attempt, "start",
                    lambda attempt, sockaddr=None: started.append((attempt, sockaddr)))
-        (a,) = start_backends(self, "a")
-        svc = yield start_balancer(self, make_config([a.address], check_interval=0))
+        (a,) = startBackends(self, "a")
+        svc = yield startBalancer(self, makeConfig([a.address], checkInterval=0))
         client = yield connect(svc.port)
         client.transport.write(b"early-")
         client.transport.write(b"bird")
-        [(attempt, sockaddr)] = yield wait_for(lambda: started)
+        [(attempt, sockaddr)] = yield waitFor(lambda: started)
         proxied = attempt.client
-        yield wait_for(lambda: proxied.held is not None and proxied.held.size == 10)
+        yield waitFor(lambda: proxied.held is not None and proxied.held.size == 10)
         self.assertEqual((a.received, proxied.peer), (0, None))
         realStart(attempt, sockaddr)
-        yield wait_for(lambda: bytes(client.data) == b"early-bird")
+        yield waitFor(lambda: bytes(client.data) == b"early-bird")
         self.assertIsNone(proxied.held)
         self.assertEqual(a.received, 10)
         client.transport.loseConnection()
@@ -393,18 +393,18 @@ class TransparencyTests(TestCase):
         big.protocol = Flood
         big.start()
         self.addCleanup(big.stop)
-        svc = yield start_balancer(self, make_config([big.address], check_interval=60))
+        svc = yield startBalancer(self, makeConfig([big.address], checkInterval=60))
         client = yield connect(svc.port)
         client.transport.pauseProducing()
-        yield wait_for(lambda: svc.factory.clients and next(iter(svc.factory.clients)).backend)
+        yield waitFor(lambda: svc.factory.clients and next(iter(svc.factory.clients)).backend)
         # let the pipes fill up
-        flood = yield wait_for(lambda: next(iter(big.conns), None))
-        yield wait_for(lambda: flood.paused)
+        flood = yield waitFor(lambda: next(iter(big.conns), None))
+        yield waitFor(lambda: flood.paused)
         server = next(iter(svc.factory.clients))
         self.assertLess(buffered(server), 1024 * 1024)
         self.assertLess(flood.sent, 32 * 1024 * 1024)
         client.transport.resumeProducing()
-        yield wait_for(lambda: len(client.data) > 4 * 1024 * 1024)
+        yield waitFor(lambda: len(client.data) > 4 * 1024 * 1024)
         client.transport.loseConnection()
         yield client.done
 
@@ -418,7 +418,7 @@ class _PeerReporter(Protocol):
 
 
 class ProxyProtocolTests(TestCase):
-    twisted_path = False
+    twistedPath = False
 
     @defer.inlineCallbacks
     def _check(self, version):
@@ -428,18 +428,18 @@ class ProxyProtocolTests(TestCase):
         port = yield endpoint.listen(factory)
         self.addCleanup(port.stopListening)
         addr = f"127.0.0.1:{port.getHost().port}"
-        cfg = make_config([addr], proxy_protocol=version, check_interval=0.05)
-        svc = yield start_balancer(self, cfg)
+        cfg = makeConfig([addr], proxyProtocol=version, checkInterval=0.05)
+        svc = yield startBalancer(self, cfg)
         client = yield connect(svc.port)
         client.transport.write(b"who am I?\n")
         local = client.transport.getHost()
-        line = yield wait_for(lambda: bytes(client.data).endswith(b"\n") and bytes(client.data))
+        line = yield waitFor(lambda: bytes(client.data).endswith(b"\n") and bytes(client.data))
         self.assertEqual(line, f"{local.host} {local.port}\n".encode())
         client.transport.loseConnection()
         yield client.done
         # health checks got through the haproxy: listener too
         peer = svc.pool.peers[addr]
-        yield wait_for(lambda: peer.active.last_result is True)
+        yield waitFor(lambda: peer.active.lastResult is True)
         self.assertEqual(peer.state, "up")
 
     def test_v1(self):
@@ -456,11 +456,11 @@ class StatusTests(TestCase):
 
         from twisted.web.client import Agent, readBody
 
-        (a,) = start_backends(self, "a")
-        cfg = make_config([a.address], status="tcp:0:interface=127.0.0.1")
-        svc = yield start_balancer(self, cfg)
+        (a,) = startBackends(self, "a")
+        cfg = makeConfig([a.address], status="tcp:0:interface=127.0.0.1")
+        svc = yield startBalancer(self, cfg)
         yield roundtrip(svc.port)
-        sport = svc.status_port.getHost().port
+        sport = svc.statusPort.getHost().port
         agent = Agent(reactor)
         resp = yield agent.request(b"GET", b"http://127.0.0.1:%d/" % sport)
         body = yield readBody(resp)
@@ -486,19 +486,19 @@ class LeanPathTests(TestCase):
     def test_tcp_listener_is_lean(self):
         from balancer.lean import LeanClient, LeanPort
 
-        (a,) = start_backends(self, "a")
-        svc = yield start_balancer(self, make_config([a.address], check_interval=0))
-        self.assertIsInstance(svc.proxy_ports[0], LeanPort)
+        (a,) = startBackends(self, "a")
+        svc = yield startBalancer(self, makeConfig([a.address], checkInterval=0))
+        self.assertIsInstance(svc.proxyPorts[0], LeanPort)
         client = yield connect(svc.port)
         client.transport.write(b"x")
-        yield wait_for(lambda: bytes(client.data) == b"x")
+        yield waitFor(lambda: bytes(client.data) == b"x")
         [server] = svc.factory.clients
         self.assertIsInstance(server, LeanClient)
         self.assertEqual(svc.factory.accepted, 1)
         self.assertEqual(svc.pool.peers[a.address].conns, 1)
         client.transport.loseConnection()
         yield client.done
-        yield wait_for(lambda: not svc.factory.clients)
+        yield waitFor(lambda: not svc.factory.clients)
         self.assertEqual(svc.pool.peers[a.address].conns, 0)
 
     @defer.inlineCallbacks
@@ -509,19 +509,19 @@ class LeanPathTests(TestCase):
         """
         from balancer.sides import ServerSide
 
-        (a,) = start_backends(self, "a")
+        (a,) = startBackends(self, "a")
         addr = f"localhost:{a.portnum}"
-        svc = yield start_balancer(self, make_config([addr], check_interval=0))
+        svc = yield startBalancer(self, makeConfig([addr], checkInterval=0))
         client = yield connect(svc.port)
         client.transport.write(b"by name")
-        yield wait_for(lambda: bytes(client.data) == b"by name")
+        yield waitFor(lambda: bytes(client.data) == b"by name")
         [server] = svc.factory.clients
         self.assertIsInstance(server, ServerSide)
         data = yield roundtrip(svc.port, b"again")
         self.assertEqual(data, b"again")
         client.transport.loseConnection()
         yield client.done
-        yield wait_for(lambda: not svc.factory.clients)
+        yield waitFor(lambda: not svc.factory.clients)
         self.assertEqual((svc.factory.accepted, svc.pool.peers[addr].total), (2, 2))
 
     @defer.inlineCallbacks
@@ -534,16 +534,16 @@ class LeanPathTests(TestCase):
         """
         from balancer.lean import READ_SIZE
 
-        (live,) = start_backends(self, "live")
-        hung = f"127.0.0.1:{hung_port(self)}"
-        cfg = make_config([hung, live.address], check_interval=0, connect_timeout=0.3)
-        svc = yield start_balancer(self, cfg)
+        (live,) = startBackends(self, "live")
+        hung = f"127.0.0.1:{hungPort(self)}"
+        cfg = makeConfig([hung, live.address], checkInterval=0, connectTimeout=0.3)
+        svc = yield startBalancer(self, cfg)
         payload = os.urandom(1024 * 1024)
         client = yield connect(svc.port)
         client.transport.write(payload)
         client.transport.loseWriteConnection()
-        server = yield wait_for(lambda: next(iter(svc.factory.clients), None))
-        yield wait_for(lambda: server.held is not None and server.held.size > HOLD_LIMIT)
+        server = yield waitFor(lambda: next(iter(svc.factory.clients), None))
+        yield waitFor(lambda: server.held is not None and server.held.size > HOLD_LIMIT)
         self.assertFalse(server.reading)
         self.assertLessEqual(server.held.size, HOLD_LIMIT + READ_SIZE)
         data = yield client.done
@@ -557,23 +557,23 @@ class TwistedFailureTests(FailureTests):
     The same through the Twisted transports (used for ssl: listeners).
     """
 
-    twisted_path = True
+    twistedPath = True
 
 
 class TwistedRawConnectTests(RawConnectTests):
-    twisted_path = True
+    twistedPath = True
 
 
 class TwistedTransparencyTests(TransparencyTests):
-    twisted_path = True
+    twistedPath = True
 
 
 class TwistedProxyProtocolTests(ProxyProtocolTests):
-    twisted_path = True
+    twistedPath = True
 
 
 class ConfigObjectTests(TestCase):
     def test_make_config_type(self):
-        cfg = make_config(["127.0.0.1:1"])
+        cfg = makeConfig(["127.0.0.1:1"])
         self.assertIsInstance(cfg, BalancerConfig)
         self.assertEqual(cfg.backends[0].address, "127.0.0.1:1")

@@ -13,15 +13,16 @@ from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
 from balancer import config as configmod
+from balancer.config import optionName
 
-from tests.balancer_helpers import connect, roundtrip, start_backends, start_balancer, wait_for
+from tests.balancer_helpers import connect, roundtrip, startBackends, startBalancer, waitFor
 
 
-def write_ini(path, backends, **extra):
+def writeIni(path, backends, **extra):
     lines = ["[balancer]", "listen = tcp:0:interface=127.0.0.1", "backend ="]
     lines += [f"    {b}" for b in backends]
     for key, value in extra.items():
-        lines.append(f"{key.replace('_', '-')} = {value}")
+        lines.append(f"{optionName(key)} = {value}")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -30,23 +31,23 @@ class ReloadTests(TestCase):
     @defer.inlineCallbacks
     def _start(self, backends, **extra):
         self.path = self.mktemp()
-        write_ini(self.path, backends, check_interval="0.05", **extra)
+        writeIni(self.path, backends, checkInterval="0.05", **extra)
         cfg = configmod.load({}, self.path)
-        svc = yield start_balancer(self, cfg, cmdline={})
+        svc = yield startBalancer(self, cfg, cmdline={})
         return svc
 
     @defer.inlineCallbacks
     def test_reload_adds_drains_and_reweights(self):
-        a, b, c = start_backends(self, "a", "b", "c")
+        a, b, c = startBackends(self, "a", "b", "c")
         svc = yield self._start([a.address, b.address])
         # one long-lived client on a, one on b
         ca = yield connect(svc.port)
         ca.transport.write(b"1")
         cb = yield connect(svc.port)
         cb.transport.write(b"2")
-        yield wait_for(lambda: a.served == 1 and b.served == 1)
+        yield waitFor(lambda: a.served == 1 and b.served == 1)
 
-        write_ini(self.path, [f"{a.address} weight=3", c.address], check_interval="0.05")
+        writeIni(self.path, [f"{a.address} weight=3", c.address], checkInterval="0.05")
         self.assertTrue(svc.reload())
         self.assertEqual(svc.reloads, 1)
         self.assertEqual(sorted(svc.pool.peers), sorted([a.address, c.address]))
@@ -56,7 +57,7 @@ class ReloadTests(TestCase):
 
         # the established connection to b still works both ways
         cb.transport.write(b"-still-there")
-        yield wait_for(lambda: bytes(cb.data) == b"2-still-there")
+        yield waitFor(lambda: bytes(cb.data) == b"2-still-there")
 
         # new clients go to a and c only, 3:1
         for _ in range(8):
@@ -66,20 +67,20 @@ class ReloadTests(TestCase):
         # b is forgotten once its last connection ends
         cb.transport.loseConnection()
         yield cb.done
-        yield wait_for(lambda: b.address not in svc.pool.draining)
+        yield waitFor(lambda: b.address not in svc.pool.draining)
         self.assertNotIn(b.address, [p.key for p in svc.selector.peers])
         ca.transport.loseConnection()
         yield ca.done
 
     @defer.inlineCallbacks
     def test_drain_timeout_closes_leftovers(self):
-        a, b = start_backends(self, "a", "b")
-        svc = yield self._start([a.address, b.address], drain_timeout="0.2")
+        a, b = startBackends(self, "a", "b")
+        svc = yield self._start([a.address, b.address], drainTimeout="0.2")
         yield roundtrip(svc.port)  # goes to a
         cb = yield connect(svc.port)
         cb.transport.write(b"x")
-        yield wait_for(lambda: b.served == 1)
-        write_ini(self.path, [a.address], check_interval="0.05", drain_timeout="0.2")
+        yield waitFor(lambda: b.served == 1)
+        writeIni(self.path, [a.address], checkInterval="0.05", drainTimeout="0.2")
         svc.reload()
         data = yield cb.done  # closed by the deadline
         self.assertEqual(data, b"x")
@@ -87,7 +88,7 @@ class ReloadTests(TestCase):
 
     @defer.inlineCallbacks
     def test_bad_config_keeps_running_one(self):
-        (a,) = start_backends(self, "a")
+        (a,) = startBackends(self, "a")
         svc = yield self._start([a.address])
         with open(self.path, "w") as f:
             f.write("[balancer]\nbackend = nonsense\n")
@@ -98,16 +99,16 @@ class ReloadTests(TestCase):
 
     @defer.inlineCallbacks
     def test_removed_then_readded_backend_comes_back(self):
-        a, b = start_backends(self, "a", "b")
+        a, b = startBackends(self, "a", "b")
         svc = yield self._start([a.address, b.address])
         cb = yield connect(svc.port)  # a
         cb2 = yield connect(svc.port)  # b
         cb2.transport.write(b"x")
-        yield wait_for(lambda: b.served == 1)
-        write_ini(self.path, [a.address], check_interval="0.05")
+        yield waitFor(lambda: b.served == 1)
+        writeIni(self.path, [a.address], checkInterval="0.05")
         svc.reload()
         self.assertIn(b.address, svc.pool.draining)
-        write_ini(self.path, [a.address, b.address], check_interval="0.05")
+        writeIni(self.path, [a.address, b.address], checkInterval="0.05")
         svc.reload()
         self.assertNotIn(b.address, svc.pool.draining)
         self.assertEqual(svc.pool.peers[b.address].state, "up")
@@ -120,14 +121,14 @@ class ReloadTests(TestCase):
         """
         The real signal: SIGHUP to this process re-reads the file.
         """
-        a, b = start_backends(self, "a", "b")
+        a, b = startBackends(self, "a", "b")
         self.path = self.mktemp()
-        write_ini(self.path, [a.address], check_interval="0.05")
+        writeIni(self.path, [a.address], checkInterval="0.05")
         cfg = configmod.load({}, self.path)
-        svc = yield start_balancer(self, cfg, cmdline={}, handle_sighup=True)
-        write_ini(self.path, [a.address, b.address], check_interval="0.05")
+        svc = yield startBalancer(self, cfg, cmdline={}, handleSighup=True)
+        writeIni(self.path, [a.address, b.address], checkInterval="0.05")
         os.kill(os.getpid(), signal.SIGHUP)
-        yield wait_for(lambda: svc.reloads == 1)
+        yield waitFor(lambda: svc.reloads == 1)
         self.assertIn(b.address, svc.pool.peers)
 
 
@@ -136,7 +137,7 @@ class TwistedReloadTests(ReloadTests):
     The same through the Twisted transports (used for ssl: listeners).
     """
 
-    twisted_path = True
+    twistedPath = True
 
 
 REDIS = ("127.0.0.1", 6379)
@@ -168,51 +169,51 @@ class DiscoveryTests(TestCase):
 
     @defer.inlineCallbacks
     def _start(self, **kw):
-        from tests.balancer_helpers import make_config
+        from tests.balancer_helpers import makeConfig
 
-        cfg = make_config([], redis=f"redis://{REDIS[0]}:{REDIS[1]}/0",
-                          redis_prefix=self.prefix, discovery_interval=0.05, **kw)
-        svc = yield start_balancer(self, cfg)
+        cfg = makeConfig([], redis=f"redis://{REDIS[0]}:{REDIS[1]}/0",
+                          redisPrefix=self.prefix, discoveryInterval=0.05, **kw)
+        svc = yield startBalancer(self, cfg)
         return svc
 
     @defer.inlineCallbacks
     def test_servers_appear_and_go(self):
-        a, b = start_backends(self, "a", "b")
+        a, b = startBackends(self, "a", "b")
         svc = yield self._start()
         # nothing registered yet: clients are closed, not left hanging
         data = yield roundtrip(svc.port)
         self.assertEqual(data, b"")
         yield self.register("chat-a", a)
-        yield wait_for(lambda: a.address in svc.pool.peers)
+        yield waitFor(lambda: a.address in svc.pool.peers)
         data = yield roundtrip(svc.port, b"hi")
         self.assertEqual(data, b"hi")
         self.assertEqual(a.served, 1)
         yield self.register("chat-b", b)
-        yield wait_for(lambda: b.address in svc.pool.peers)
+        yield waitFor(lambda: b.address in svc.pool.peers)
         self.assertEqual(svc.pool.peers[b.address].name, "chat-b")
         # deregistration (the hash is gone; the name lingers in the set)
         yield self.redis.delete(f"{self.prefix}server:chat-a")
-        yield wait_for(lambda: a.address not in svc.pool.peers)
+        yield waitFor(lambda: a.address not in svc.pool.peers)
         for _ in range(3):
             yield roundtrip(svc.port)
         self.assertEqual((a.served, b.served), (1, 3))
 
     @defer.inlineCallbacks
     def test_expiry_removes_server(self):
-        (a,) = start_backends(self, "a")
+        (a,) = startBackends(self, "a")
         svc = yield self._start()
         yield self.register("chat-a", a)
-        yield wait_for(lambda: a.address in svc.pool.peers)
+        yield waitFor(lambda: a.address in svc.pool.peers)
         yield self.redis.execute_command("PEXPIRE", f"{self.prefix}server:chat-a", "100")
-        yield wait_for(lambda: a.address not in svc.pool.peers, timeout=3)
+        yield waitFor(lambda: a.address not in svc.pool.peers, timeout=3)
 
     @defer.inlineCallbacks
     def test_least_logins_uses_registry(self):
-        a, b = start_backends(self, "a", "b")
+        a, b = startBackends(self, "a", "b")
         svc = yield self._start(algorithm="least-logins")
         yield self.register("chat-a", a, logins=10)
         yield self.register("chat-b", b, logins=2)
-        yield wait_for(lambda: len(svc.pool.peers) == 2
+        yield waitFor(lambda: len(svc.pool.peers) == 2
                        and svc.pool.peers.get(a.address).logins == 10)
         for _ in range(4):
             yield roundtrip(svc.port)

@@ -77,32 +77,32 @@ class SmoothRoundRobinTests(SynchronousTestCase):
 
     def test_effective_weight_cut_and_recovers(self):
         """
-        A failure cuts effective_weight by weight // max_fails; it grows back
+        A failure cuts effectiveWeight by weight // maxFails; it grows back
         by one per selection round, as in nginx.
         """
         clock = Clock()
         sel = Selector(clock)
-        a = Peer("a", weight=4, max_fails=2, fail_timeout=10)
-        b = Peer("b", weight=4, max_fails=2, fail_timeout=10)
+        a = Peer("a", weight=4, maxFails=2, failTimeout=10)
+        b = Peer("b", weight=4, maxFails=2, failTimeout=10)
         sel.peers += [a, b]
         sel.failed(a)
-        self.assertEqual(a.effective_weight, 2)
+        self.assertEqual(a.effectiveWeight, 2)
         self.assertEqual(a.passive.fails, 1)
         self.assertTrue(a.usable(clock.seconds()))
         sel.pick()
-        self.assertEqual(a.effective_weight, 3)
+        self.assertEqual(a.effectiveWeight, 3)
         sel.pick()
-        self.assertEqual(a.effective_weight, 4)
+        self.assertEqual(a.effectiveWeight, 4)
         sel.pick()
-        self.assertEqual(a.effective_weight, 4)
+        self.assertEqual(a.effectiveWeight, 4)
 
     def test_effective_weight_never_negative(self):
         sel = Selector(Clock())
-        a = Peer("a", weight=1, max_fails=1)
+        a = Peer("a", weight=1, maxFails=1)
         sel.peers.append(a)
         sel.failed(a)
         sel.failed(a)
-        self.assertEqual(a.effective_weight, 0)
+        self.assertEqual(a.effectiveWeight, 0)
 
     def test_set_weight(self):
         sel = make(Clock(), a=1, b=1)
@@ -139,8 +139,8 @@ class LeastConnTests(SynchronousTestCase):
 class LeastLoginsTests(SynchronousTestCase):
     def test_fewest_logins_plus_pending(self):
         sel = make(Clock(), "least-logins", a=1, b=1)
-        sel.peers[0].set_logins(10)
-        sel.peers[1].set_logins(7)
+        sel.peers[0].setLogins(10)
+        sel.peers[1].setLogins(7)
         picks = []
         for _ in range(5):
             p = sel.pick()
@@ -152,10 +152,10 @@ class LeastLoginsTests(SynchronousTestCase):
 
     def test_registry_update_resets_pending(self):
         peer = Peer("a")
-        peer.set_logins(3)
+        peer.setLogins(3)
         peer.connectionStarted()
         self.assertEqual(peer.loadLogins(), 4)
-        peer.set_logins(4)
+        peer.setLogins(4)
         self.assertEqual(peer.loadLogins(), 4)
 
     def test_without_registry_uses_connections(self):
@@ -172,7 +172,7 @@ class PassiveHealthTests(SynchronousTestCase):
     def test_disabled_after_max_fails_within_timeout(self):
         clock = Clock()
         sel = Selector(clock)
-        a = Peer("a", max_fails=3, fail_timeout=30)
+        a = Peer("a", maxFails=3, failTimeout=30)
         b = Peer("b")
         sel.peers += [a, b]
         sel.failed(a)
@@ -187,7 +187,7 @@ class PassiveHealthTests(SynchronousTestCase):
     def test_one_probe_after_fail_timeout(self):
         clock = Clock()
         sel = Selector(clock)
-        a = Peer("a", max_fails=1, fail_timeout=10)
+        a = Peer("a", maxFails=1, failTimeout=10)
         b = Peer("b")
         sel.peers += [a, b]
         sel.failed(a)
@@ -201,7 +201,7 @@ class PassiveHealthTests(SynchronousTestCase):
     def test_probe_success_resets(self):
         clock = Clock()
         sel = Selector(clock)
-        a = Peer("a", max_fails=1, fail_timeout=10)
+        a = Peer("a", maxFails=1, failTimeout=10)
         sel.peers.append(a)
         sel.failed(a)
         clock.advance(11)
@@ -213,7 +213,7 @@ class PassiveHealthTests(SynchronousTestCase):
     def test_probe_failure_disables_again(self):
         clock = Clock()
         sel = Selector(clock)
-        a = Peer("a", max_fails=1, fail_timeout=10)
+        a = Peer("a", maxFails=1, failTimeout=10)
         sel.peers.append(a)
         sel.failed(a)
         clock.advance(11)
@@ -229,7 +229,7 @@ class PassiveHealthTests(SynchronousTestCase):
         (accessed < checked), so two failures separated by successes of
         earlier connections still add up within fail_timeout.
         """
-        h = PassiveHealth(max_fails=2, fail_timeout=10)
+        h = PassiveHealth(maxFails=2, failTimeout=10)
         h.failed(1.0)
         h.succeeded()
         self.assertEqual(h.fails, 1)
@@ -238,7 +238,7 @@ class PassiveHealthTests(SynchronousTestCase):
         self.assertTrue(h.available(12.5))
 
     def test_max_fails_zero_disables_accounting(self):
-        h = PassiveHealth(max_fails=0, fail_timeout=10)
+        h = PassiveHealth(maxFails=0, failTimeout=10)
         for _ in range(5):
             h.failed(1.0)
         self.assertTrue(h.available(1.0))
@@ -298,7 +298,7 @@ class ActiveHealthTests(SynchronousTestCase):
     def test_records_last_result(self):
         h = ActiveHealth()
         h.record(False, now=12.0, error="refused")
-        self.assertEqual((h.last_result, h.last_check, h.last_error), (False, 12.0, "refused"))
+        self.assertEqual((h.lastResult, h.lastCheck, h.lastError), (False, 12.0, "refused"))
 
     def test_bad_parameters(self):
         self.assertRaises(ValueError, ActiveHealth, 0, 1)
