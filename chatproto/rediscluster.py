@@ -159,6 +159,12 @@ class RedisCluster:
             raise PresenceUnavailable(f"not connected to Redis at {self.url.host}:{self.url.port}")
         return p
 
+    def commandConnection(self):
+        """The ready command connection, or None while there is none (for
+        L{chatproto.tokenstore_redis.RedisTokenStore})."""
+        p = self.commands.protocol
+        return p if p is not None and p.connected else None
+
     def eval(self, script: str, args) -> defer.Deferred:
         """Run C{script} with C{args} as ARGV; Redis failures become
         L{PresenceUnavailable}."""

@@ -74,7 +74,7 @@ class ChatService(service.Service):
 
     log = Logger()
 
-    def __init__(self, store, presence, relay, hasher, clock, onRelogin: str = "kick") -> None:
+    def __init__(self, store, presence, relay, hasher, clock, onRelogin: str = "kick", tokens=None) -> None:
         self.store = store
         self.presence = presence
         self.relay = relay
@@ -86,7 +86,7 @@ class ChatService(service.Service):
         self.registry = SessionRegistry(self.serverName, presence)
         self.delivery = Delivery(self.registry, store, relay, self.tasks)
         self.loginFlow = LoginFlow(
-            self.registry, self.delivery, store, presence, relay, hasher, clock, self.tasks, onRelogin
+            self.registry, self.delivery, store, presence, relay, hasher, clock, self.tasks, onRelogin, tokens
         )
         self.ready = ReadyGate()
         self._time = _Clock(clock)
@@ -156,17 +156,18 @@ class ChatService(service.Service):
         self.registry.disconnected(session)
         self.delivery.storeHeld(session)
         if session.uid is not None:
-            self.tasks.track(defer.Deferred.fromCoroutine(self.logout(session)))
+            self.tasks.track(defer.Deferred.fromCoroutine(self.logout(session, revoke=False)))
 
-    def logout(self, session, notify: bool = True):
-        """Log C{session}'s user out (a coroutine)."""
-        return self.loginFlow.logout(session, notify)
+    def logout(self, session, notify: bool = True, revoke: bool = True):
+        """Log C{session}'s user out (a coroutine); C{revoke}: an explicit
+        logout (LOGINOUT_MSG, text quit), which revokes the session's token."""
+        return self.loginFlow.logout(session, notify, revoke)
 
     def congested(self, session) -> None:
         """C{session} does not read what it is sent: log it out (so what is
         sent to its user from now on is stored offline) and close it."""
         if session.uid is not None:
-            self.tasks.track(defer.Deferred.fromCoroutine(self.logout(session)))
+            self.tasks.track(defer.Deferred.fromCoroutine(self.logout(session, revoke=False)))
         session.kick("too slow reading; undelivered messages wait for your next login")
 
     def now(self) -> str:
@@ -211,6 +212,9 @@ class ChatService(service.Service):
     async def do_logout(self, session, request) -> dict:
         await self.logout(session)
         return {"msgid": m.LOGINOUT_MSG_ACK, "errno": m.OK}
+
+    def do_passwd(self, session, request):
+        return self.loginFlow.credentials.changePassword(session, request.args["old"], request.args["new"])
 
     def do_chat(self, session, request):
         toid = request.args["toid"]
