@@ -44,14 +44,22 @@ class Credentials:
         self.sessionTokens: dict[str, str] = {}
 
     def admit(self, session, uid: int) -> None:
-        """Count one credential check in flight for C{uid} and the peer
-        address, or refuse it (L{m.E_THROTTLED}): parallel guesses are
-        throttled exactly like sequential ones."""
-        wait = self.throttleAccount.admit(uid)
+        """
+        Count one credential check in flight for C{uid}, or refuse it
+        (L{m.E_THROTTLED}): parallel guesses at one account are throttled
+        exactly like sequential ones.
+
+        The address counts finished failures only: behind a balancer
+        without the PROXY header every client shares one address, and
+        counting the checks in flight there would refuse the 51st of any
+        burst of honest logins (a reconnect storm).  Parallel guesses at
+        many accounts from one address are still bounded: by the KDF
+        pool's queue for passwords, and by the failures counted as each
+        (fast) token check ends.
+        """
+        wait = self.throttleAddress.retryAfter(session.peerHost)
         if wait <= 0:
-            wait = self.throttleAddress.admit(session.peerHost)
-            if wait > 0:
-                self.throttleAccount.abandon(uid)
+            wait = self.throttleAccount.admit(uid)
         if wait > 0:
             raise RequestError(m.E_THROTTLED, f"too many failed logins; retry in {int(wait) + 1} s")
 
@@ -69,16 +77,14 @@ class Credentials:
             result = await check()
         except BaseException:
             self.throttleAccount.abandon(uid)
-            self.throttleAddress.abandon(session.peerHost)
             raise
         if not result:
             self.throttleAccount.finish(uid, ok=False)
-            self.throttleAddress.finish(session.peerHost, ok=False)
+            self.throttleAddress.failed(session.peerHost)
             self.log.info("failed login for {uid} from {peer}", uid=uid, peer=session.peerHost)
             raise RequestError(m.E_INVALID, f"id or {what} is invalid")
-        self.throttleAccount.finish(uid, ok=True)
         # A success says nothing about the address's other attempts.
-        self.throttleAddress.abandon(session.peerHost)
+        self.throttleAccount.finish(uid, ok=True)
         return result
 
     async def verify(self, session, uid: int, password: str):

@@ -222,6 +222,42 @@ class TokenLoginTests(unittest.TestCase):
             d.callback(None)
         self.assertEqual([c.reply()["errno"] for c in clients[:5]], [m.E_INVALID] * 5)
 
+    def test_burstFromOneAddress(self):
+        """Sixty honest token logins at once from one address (a balancer
+        without PROXY headers) all succeed: checks in flight are counted
+        per account, not per address."""
+        held = []
+
+        class SlowTokens(MemoryTokenStore):
+            def resume(self, uid, token):
+                d = defer.Deferred()
+                held.append(d)
+                return d.addCallback(lambda _: MemoryTokenStore.resume(self, uid, token))
+
+        h = TokenHarness(tokens=SlowTokens(Clock()))
+        tokens = {}
+        for i in range(60):
+            uid = h.register(f"u{i}")
+            tokens[uid] = h.passwordLogin(uid)[1]["token"]
+        h.clock.advance(1)
+        clients = []
+        for uid, token in tokens.items():
+            client = h.connect()
+            client.send({"msgid": m.LOGIN_MSG, "id": uid, "token": token})
+            clients.append(client)
+        self.assertEqual(len(held), 60)
+        for d in held:
+            d.callback(None)
+        self.assertEqual([c.reply()["errno"] for c in clients], [0] * 60)
+
+    def test_wrongTokensFromOneAddressThrottled(self):
+        """Wrong tokens sprayed at many accounts from one address: after 50
+        failures the address is refused (errno 3)."""
+        uids = [self.h.register(f"v{i}") for i in range(51)]
+        for uid in uids[:50]:
+            self.assertEqual(self.h.resume(uid, "F" * 43, host="10.9.9.9")[1]["errno"], m.E_INVALID)
+        self.assertEqual(self.h.resume(uids[50], "F" * 43, host="10.9.9.9")[1]["errno"], m.E_THROTTLED)
+
     def test_storeUnavailable(self):
         """A token store that is down: errno 30, not counted as failures;
         a password login then goes on without a token."""
