@@ -136,14 +136,7 @@ class LoginFlow:
     async def loginAck(self, uid: int, name: str) -> tuple[dict, list[int]]:
         """The successful LOGIN_MSG_ACK (without offline messages and
         token), and the friends' ids: the one place that builds it."""
-        # Both queries at once: one round trip of waiting, not two.
-        groupsCall = self.store.getUserGroups(uid)
-        try:
-            friends = await storeCall(self.store.getFriends(uid))
-        except BaseException:
-            groupsCall.addErrback(lambda _: None)
-            raise
-        groups = await storeCall(groupsCall)
+        friends, groups = await self.friendsAndGroups(uid)
         ids = {f for f, _ in friends} | {u.id for g in groups for u in g.members}
         states = await self.registry.states(ids)
         ack = {
@@ -156,6 +149,17 @@ class LoginFlow:
             "groups": [encode(groupDict(g, states, asStrings=True)).decode() for g in groups],
         }
         return ack, [f for f, _ in friends]
+
+    async def friendsAndGroups(self, uid: int) -> tuple[list, list]:
+        """The user's friends and groups, both queries at once: one wait,
+        not two."""
+        groupsCall = self.store.getUserGroups(uid)
+        try:
+            friends = await storeCall(self.store.getFriends(uid))
+        except BaseException:
+            groupsCall.addErrback(lambda _: None)
+            raise
+        return friends, await storeCall(groupsCall)
 
     def notifyFriends(self, uid: int, name: str, state: str, friendIds=None) -> None:
         async def notify():
