@@ -111,7 +111,7 @@ class Credentials:
                 raise RequestError(m.E_UNAVAILABLE, "cannot check tokens now; retry, or log in with the password")
             if fresh is None:
                 return None
-            name = self.names.get(uid)
+            name = fresh.name or self.names.get(uid)
             if name is None:
                 user = await storeCall(self.store.getUser(uid))
                 if user is None:
@@ -121,13 +121,13 @@ class Credentials:
 
         return await self.checked(session, uid, check, "token")
 
-    async def issueToken(self, uid: int) -> str | None:
+    async def issueToken(self, uid: int, name: str | None = None) -> str | None:
         """A new token for C{uid} (None without a store, or when it is
         unavailable: the login goes on without one)."""
         if self.tokens is None:
             return None
         try:
-            return await self.tokens.issue(uid)
+            return await self.tokens.issue(uid, name)
         except TokenStoreUnavailable as e:
             self.log.warn("token store unavailable ({error}); login of {uid} gets no token", error=e, uid=uid)
             return None
@@ -160,7 +160,7 @@ class Credentials:
                 m.E_UNAVAILABLE, "the password was changed but old tokens could not be revoked; send passwd again"
             ) from None
         self.sessionTokens.pop(session.sid, None)
-        token = await self.issueToken(uid)
+        token = await self.issueToken(uid, session.name)
         if token is not None and session.uid == uid:
             self.sessionTokens[session.sid] = token
             ack["token"] = token

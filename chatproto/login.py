@@ -73,7 +73,7 @@ class LoginFlow:
         session.hold(uid)
         try:
             if token is None:
-                token = await self.credentials.issueToken(uid)
+                token = await self.credentials.issueToken(uid, name)
             if token is not None:
                 self.credentials.sessionTokens[session.sid] = token
             count, friendIds = await self.handOver(session, request, uid, name, token)

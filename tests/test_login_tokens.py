@@ -59,10 +59,10 @@ class UnavailableTokens(MemoryTokenStore):
             return defer.fail(TokenStoreUnavailable("down"))
         return super().resume(uid, token)
 
-    def issue(self, uid):
+    def issue(self, uid, name=None):
         if self.down:
             return defer.fail(TokenStoreUnavailable("down"))
-        return super().issue(uid)
+        return super().issue(uid, name)
 
 
 class TokenLoginTests(unittest.TestCase):
@@ -93,6 +93,17 @@ class TokenLoginTests(unittest.TestCase):
         self.assertTrue(wellFormed(again["token"]))
         self.assertNotEqual(again["token"], reply["token"])
         self.assertIs(self.h.service.sessions[self.alice], client2.protocol)
+
+    def test_nameFromTokenStore(self):
+        """A resume where the name is not cached (another server issued the
+        token) takes the name from the token store: no getUser query."""
+        _, reply = self.h.passwordLogin(self.alice)
+        self.h.service.registry.names.clear()
+        calls = []
+        getUser = self.h.store.getUser
+        self.h.store.getUser = lambda uid: calls.append(uid) or getUser(uid)
+        _, again = self.h.resume(self.alice, reply["token"], host="10.0.0.7")
+        self.assertEqual((again["errno"], again["name"], calls), (0, "alice", []))
 
     def test_offlineMessagesOnResume(self):
         """A resumed session gets what was stored meanwhile."""
