@@ -10,11 +10,11 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from chatproto import messages as m
+from chatproto.credentials import Credentials
 from chatproto.interfaces import ClaimResult, Location, PresenceUnavailable
 from chatproto.messages import RequestError, encode
 from chatproto.registry import OFFLINE, ONLINE
 from chatproto.tasks import storeCall
-from chatproto.credentials import Credentials
 
 
 def groupDict(group, states: dict, asStrings: bool = False) -> dict:

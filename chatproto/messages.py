@@ -136,7 +136,9 @@ class Spec:
 
 SPECS: dict[int, Spec] = {
     # Exactly one of password and token (checked by validate).
-    LOGIN_MSG: Spec("login", LOGIN_MSG_ACK, (("id", int, True), ("password", str, False), ("token", str, False)), False),
+    LOGIN_MSG: Spec(
+        "login", LOGIN_MSG_ACK, (("id", int, True), ("password", str, False), ("token", str, False)), False
+    ),
     LOGINOUT_MSG: Spec("logout", LOGINOUT_MSG_ACK, ()),
     REG_MSG: Spec("register", REG_MSG_ACK, (("name", str, True), ("password", str, True)), False),
     ONE_CHAT_MSG: Spec("chat", ONE_CHAT_MSG_ACK, (("toid", int, True), ("msg", str, True))),

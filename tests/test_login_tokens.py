@@ -88,7 +88,9 @@ class TokenLoginTests(unittest.TestCase):
         client.disconnect()
         self.h.hasher.hold = True
         client2, again = self.h.resume(self.alice, reply["token"])
-        self.assertEqual((again["msgid"], again["errno"], again["id"], again["name"]), (m.LOGIN_MSG_ACK, 0, self.alice, "alice"))
+        self.assertEqual(
+            (again["msgid"], again["errno"], again["id"], again["name"]), (m.LOGIN_MSG_ACK, 0, self.alice, "alice")
+        )
         self.assertEqual(self.h.hasher.waiting, [])
         self.assertTrue(wellFormed(again["token"]))
         self.assertNotEqual(again["token"], reply["token"])
@@ -305,13 +307,15 @@ class TokenLoginTests(unittest.TestCase):
         client = self.h.connect()
         client.send("login:%d:secret" % self.alice)
         [line] = client.lines()
-        self.assertRegex(line, r"^login ok: you are \[%d\]alice \(resume with resume:%d:[A-Za-z0-9_-]{43}\)$" % (self.alice, self.alice))
+        pattern = r"^login ok: you are \[%d\]alice \(resume with resume:%d:[A-Za-z0-9_-]{43}\)$"
+        self.assertRegex(line, pattern % (self.alice, self.alice))
         token = line.rsplit(":", 1)[1].rstrip(")")
         client.disconnect()
         again = self.h.connect()
         again.send(f"resume:{self.alice}:{token}")
         [line2] = again.lines()
-        self.assertTrue(line2.startswith(f"login ok: you are [{self.alice}]alice (resume with resume:{self.alice}:"), line2)
+        prefix = f"login ok: you are [{self.alice}]alice (resume with resume:{self.alice}:"
+        self.assertTrue(line2.startswith(prefix), line2)
         self.assertNotIn(token, line2)
         third = self.h.connect()
         third.send(f"resume:{self.alice}:nonsense")
@@ -373,7 +377,8 @@ class PasswordChangeTests(unittest.TestCase):
         [line] = client.lines()
         self.assertRegex(
             line,
-            r"^password changed; older resume tokens are revoked \(resume with resume:%d:[A-Za-z0-9_-]{43}\)$" % self.alice,
+            r"^password changed; older resume tokens are revoked"
+            r" \(resume with resume:%d:[A-Za-z0-9_-]{43}\)$" % self.alice,
         )
         client.send("passwd:bad:x")
         self.assertEqual(client.lines(), ["error 1: id or password is invalid"])
