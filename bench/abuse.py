@@ -153,7 +153,9 @@ class Abuse:
     # --- the attacks ---------------------------------------------------------
 
     async def helpFlood(self):
-        """Send help lines and never read; replies pile up in the server."""
+        """Send help lines and never read: the server must stop reading us
+        (its memory stays bounded) rather than queue every reply."""
+        start = rssMiB(self.pid)
         c = await self.connect()
         n = self.args.help_lines
         sent = 0
@@ -172,11 +174,12 @@ class Abuse:
             closed = c.reader.at_eof() or c.writer.transport.is_closing()
         finally:
             c.close()
-        grew = before
-        return (not closed and sent >= n), (
-            f"sent {sent} help lines ({sent * 5 // 1024} KiB) without reading; "
+        grew = None if before is None or start is None else before - start
+        stopped = "it stopped reading us" if sent < n else "it read all of it"
+        return (grew is None and sent >= n) or (grew is not None and grew > 32), (
+            f"sent {sent} help lines ({sent * 5 // 1024} KiB) without reading ({stopped}); "
             f"server {'closed' if closed else 'kept'} the connection; RSS while it was open: "
-            f"{'n/a' if grew is None else f'{grew:.0f} MiB'}"
+            f"{'n/a' if before is None else f'{before:.0f} MiB'}"
         )
 
     async def parallelLogins(self):
@@ -374,6 +377,15 @@ def spawn(args):
     else:
         process.kill()
         raise SystemExit(f"the spawned server did not listen; see {log}")
+    # Until it has started, the server answers every request but PING
+    # with errno 30.
+    for _ in range(200):
+        with socket.create_connection(("127.0.0.1", port), 5) as probe:
+            probe.sendall(b'{"msgid":17}\n')
+            reply = json.loads(probe.makefile("rb").readline())
+        if reply.get("errno") != 30:
+            break
+        time.sleep(0.05)
     print(f"spawned: {' '.join(argv[1:])} (pid {process.pid}, log {log})", flush=True)
     return process, port, log
 

@@ -6,34 +6,32 @@ The command line wins over the file; the file wins over the defaults.
 
 from __future__ import annotations
 
-import configparser
 import math
 from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from twisted.python import usage
 
+from chatproto.common.options import OptionsError, mergeOptions, readSection
+from chatproto.common.redisurl import RedisURL
+from chatproto.common.redisurl import parseRedisURL as _parseRedisURL
 
-def readIni(path: str, section: str) -> dict[str, str]:
-    """The C{[section]} of the ini file at C{path}, keys with dashes."""
-    parser = configparser.ConfigParser(interpolation=None)
+
+def readIni(path: str, section: str, known=(), lists=()) -> dict:
+    """
+    The C{[section]} of the ini file at C{path}, keys with dashes, read by
+    the one reader both servers use (L{chatproto.common.options}).
+    """
     try:
-        with open(path, encoding="utf-8") as f:
-            parser.read_file(f)
-    except OSError as e:
-        raise usage.UsageError(f"cannot read config file {path}: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise usage.UsageError(f"config file {path} is not UTF-8 (byte {e.start})") from None
-    except configparser.Error as e:
-        raise usage.UsageError(f"bad config file {path}: {e}") from None
-    if not parser.has_section(section):
-        raise usage.UsageError(f"config file {path} has no [{section}] section")
-    return {key.replace("_", "-"): value for key, value in parser.items(section)}
+        return readSection(path, section, known, lists)
+    except OptionsError as e:
+        raise usage.UsageError(str(e)) from None
 
 
-def multiValue(text: str) -> list[str]:
-    """An ini value holding several items, one per line."""
-    return [line.strip() for line in text.splitlines() if line.strip()]
+def _flag(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    return str(value).strip().lower() in ("1", "yes", "true", "on")
 
 
 class IniOptions(usage.Options):
@@ -41,7 +39,8 @@ class IniOptions(usage.Options):
     L{usage.Options} whose C{--config FILE} supplies any option not given on
     the command line.  Subclasses name their ini section, their repeatable
     options (collected in lists) and list C{optParameters} with a default of
-    None; C{fallbacks} holds the real defaults.
+    None; C{fallbacks} holds the real defaults.  The merge (command line,
+    then file, then default) is L{chatproto.common.options.mergeOptions}.
     """
 
     section = ""
@@ -55,22 +54,21 @@ class IniOptions(usage.Options):
             self[name] = []
 
     def postOptions(self) -> None:
-        fromFile = readIni(self["config"], self.section) if self.get("config") else {}
-        known = {p[0] for p in self.optParameters} | set(self.repeatable) | {f[0] for f in self.optFlags}
-        for key in fromFile:
-            if key not in known:
-                raise usage.UsageError(f"unknown setting {key!r} in [{self.section}] of {self['config']}")
-        for name in self.repeatable:
-            if not self[name]:
-                self[name] = multiValue(fromFile[name]) if name in fromFile else list(self.fallbacks.get(name, []))
-        for flag in self.optFlags:
-            name = flag[0]
-            if not self[name] and name in fromFile:
-                self[name] = fromFile[name].strip().lower() in ("1", "yes", "true", "on")
-        for param in self.optParameters:
-            name = param[0]
-            if self[name] is None:
-                self[name] = fromFile.get(name, self.fallbacks.get(name))
+        params = [p[0] for p in self.optParameters]
+        flags = [f[0] for f in self.optFlags]
+        fromFile = {}
+        if self.get("config"):
+            fromFile = readIni(self["config"], self.section, {*params, *flags, *self.repeatable}, self.repeatable)
+        scalars = {name: (self.fallbacks.get(name), None) for name in params}
+        scalars.update({name: (False, _flag) for name in flags})
+        given = {name: self[name] for name in params}
+        given.update({name: True if self[name] else None for name in flags})
+        given.update({name: self[name] for name in self.repeatable})
+        lists = {name: list(self.fallbacks.get(name, [])) for name in self.repeatable}
+        try:
+            self.update(mergeOptions(given, fromFile, scalars, lists))
+        except OptionsError as e:
+            raise usage.UsageError(str(e)) from None
         self.checkValues()
 
     def checkValues(self) -> None:
@@ -142,36 +140,27 @@ def parseDatabaseURL(url: str) -> DatabaseURL:
     raise usage.UsageError(f"--db must be sqlite:PATH or mysql://user:pass@host:port/db, not {url!r}")
 
 
-@dataclass(frozen=True)
-class RedisURL:
-    host: str = "127.0.0.1"
-    port: int = 6379
-    db: int = 0
-    password: str | None = None
-    tls: bool = False
-    #: With C{rediss://}: a PEM file of the CA that signed the server's
-    #: certificate (default: the system trust store).
-    ca: str | None = None
-
-
 def parseRedisURL(url: str) -> RedisURL:
     """
-    C{redis://[:password@]host[:port][/db]}, or C{rediss://...} for TLS with
-    the server certificate verified (C{?ca=/path/ca.pem} for a private CA).
+    C{--redis}: C{redis://[[user]:password@]host[:port][/db]},
+    C{rediss://...} for TLS with the server certificate verified
+    (C{?ca=/path/ca.pem} for a private CA), or
+    C{redis+sentinel://h1:26379,h2:26379/mymaster[/db]}; parsed by the one
+    parser the balancer uses too (L{chatproto.common.redisurl}).
     """
-    parts = urlsplit(url)
-    if parts.scheme not in ("redis", "rediss"):
-        raise usage.UsageError(f"--redis must be redis://host:port/db or rediss://..., not {url!r}")
     try:
-        port = parts.port or 6379
-        db = int(parts.path.lstrip("/") or 0)
-    except ValueError:
-        raise usage.UsageError(f"bad port or db number in --redis {url!r}") from None
-    return RedisURL(
-        host=parts.hostname or "127.0.0.1",
-        port=port,
-        db=db,
-        password=unquote(parts.password) if parts.password else None,
-        tls=parts.scheme == "rediss",
-        ca=parse_qs(parts.query).get("ca", [None])[0],
-    )
+        return _parseRedisURL(url)
+    except ValueError as e:
+        raise usage.UsageError(f"--redis: {e}") from None
+
+
+def redactedRedisURL(url: RedisURL) -> str:
+    """C{url} for the log: no password."""
+    return url.redacted()
+
+
+def redactedDatabaseURL(url: DatabaseURL) -> str:
+    """C{url} for the log: no password."""
+    if url.kind == "sqlite":
+        return f"sqlite:{url.path}"
+    return f"mysql://{url.user}@{url.host}:{url.port}/{url.database}"

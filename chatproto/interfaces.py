@@ -73,6 +73,16 @@ class ServerInfo:
     extra: dict = field(default_factory=dict, compare=False)
 
 
+@dataclass(frozen=True)
+class FriendRequest:
+    """A pending friend request as its target sees it: who asked, and when
+    (seconds since the epoch, from the service's clock)."""
+
+    id: int
+    name: str
+    created: float
+
+
 # --- errors ----------------------------------------------------------------
 
 
@@ -90,6 +100,10 @@ class NoSuchUser(StoreError):
 
 class NoSuchGroup(StoreError):
     """No group with this id."""
+
+
+class TooManyRequests(StoreError):
+    """The user has as many pending friend requests as allowed."""
 
 
 class StoreUnavailable(StoreError):
@@ -151,6 +165,35 @@ class IChatStore(Interface):
     def getFriends(uid):
         """
         @rtype: L{Deferred} firing with a L{list} of C{(id, name)} sorted by id.
+        """
+
+    def requestFriend(uid, friendId, now, since, cap):
+        """
+        C{uid} asks C{friendId} to be friends (C{--friend-requests
+        approve}).  Requests created before C{since} have expired and count
+        for nothing; C{now} is the new request's creation time.
+
+        @rtype: L{Deferred} firing with C{"requested"} (a new request),
+            C{"pending"} (one was pending, or refused and unexpired: nothing
+            changed), C{"accepted"} (C{friendId} had asked C{uid}: they are
+            friends now) or C{"friends"} (they were already); failing with
+            L{NoSuchUser}, or L{TooManyRequests} when C{uid} has C{cap}
+            unexpired requests out.
+        """
+
+    def answerFriendRequest(uid, requesterId, accept, since):
+        """
+        C{uid} accepts (both become friends) or refuses (the request stays,
+        unseen by C{uid}, until it expires) C{requesterId}'s request.
+
+        @rtype: L{Deferred} firing with L{True}, or L{False} when there is
+            no unexpired, unanswered request from C{requesterId}.
+        """
+
+    def getFriendRequests(uid, since, limit=100):
+        """
+        @rtype: L{Deferred} firing with a L{list} of at most C{limit}
+            L{FriendRequest}s waiting for C{uid}'s answer, oldest first.
         """
 
     def createGroup(name, desc, creatorId):

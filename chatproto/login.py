@@ -6,6 +6,8 @@ offline messages over with the login reply, tell the friends; and logout.
 
 from __future__ import annotations
 
+import json
+
 from twisted.internet import defer
 from twisted.logger import Logger
 
@@ -14,6 +16,7 @@ from chatproto.credentials import Credentials
 from chatproto.interfaces import ClaimResult, Location, PresenceUnavailable
 from chatproto.messages import RequestError, encode
 from chatproto.registry import OFFLINE, ONLINE
+from chatproto.sqloffline import pageOffline
 from chatproto.tasks import storeCall
 
 
@@ -35,6 +38,8 @@ class LoginFlow:
     """
 
     log = Logger()
+    #: the service's L{chatproto.friendrequests.FriendRequests}
+    friendRequests = None
 
     def __init__(
         self, registry, delivery, store, presence, relay, hasher, clock, tasks, onRelogin: str = "kick", tokens=None
@@ -125,8 +130,11 @@ class LoginFlow:
         def handoff(payloads) -> bool:
             if session.uid != uid or not session.connected:
                 return False
-            ack["offlinemsg"] = payloads
+            # A bounded login reply; the rest follow it as pushes.
+            ack["offlinemsg"], rest = pageOffline(payloads)
             session.reply(request, ack)
+            for payload in rest:
+                session.send(json.loads(payload), payload.encode("utf-8"), force=True)
             session.unhold()
             return True
 
@@ -139,6 +147,7 @@ class LoginFlow:
         friends, groups = await self.friendsAndGroups(uid)
         ids = {f for f, _ in friends} | {u.id for g in groups for u in g.members}
         states = await self.registry.states(ids)
+        states = await self.friendRequests.visibleStates(uid, states, [f for f, _ in friends])
         ack = {
             "msgid": m.LOGIN_MSG_ACK,
             "errno": m.OK,
@@ -147,6 +156,8 @@ class LoginFlow:
             # The tutorial client reads these as lists of JSON strings.
             "friends": [encode({"id": f, "name": n, "state": states[f]}).decode() for f, n in friends],
             "groups": [encode(groupDict(g, states, asStrings=True)).decode() for g in groups],
+            # Friend requests waiting for this user's answer (always empty in auto mode).
+            "requests": await self.friendRequests.pending(uid),
         }
         return ack, [f for f, _ in friends]
 
@@ -201,12 +212,14 @@ class LoginFlow:
 
     async def logout(self, session, notify: bool = True, revoke: bool = False) -> None:
         """Log C{session} out; C{revoke}: an explicit logout, which also
-        revokes the session's token (a dropped connection keeps it)."""
+        revokes the session's token if the session is still open (a
+        dropped, kicked or shut-down connection keeps it)."""
         token = self.credentials.sessionTokens.pop(session.sid, None)
         uid = self.registry.unbind(session)
         if uid is None:
             return
-        if revoke and token is not None:
+        # Not when the session was closed first (kicked, server stopping).
+        if revoke and token is not None and session.connected:
             self.tasks.track(self.credentials.revokeToken(uid, token))
         released = await self.release(uid, session)
         self.log.info("[{uid}] logged out", uid=uid)

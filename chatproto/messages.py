@@ -43,9 +43,12 @@ PONG_MSG = 22
 KICK_NOTICE = 23
 FRIEND_STATE_NOTICE = 24
 FRIEND_ADDED_NOTICE = 25
-#: 26 is PUSH_ACK (issue 11).
 PASSWD_MSG = 27
 PASSWD_MSG_ACK = 28
+# friend requests (--friend-requests approve; chatproto.friendrequests)
+FRIEND_REQUEST_NOTICE = 29
+FRIEND_REPLY_MSG = 30
+FRIEND_REPLY_MSG_ACK = 31
 ERROR_MSG = 99
 
 # --- error numbers ---------------------------------------------------------
@@ -70,8 +73,13 @@ E_NO_SUCH_GROUP = 21
 E_NOT_A_MEMBER = 22
 E_NAME_TAKEN = 23
 E_SELF = 24
+E_MAILBOX_FULL = 25
 E_UNAVAILABLE = 30
 E_INTERNAL = 31
+#: FRIEND_REPLY: no unanswered, unexpired request from that user.
+E_NO_SUCH_REQUEST = 27
+#: ADD_FRIEND: too many of your friend requests are pending.
+E_TOO_MANY_REQUESTS = 28
 
 ERROR_TEXT = {
     E_INVALID: "invalid",
@@ -90,8 +98,11 @@ ERROR_TEXT = {
     E_NOT_A_MEMBER: "you are not a member of this group",
     E_NAME_TAKEN: "name taken",
     E_SELF: "you cannot do that to yourself",
+    E_MAILBOX_FULL: "the recipient's mailbox is full",
     E_UNAVAILABLE: "service temporarily unavailable; try again",
     E_INTERNAL: "internal error",
+    E_NO_SUCH_REQUEST: "no pending friend request from this user",
+    E_TOO_MANY_REQUESTS: "too many pending friend requests",
 }
 
 
@@ -154,9 +165,10 @@ SPECS: dict[int, Spec] = {
     GROUP_LIST_MSG: Spec("groups", GROUP_LIST_MSG_ACK, ()),
     PING_MSG: Spec("ping", PONG_MSG, (), False),
     PASSWD_MSG: Spec("passwd", PASSWD_MSG_ACK, (("old", str, True), ("new", str, True))),
+    FRIEND_REPLY_MSG: Spec("friendreply", FRIEND_REPLY_MSG_ACK, (("id", int, True), ("accept", bool, True))),
 }
 
-_TYPE_NAMES = {int: "an integer", str: "a string"}
+_TYPE_NAMES = {int: "an integer", str: "a string", bool: "true or false"}
 
 
 @dataclass

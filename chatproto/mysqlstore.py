@@ -56,6 +56,7 @@ from twisted.logger import Logger
 from chatproto import _twisted
 from chatproto._twisted import CommitFailed
 from chatproto.interfaces import StoreUnavailable
+from chatproto.sqlfriends import MYSQL_MIGRATION as MYSQL_FRIEND_REQUESTS
 from chatproto.sqlstore import Dialect, SQLStore
 
 _TABLE = "ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin"
@@ -99,6 +100,8 @@ MYSQL_MIGRATIONS = (
             PRIMARY KEY (id),
             KEY offline_messages_user (userid, id)) {_TABLE}""",
     ),
+    # 2: friend requests (chatproto.sqlfriends)
+    MYSQL_FRIEND_REQUESTS,
 )
 
 MYSQL = Dialect(
@@ -107,6 +110,7 @@ MYSQL = Dialect(
     insertIgnore="INSERT IGNORE",
     migrations=MYSQL_MIGRATIONS,
     integrityErrors=(pymysql.err.IntegrityError,),
+    byteLength="LENGTH(%s)",
 )
 
 #: Failures that mean the connection is gone (or never came): retried.

@@ -5,8 +5,11 @@ A line starting with C{{} is the JSON dialect; any other line is a text
 command.  Requests of one connection are carried out one at a time, in
 order, so a client may pipeline (log in and chat without waiting); while one
 waits on storage, later lines queue and, past a limit, reading from that
-client pauses.  An exception in one line's handler is logged and answered
-with an error, never fatal to the connection.
+client pauses, as it does while too much output waits for the client
+(L{chatproto.backpressure}).  An exception in one line's handler is logged
+and answered with an error, never fatal to the connection
+(L{chatproto.replies}).  A connection that has not logged in within
+C{loginTimeout} seconds is closed; only complete lines reset the idle timer.
 """
 
 from __future__ import annotations
@@ -23,26 +26,29 @@ from zope.interface import implementer
 
 from chatproto import messages as m
 from chatproto import textdialect
+from chatproto.backpressure import Backpressure
 from chatproto.framing import TOO_LONG, LineFramer
 from chatproto.interfaces import IChatSession
-from chatproto.messages import Request, RequestError
+from chatproto.messages import RequestError
 from chatproto.output import batch, rawSocket
+from chatproto.replies import Replies
 from chatproto.sessionoutput import JSON, TEXT, SessionOutput
 
 
-#: Lines queued behind a slow request before reading from the client pauses.
-BACKLOG_PAUSE = 64
-
 #: Unsent output past which a session that does not read is logged out; what
-#: would have been written to it is stored offline instead.
+#: would have been written to it is stored offline instead (C{--output-cap}).
 MAX_PENDING_OUTPUT = 4 * 1024 * 1024
+
+#: Unsent output past which a connection's requests are not read
+#: (C{--output-high-water}); reading resumes once it has all been sent.
+OUTPUT_HIGH_WATER = 256 * 1024
 
 #: Seconds a kicked session that does not read gets before it is aborted.
 ABORT_AFTER = 30
 
 
 @implementer(IHalfCloseableProtocol, IChatSession)
-class ChatProtocol(SessionOutput, LineReceiver, TimeoutMixin):
+class ChatProtocol(Replies, Backpressure, SessionOutput, LineReceiver, TimeoutMixin):
     """
     A session: a connection and, once logged in, a user.
 
@@ -60,21 +66,33 @@ class ChatProtocol(SessionOutput, LineReceiver, TimeoutMixin):
     loggingIn: int | None = None
     connected = False
 
-    maxPendingOutput = MAX_PENDING_OUTPUT
     _abortCall = None
+    _loginCall = None
     _inputEnded = False
 
-    def __init__(self, service, clock, maxLength: int = 65536, idleTimeout: float | None = 300) -> None:
+    def __init__(
+        self,
+        service,
+        clock,
+        maxLength: int = 65536,
+        idleTimeout: float | None = 300,
+        loginTimeout: float | None = None,
+        outputHighWater: int = OUTPUT_HIGH_WATER,
+        outputCap: int = MAX_PENDING_OUTPUT,
+    ) -> None:
         self.service = service
         self.callLater = clock.callLater  # TimeoutMixin's timer
         self.MAX_LENGTH = maxLength
         self.idleTimeout = idleTimeout
+        self.loginTimeout = loginTimeout
+        self.outputHighWater = outputHighWater
+        self.maxPendingOutput = outputCap
         self.dialect = JSON
         self.sid = service.newSessionId()
         self._framer = LineFramer(maxLength)
         self._busy: defer.Deferred | None = None
         self._backlog: deque = deque()
-        self._paused = False
+        self._readPauses: set[str] = set()
         self._held: list | None = None
         self._out: list | None = None
         self._socket = None
@@ -96,16 +114,25 @@ class ChatProtocol(SessionOutput, LineReceiver, TimeoutMixin):
             self.transport.setTcpNoDelay(True)
         except (AttributeError, OSError):
             pass
+        self.watchOutput()
         self.setTimeout(self.idleTimeout)
+        if self.loginTimeout:
+            self._loginCall = self.callLater(self.loginTimeout, self._loginTimedOut)
         self.service.connected(self)
 
     def connectionLost(self, reason) -> None:
         self.connected = False
         self.setTimeout(None)
-        if self._abortCall is not None and self._abortCall.active():
-            self._abortCall.cancel()
+        for call in (self._abortCall, self._loginCall, self._drainCall):
+            if call is not None and call.active():
+                call.cancel()
         self._backlog.clear()
         self.service.disconnected(self)
+
+    def _loginTimedOut(self) -> None:
+        self._loginCall = None
+        if self.uid is None and self.connected:
+            self.kick(f"not logged in within {self.loginTimeout:g} s")
 
     def readConnectionLost(self) -> None:
         """
@@ -121,12 +148,12 @@ class ChatProtocol(SessionOutput, LineReceiver, TimeoutMixin):
         self._closeIfDone()
 
     def writeConnectionLost(self) -> None:
-        self.transport.loseConnection()
+        self._loseConnection()
 
     def _closeIfDone(self) -> None:
         if self._inputEnded and self._busy is None and not self._backlog and self.connected:
             self.flushOutput()
-            self.transport.loseConnection()
+            self._loseConnection()
 
     def timeoutConnection(self) -> None:
         self.kick(f"idle for {self.idleTimeout:g} s")
@@ -136,7 +163,7 @@ class ChatProtocol(SessionOutput, LineReceiver, TimeoutMixin):
         if self.connected:
             self.send({"msgid": m.KICK_NOTICE, "reason": reason}, force=True)
             self.flushOutput()
-            self.transport.loseConnection()
+            self._loseConnection()
             self.connected = False
             # A client that does not read would keep the socket forever.
             self._abortCall = self.callLater(ABORT_AFTER, self.transport.abortConnection)
@@ -146,24 +173,19 @@ class ChatProtocol(SessionOutput, LineReceiver, TimeoutMixin):
     def dataReceived(self, data: bytes) -> None:
         # LineReceiver's own splitting knows one delimiter and drops the
         # lines after an overlong one; LineFramer keeps them.
-        self.resetTimeout()
         batch.begin()
         try:
-            for line in self._framer.feed(data):
+            lines = self._framer.feed(data)
+            if lines:
+                # Only complete lines are activity: a client trickling bytes
+                # of a line that never ends is idle.
+                self.resetTimeout()
+            for line in lines:
                 if not self.connected:
                     return
                 self.lineReceived(line)
         finally:
             batch.end()
-
-    def lineReceived(self, line) -> None:
-        if self._busy is not None:
-            self._backlog.append(line)
-            if len(self._backlog) >= BACKLOG_PAUSE and not self._paused:
-                self._paused = True
-                self.transport.pauseProducing()
-            return
-        self._process(line)
 
     def lineLengthExceeded(self, line) -> None:
         self.send(m.error(m.E_LINE_TOO_LONG, f"line longer than {self.MAX_LENGTH} bytes; it was discarded"))
@@ -176,20 +198,16 @@ class ChatProtocol(SessionOutput, LineReceiver, TimeoutMixin):
             self.send(m.error(m.E_INTERNAL))
             return
         if result is not None:
-            # A Deferred: later lines wait for it.
+            # A Deferred: later lines wait for it.  A failure that reaches
+            # here (raised while replying) is logged and answered, never
+            # dropped.
             self._busy = result
+            result.addErrback(self._unexpected)
             result.addBoth(self._finished)
 
     def _finished(self, _) -> None:
         self._busy = None
-        while self._backlog and self._busy is None and self.connected:
-            self._process(self._backlog.popleft())
-        if self._paused and self._busy is None:
-            self._paused = False
-            if self.connected:
-                self.transport.resumeProducing()
-        if self._busy is None:
-            self._closeIfDone()
+        self._drain()
 
     def _dispatch(self, line):
         if line is TOO_LONG:
@@ -217,34 +235,9 @@ class ChatProtocol(SessionOutput, LineReceiver, TimeoutMixin):
             return self._quit()
         return self._execute(request)
 
-    def _execute(self, request: Request):
-        try:
-            result = self.service.handle(self, request)
-        except RequestError as e:
-            self._replyError(request, e)
-            return None
-        # (isinstance on dict is cheap; on Deferred, an ABC, it is not.)
-        if result is None or isinstance(result, dict):
-            self.reply(request, result)
-            return None
-        return result.addCallbacks(
-            lambda reply: self.reply(request, reply),
-            lambda failure: self._failed(request, failure),
-        )
-
-    def _failed(self, request: Request, failure) -> None:
-        if failure.check(RequestError):
-            self._replyError(request, failure.value)
-        else:
-            self.log.failure("request {name} from {peer}", failure, name=request.spec.name, peer=self.peerHost)
-            self._replyError(request, RequestError(m.E_INTERNAL))
-
-    def _replyError(self, request: Request, error: RequestError) -> None:
-        self.reply(request, {"msgid": request.spec.ack, "errno": error.errno, "errmsg": error.errmsg})
-
     def _quit(self):
         def close(_=None):
-            self.transport.loseConnection()
+            self._loseConnection()
 
         if self.uid is None:
             close()
@@ -254,13 +247,33 @@ class ChatProtocol(SessionOutput, LineReceiver, TimeoutMixin):
 
 
 class ChatFactory(Factory):
-    def __init__(self, service, clock, maxLength: int = 65536, idleTimeout: float | None = 300) -> None:
+    def __init__(
+        self,
+        service,
+        clock,
+        maxLength: int = 65536,
+        idleTimeout: float | None = 300,
+        loginTimeout: float | None = None,
+        outputHighWater: int = OUTPUT_HIGH_WATER,
+        outputCap: int = MAX_PENDING_OUTPUT,
+    ) -> None:
         self.service = service
         self.clock = clock
         self.maxLength = maxLength
         self.idleTimeout = idleTimeout
+        self.loginTimeout = loginTimeout
+        self.outputHighWater = outputHighWater
+        self.outputCap = outputCap
 
     def buildProtocol(self, addr):
-        p = ChatProtocol(self.service, self.clock, self.maxLength, self.idleTimeout)
+        p = ChatProtocol(
+            self.service,
+            self.clock,
+            self.maxLength,
+            self.idleTimeout,
+            self.loginTimeout,
+            self.outputHighWater,
+            self.outputCap,
+        )
         p.factory = self
         return p

@@ -77,7 +77,8 @@ from twisted.python.failure import Failure
 
 from chatproto.interfaces import Location, PresenceUnavailable
 from chatproto.redislink import CommandProtocol, Link, SubscriberProtocol
-from chatproto.redisscripts import DEREGISTER, REASSERT, REGISTER
+from chatproto.redischeck import SessionCheck
+from chatproto.redisscripts import DEREGISTER, REGISTER, scriptCall
 
 log = Logger()
 
@@ -140,11 +141,13 @@ class RedisCluster:
         self.presence = RedisPresence(self)
         self.relay = RedisRelay(self)
         self.commands = Link(self, "command", CommandProtocol, self._commandsReady)
-        self.subscriber = Link(self, "subscriber", SubscriberProtocol, self.relay.subscriberReady, self.relay.received)
+        self.subscriber = Link(self, "subscriber", SubscriberProtocol, self._subscriberReady, self.relay.received)
         self.loginCount = lambda: 0
         #: set while this server's registry entry is believed current
         self.registered = False
-        self._needReassert = False
+        #: set once this server has announced its shutdown (deregistered)
+        self.stopping = False
+        self.sessionCheck = SessionCheck(self)
         self._users = set()  # "presence", "relay": who needs the command link
         self._refresher: task.LoopingCall | None = None
         self._pinger: task.LoopingCall | None = None
@@ -156,7 +159,8 @@ class RedisCluster:
         """The ready command connection; L{PresenceUnavailable} if none."""
         p = self.commands.protocol
         if p is None or not p.connected:
-            raise PresenceUnavailable(f"not connected to Redis at {self.url.host}:{self.url.port}")
+            host, port = self.commands.address
+            raise PresenceUnavailable(f"not connected to Redis at {host}:{port}")
         return p
 
     def commandConnection(self):
@@ -166,10 +170,20 @@ class RedisCluster:
         return p if p is not None and p.connected else None
 
     def eval(self, script: str, args) -> defer.Deferred:
-        """Run C{script} with C{args} as ARGV; Redis failures become
+        """Run C{script} (one of L{chatproto.redisscripts}) for C{args}: its
+        KEYS and ARGV are built by L{scriptCall}.  Redis failures become
         L{PresenceUnavailable}."""
         try:
-            d = self.protocol().eval(script, [], [self.prefix, *args])
+            keys, argv = scriptCall(script, self.prefix, args)
+            d = self.protocol().eval(script, keys, argv)
+        except Exception:
+            d = defer.fail()
+        return d.addErrback(unavailable)
+
+    def command(self, *args) -> defer.Deferred:
+        """One plain command on the command connection."""
+        try:
+            d = self.protocol().execute_command(*args)
         except Exception:
             d = defer.fail()
         return d.addErrback(unavailable)
@@ -210,8 +224,11 @@ class RedisCluster:
 
     @defer.inlineCallbacks
     def register(self):
-        """Write this server's registry entry; re-assert its users if
-        Redis had forgotten it.  Fires with whether it existed."""
+        """Write this server's registry entry, then check its sessions
+        against presence (L{checkSessions}).  Fires with whether the entry
+        existed."""
+        if self.stopping:
+            raise PresenceUnavailable(f"{self.name} is shutting down")
         existed = yield self.eval(
             REGISTER,
             [
@@ -226,12 +243,9 @@ class RedisCluster:
         )
         existed = int(existed) == 1
         if not existed and self.registered is not None:
-            # Not the first registration: Redis forgot this server.
-            self._needReassert = True
+            log.info("the registry entry of {name} was gone (Redis restarted or failed over); re-asserting", name=self.name)
         self.registered = True
-        if self._needReassert:
-            yield self._reassert()
-            self._needReassert = False
+        yield self.checkSessions()
         waiters, self._registeredWaiters = self._registeredWaiters, []
         for d in waiters:
             d.callback(None)
@@ -251,37 +265,21 @@ class RedisCluster:
 
         return d.addErrback(failed)
 
-    @defer.inlineCallbacks
-    def _reassert(self):
-        """Re-assert the presence of this server's logged-in users; kick the
-        ones another server took meanwhile."""
-        receiver = self.relay.receiver
-        if receiver is None:
-            return
-        sessions = list(receiver.localSessions())
-        if not sessions:
-            return
-        sids = dict(sessions)
-        lost = []
-        for start in range(0, len(sessions), 500):
-            args = [self.name]
-            for uid, sid in sessions[start : start + 500]:
-                args += [int(uid), sid]
-            lost += (yield self.eval(REASSERT, args))
-        log.info(
-            "re-asserted {n} sessions of {name} in Redis; {lost} logged in elsewhere meanwhile",
-            n=len(sessions) - len(lost),
-            name=self.name,
-            lost=len(lost),
-        )
-        for uid in lost:
-            uid = int(uid)
-            receiver.kickLocal(uid, sids[uid], "logged in elsewhere")
+    def checkSessions(self) -> defer.Deferred:
+        """Compare this server's sessions with presence (see
+        L{chatproto.redischeck.SessionCheck})."""
+        return self.sessionCheck.run()
+
+    def _subscriberReady(self, p) -> None:
+        self.relay.subscriberReady(p)
+        if "presence" in self._users and not self.stopping:
+            self.sessionCheck.afterSubscribe(p)
 
     def startRegistry(self, loginCount) -> defer.Deferred:
         """Register this server and keep its entry fresh; fires once
         registered."""
         self.loginCount = loginCount
+        self.stopping = False
         self._users.add("presence")
         self.registered = None  # first registration: nothing to re-assert
         d = defer.Deferred()
@@ -297,8 +295,15 @@ class RedisCluster:
         return d
 
     @defer.inlineCallbacks
-    def stopRegistry(self):
-        self._users.discard("presence")
+    def announceStop(self):
+        """
+        This server is shutting down: stop refreshing and delete its
+        registry entry at once, so that its users count as offline
+        everywhere (other servers store what they send them, and their
+        logins elsewhere succeed even with C{--on-relogin reject}) and the
+        balancer stops sending it clients.  Idempotent.
+        """
+        self.stopping = True
         if self._refresher is not None and self._refresher.running:
             self._refresher.stop()
         self._refresher = None
@@ -308,6 +313,11 @@ class RedisCluster:
             except PresenceUnavailable as e:
                 log.warn("could not deregister {name}: {error}", name=self.name, error=e)
         self.registered = False
+
+    @defer.inlineCallbacks
+    def stopRegistry(self):
+        yield self.announceStop()
+        self._users.discard("presence")
         yield self.release("presence", self.relay.inflight)
 
     # --- keep-alive --------------------------------------------------------

@@ -10,11 +10,13 @@ from __future__ import annotations
 import random
 
 import txredisapi
-from twisted.internet import defer, protocol
+from twisted.internet import defer, error, protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from chatproto import _twisted
+from chatproto.common.sentinel import masterAddress
 
 log = Logger()
 
@@ -60,6 +62,7 @@ class Link(protocol.ClientFactory):
     isLazy = True  # txredisapi: errors are logged, not raised to a caller
     initialDelay = 0.1
     maxDelay = 5.0
+    sentinelMaxDelay = 1.0
     factor = 2.0
     connectTimeout = 3
 
@@ -77,6 +80,8 @@ class Link(protocol.ClientFactory):
         self._retryCall = None
         self._stopped: list[defer.Deferred] = []
         self._failures = 0
+        #: the address connected to (the master's, with Sentinel)
+        self.address = (cluster.url.host, cluster.url.port)
         #: "disconnected", "connecting" or "connected"
         self.state = "disconnected"
 
@@ -93,6 +98,39 @@ class Link(protocol.ClientFactory):
         self._retryCall = None
         self.state = "connecting"
         url = self.cluster.url
+        if getattr(url, "sentinels", None):
+            self._connectViaSentinel(url)
+            return
+        self._connectTo(url.host, url.port)
+
+    def _connectViaSentinel(self, url) -> None:
+        """Ask the sentinels where the master is, then connect there; a
+        failed look-up counts as a failed connection (back-off, retry)."""
+        self.connector = None
+        d = defer.Deferred.fromCoroutine(
+            masterAddress(self.reactor, url.sentinels, url.master, timeout=self.connectTimeout)
+        )
+
+        def found(address):
+            if not self.running:
+                self._gone(Failure(error.ConnectionDone("stopped")))
+                return
+            if address != self.address:
+                log.info(
+                    "Redis {link} connection: sentinels name {host}:{port} as master {master}",
+                    link=self.name,
+                    host=address[0],
+                    port=address[1],
+                    master=url.master,
+                )
+            self._connectTo(*address)
+
+        d.addCallbacks(found, self._gone)
+        d.addErrback(lambda f: log.failure("connecting to Redis through Sentinel", f))
+
+    def _connectTo(self, host: str, port: int) -> None:
+        url = self.cluster.url
+        self.address = (host, port)
         if url.tls:
             # The certificate is verified for the host name, against the
             # system trust store or the URL's CA file when it has one.
@@ -102,9 +140,9 @@ class Link(protocol.ClientFactory):
                     creator = optionsForClientTLS(url.host, trustRoot=Certificate.loadPEM(f.read()))
             else:
                 creator = optionsForClientTLS(url.host)
-            self.connector = self.reactor.connectSSL(url.host, url.port, self, creator, timeout=self.connectTimeout)
+            self.connector = self.reactor.connectSSL(host, port, self, creator, timeout=self.connectTimeout)
         else:
-            self.connector = self.reactor.connectTCP(url.host, url.port, self, timeout=self.connectTimeout)
+            self.connector = self.reactor.connectTCP(host, port, self, timeout=self.connectTimeout)
 
     def buildProtocol(self, addr):
         self.state = "connected"
@@ -126,10 +164,44 @@ class Link(protocol.ClientFactory):
         if not self.running:
             p.transport.loseConnection()
             return
+        if getattr(self.cluster.url, "sentinels", None):
+            # A sentinel may name the old master for a moment after a
+            # failover (or a demoted master may still accept connections):
+            # use the connection only if the server says it is the master.
+            d = p.role() if hasattr(p, "role") else p.execute_command("ROLE")
+            d.addCallbacks(lambda role: self._roleChecked(p, role), lambda f: self._roleFailed(p, f))
+            return
+        self._accept(p)
+
+    def _roleChecked(self, p, role) -> None:
+        kind = role[0] if isinstance(role, (list, tuple)) and role else role
+        if isinstance(kind, bytes):
+            kind = kind.decode("ascii", "replace")
+        if kind != "master":
+            log.warn(
+                "Redis {link} connection: {host}:{port} is a {role}, not the master; asking the sentinels again",
+                link=self.name,
+                host=self.address[0],
+                port=self.address[1],
+                role=kind,
+            )
+            p.transport.loseConnection()
+            return
+        self._accept(p)
+
+    def _roleFailed(self, p, failure) -> None:
+        log.warn("Redis {link} connection: ROLE failed ({why})", link=self.name, why=failure.getErrorMessage())
+        if p.transport is not None:
+            p.transport.loseConnection()
+
+    def _accept(self, p) -> None:
+        if not self.running:
+            p.transport.loseConnection()
+            return
         self.protocol = p
         self.delay = self.initialDelay
         if self._failures:
-            log.info("Redis {link} connection to {host}:{port} is back", link=self.name, host=self.cluster.url.host, port=self.cluster.url.port)
+            log.info("Redis {link} connection to {host}:{port} is back", link=self.name, host=self.address[0], port=self.address[1])
         self._failures = 0
         self.onReady(p)
 
@@ -159,12 +231,15 @@ class Link(protocol.ClientFactory):
             log.warn(
                 "Redis {link} connection to {host}:{port} lost or failed ({why}); reconnecting",
                 link=self.name,
-                host=self.cluster.url.host,
-                port=self.cluster.url.port,
+                host=self.address[0],
+                port=self.address[1],
                 why=reason.getErrorMessage(),
             )
         delay = random.uniform(0.8, 1.2) * self.delay
-        self.delay = min(self.delay * self.factor, self.maxDelay)
+        # With Sentinel a lost connection usually means a failover, and the
+        # next look-up is cheap: retry sooner.
+        cap = self.sentinelMaxDelay if getattr(self.cluster.url, "sentinels", None) else self.maxDelay
+        self.delay = min(self.delay * self.factor, cap)
         self._retryCall = self.reactor.callLater(delay, self._connect)
 
     def drop(self) -> None:

@@ -10,9 +10,9 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from chatproto.interfaces import ClaimResult, IPresence, ServerInfo
+from chatproto.interfaces import ClaimResult, IPresence, PresenceUnavailable, ServerInfo
 from chatproto.rediscluster import RedisCluster, parseLocation
-from chatproto.redisscripts import CLAIM, LOCATE, RELEASE, SERVERS
+from chatproto.redisscripts import CLAIM, LOCATE, RELEASE
 
 __all__ = ["RedisCluster", "RedisPresence"]
 
@@ -35,15 +35,23 @@ class RedisPresence:
     def claim(self, uid: int, session: str, replace: bool):
         cluster = self.cluster
         args = [cluster.name, int(uid), session, "1" if replace else "0"]
-        status, owner = yield cluster.eval(CLAIM, args)
-        if int(status) == -1:
-            # This server's entry expired (Redis restarted or we were cut
-            # off): register again, then claim.
-            yield cluster.register()
-            status, owner = yield cluster.eval(CLAIM, args)
-            if int(status) == -1:
-                raise PresenceUnavailable("this server is not registered in Redis")
-        return ClaimResult(int(status) == 1, parseLocation(owner))
+        previous = ""
+        for attempt in range(5):
+            status, owner = yield cluster.eval(CLAIM, [*args, previous])
+            status = int(status)
+            if status == -1:
+                if attempt:
+                    raise PresenceUnavailable("this server is not registered in Redis")
+                # This server's entry expired (Redis restarted or failed
+                # over, or we were cut off): register again, then claim.
+                yield cluster.register()
+            elif status == 2:
+                # Taken by another server than we named: name it (its
+                # logins count moves in the same script).
+                previous = parseLocation(owner).server
+            else:
+                return ClaimResult(status == 1, parseLocation(owner))
+        raise PresenceUnavailable(f"the claim of {uid} kept changing hands")
 
     def release(self, uid: int, session: str) -> defer.Deferred:
         d = self.cluster.eval(RELEASE, [self.cluster.name, int(uid), session])
@@ -56,24 +64,43 @@ class RedisPresence:
         d = self.cluster.eval(LOCATE, uids)
         return d.addCallback(lambda values: {uid: parseLocation(v) for uid, v in zip(uids, values) if v})
 
-    def servers(self) -> defer.Deferred:
-        def parse(entries):
-            infos = []
-            for fields in entries:
-                h = dict(zip(fields[::2], fields[1::2]))
-                try:
-                    infos.append(
-                        ServerInfo(
-                            h["name"],
-                            h.get("host", ""),
-                            int(h.get("port") or 0),
-                            int(h.get("weight") or 0),
-                            int(h.get("logins") or 0),
-                            {"updated": int(h.get("updated") or 0)},
-                        )
-                    )
-                except (KeyError, ValueError):
-                    log.warn("malformed registry entry {entry!r}", entry=h)
-            return sorted(infos, key=lambda s: s.name)
+    def announceStop(self) -> defer.Deferred:
+        """This server is shutting down: its users count as offline
+        everywhere from now on (see L{RedisCluster.announceStop})."""
+        return self.cluster.announceStop()
 
-        return self.cluster.eval(SERVERS, []).addCallback(parse)
+    @defer.inlineCallbacks
+    def servers(self):
+        """The live servers: C{SMEMBERS}, then one C{HGETALL} per name (a
+        name whose hash is gone is a server that went away).  Plain
+        commands, not a script: a script would touch keys it cannot
+        declare."""
+        cluster = self.cluster
+        names = yield cluster.command("SMEMBERS", f"{cluster.prefix}servers")
+        entries = yield defer.gatherResults(
+            [cluster.command("HGETALL", f"{cluster.prefix}server:{name}") for name in sorted(names or ())],
+            consumeErrors=True,
+        ).addErrback(lambda f: f.value.subFailure if isinstance(f.value, defer.FirstError) else f)
+        return self._parse(entries)
+
+    def _parse(self, entries):
+        infos = []
+        for h in entries:
+            if not h:
+                continue
+            if isinstance(h, list):
+                h = dict(zip(h[::2], h[1::2]))
+            try:
+                infos.append(
+                    ServerInfo(
+                        h["name"],
+                        h.get("host", ""),
+                        int(h.get("port") or 0),
+                        int(h.get("weight") or 0),
+                        int(h.get("logins") or 0),
+                        {"updated": int(h.get("updated") or 0)},
+                    )
+                )
+            except (KeyError, ValueError):
+                log.warn("malformed registry entry {entry!r}", entry=h)
+        return sorted(infos, key=lambda s: s.name)

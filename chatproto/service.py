@@ -20,6 +20,7 @@ raises L{RequestError} for an error reply.
 from __future__ import annotations
 
 import inspect
+import math
 import time
 
 from twisted.application import service
@@ -29,10 +30,15 @@ from twisted.logger import Logger
 from chatproto import _twisted
 from chatproto import messages as m
 from chatproto.delivery import Delivery
+from chatproto.friendrequests import AUTO, FriendRequests
 from chatproto.interfaces import NameTaken, NoSuchGroup, NoSuchUser
+from chatproto.listening import describeFailure
 from chatproto.login import LoginFlow, groupDict
+from chatproto.logrepeat import RepeatedWarnings
 from chatproto.messages import RequestError
+from chatproto.ratelimit import TokenBucketLimiter
 from chatproto.registry import SessionRegistry
+from chatproto.shutdown import GracefulStop
 from chatproto.tasks import BackgroundTasks, ReadyGate, storeCall
 
 
@@ -52,6 +58,25 @@ class _Clock:
         return self._text
 
 
+def _limit(limiter, key, what: str) -> None:
+    """Take a token of C{limiter} for C{key}, or refuse with errno 3."""
+    wait = limiter.take(key)
+    if wait > 0:
+        raise RequestError(m.E_THROTTLED, f"{what}; retry in {math.ceil(wait)} s")
+
+
+async def _deliverCounted(delivery, uids, message) -> tuple[int, int]:
+    """Deliver a group chat; (stored offline, refused: mailbox full)."""
+    try:
+        return len(await delivery.deliver(uids, message, store=True)), 0
+    except RequestError as e:
+        full = getattr(e, "mailboxFull", None)
+        if full is None:
+            raise
+        # Some members' mailboxes are full: the others have it.
+        return len(full.stored), len(full.refused)
+
+
 def _deliveredAck(toid: int) -> m.Reply:
     """The ack of a chat the fast path delivered, pre-encoded."""
     return m.Reply(
@@ -67,6 +92,8 @@ class ChatService(service.Service):
     """
     @param onRelogin: C{"kick"} (a new login closes the old session) or
         C{"reject"} (a new login is refused while the old one lives).
+    @param friendRequests: C{"auto"} or C{"approve"} (see
+        L{chatproto.friendrequests}).
     @ivar registry: the L{SessionRegistry}.
     @ivar loginFlow: the L{LoginFlow}.
     @ivar delivery: the L{Delivery} (also the relay's receiver).
@@ -74,7 +101,9 @@ class ChatService(service.Service):
 
     log = Logger()
 
-    def __init__(self, store, presence, relay, hasher, clock, onRelogin: str = "kick", tokens=None) -> None:
+    def __init__(
+        self, store, presence, relay, hasher, clock, onRelogin: str = "kick", friendRequests: str = AUTO, tokens=None
+    ) -> None:
         self.store = store
         self.presence = presence
         self.relay = relay
@@ -82,13 +111,20 @@ class ChatService(service.Service):
         self.clock = clock
         self.onRelogin = onRelogin
         self.serverName = presence.serverName
-        self.tasks = BackgroundTasks()
+        self.warnings = RepeatedWarnings(self.log, clock)  # per-message warnings: one line, then a count
+        self.tasks = BackgroundTasks(self.warnings)
         self.registry = SessionRegistry(self.serverName, presence)
         self.delivery = Delivery(self.registry, store, relay, self.tasks)
         self.loginFlow = LoginFlow(
             self.registry, self.delivery, store, presence, relay, hasher, clock, self.tasks, onRelogin, tokens
         )
+        #: the --friend-requests policy (auto or approve)
+        self.friendRequests = FriendRequests(friendRequests, self.registry, self.delivery, store, clock, self.tasks)
+        self.loginFlow.friendRequests = self.friendRequests
         self.ready = ReadyGate()
+        self.registerLimiter = TokenBucketLimiter(clock, burst=100, rate=1.0)  # per address
+        self.waitingFor: dict[str, str] = {}  # start-up stage -> what it waits for (no passwords)
+        self.shutdown = GracefulStop(self)
         self._time = _Clock(clock)
         #: the registry's uid -> logged-in session, and sid -> connection
         self.sessions = self.registry.sessions
@@ -103,10 +139,10 @@ class ChatService(service.Service):
         d.addErrback(self._startFailed)
 
     def _startFailed(self, failure) -> None:
-        self.log.failure("chat server {name} could not start", failure, name=self.serverName)
         self.ready.fail(RequestError(m.E_UNAVAILABLE, "server is starting up or could not start"))
         if self.onStartFailure is not None:
-            self.onStartFailure(failure)
+            return self.onStartFailure(failure)
+        self.log.error("chat server {name} could not start: {e}", name=self.serverName, e=describeFailure(failure))
 
     #: Called with the failure when start-up fails (twistd: stop the reactor).
     onStartFailure = None
@@ -121,9 +157,10 @@ class ChatService(service.Service):
         return self.ready.whenReady()
 
     async def _start(self) -> None:
-        await self.store.start()
-        await self.presence.start(self.registry.loginCount)
-        await self.relay.start(self.delivery)
+        wait = lambda stage, d: self.ready.stage(self.clock, self.waitingFor.get(stage, stage), d)  # noqa: E731
+        await wait("store", self.store.start())
+        await wait("presence", self.presence.start(self.registry.loginCount))
+        await wait("relay", self.relay.start(self.delivery))
         self.log.info("chat server {name} ready", name=self.serverName)
         self.ready.open()
 
@@ -131,12 +168,11 @@ class ChatService(service.Service):
         if not self.running:
             return defer.succeed(None)
         super().stopService()
-        return defer.Deferred.fromCoroutine(self._stop())
+        return defer.Deferred.fromCoroutine(self._stop()).addBoth(lambda result: (self.warnings.stop(), result)[1])
 
     async def _stop(self) -> None:
-        await self.loginFlow.logoutAll("server shutting down")
-        if self.tasks.pending:
-            await self.tasks.wait()
+        # Answer what was read, say goodbye, then log out (shutdown.py).
+        await self.shutdown.run()
         for name, stop in (("relay", self.relay.stop), ("presence", self.presence.stop), ("store", self.store.close)):
             try:
                 await stop()
@@ -164,8 +200,8 @@ class ChatService(service.Service):
         return self.loginFlow.logout(session, notify, revoke)
 
     def congested(self, session) -> None:
-        """C{session} does not read what it is sent: log it out (so what is
-        sent to its user from now on is stored offline) and close it."""
+        """C{session} does not read: log it out (what is sent to it is then stored offline), close it."""
+        self.warnings.warn("slow reader", "[{uid}] does not read what it is sent; logging it out", uid=session.uid)
         if session.uid is not None:
             self.tasks.track(defer.Deferred.fromCoroutine(self.logout(session, revoke=False)))
         session.kick("too slow reading; undelivered messages wait for your next login")
@@ -180,14 +216,16 @@ class ChatService(service.Service):
         @return: a reply L{dict}, L{None}, or a Deferred of either.
         @raise RequestError: for an error reply.
         """
-        if not self.ready.isReady:
-            return self.ready.whenReady().addCallback(lambda _: self.handle(session, request))
+        if not self.ready.isReady and request.spec.name != "ping":
+            self.ready.refuse()
         if request.spec.needsLogin and session.uid is None:
             raise RequestError(m.E_NOT_LOGGED_IN)
         result = getattr(self, "do_" + request.spec.name)(session, request)
         if inspect.iscoroutine(result):
-            return defer.Deferred.fromCoroutine(result)
-        return result
+            return self.shutdown.track(defer.Deferred.fromCoroutine(result))
+        if result is None or isinstance(result, dict):
+            return result
+        return self.shutdown.track(result)
 
     # --- handlers ----------------------------------------------------------
 
@@ -197,6 +235,7 @@ class ChatService(service.Service):
     async def do_register(self, session, request) -> dict:
         name = m.checkName(request.args["name"])
         password = m.checkPassword(request.args["password"])
+        _limit(self.registerLimiter, session.peerHost, "too many registrations from your address")
         passwordHash = await self.hasher.hash(password)
         try:
             uid = await storeCall(self.store.createUser(name, passwordHash))
@@ -232,24 +271,16 @@ class ChatService(service.Service):
         target = self.registry.sessions.get(toid)
         if target is not None and target.send(out, m.encodeChat(out)):
             # The fast path: no I/O but the write.
-            return _deliveredAck(toid)
-        return defer.Deferred.fromCoroutine(self.delivery.deliverChat(toid, out))
+            return self.friendRequests.chatAck(session, toid, _deliveredAck(toid))
+        d = defer.Deferred.fromCoroutine(self.delivery.deliverChat(toid, out))
+        return d.addCallback(lambda ack: self.friendRequests.chatAck(session, toid, ack))
 
-    async def do_addfriend(self, session, request) -> dict:
-        friendId = request.args["friendid"]
-        if friendId == session.uid:
-            raise RequestError(m.E_SELF, "you cannot befriend yourself")
-        try:
-            new = await storeCall(self.store.addFriend(session.uid, friendId))
-        except NoSuchUser:
-            raise RequestError(m.E_NO_SUCH_USER, f"no user with id {friendId}") from None
-        names = await storeCall(self.store.getNames([friendId]))
-        states = await self.registry.states([friendId])
-        if new:
-            notice = {"msgid": m.FRIEND_ADDED_NOTICE, "id": session.uid, "name": session.name}
-            self.delivery.deliverLater([friendId], notice)
-        friend = {"id": friendId, "name": names[friendId], "state": states[friendId]}
-        return {"msgid": m.ADD_FRIEND_MSG_ACK, "errno": m.OK, "friend": friend, "new": bool(new)}
+    # friends: the --friend-requests policy is chatproto.friendrequests'
+    def do_addfriend(self, session, request):
+        return self.friendRequests.addFriend(session, request.args["friendid"])
+
+    def do_friendreply(self, session, request):
+        return self.friendRequests.reply(session, request.args["id"], request.args["accept"])
 
     async def do_creategroup(self, session, request) -> dict:
         name = m.checkName(request.args["groupname"], m.MAX_GROUPNAME, "group name")
@@ -291,9 +322,9 @@ class ChatService(service.Service):
             "time": self.now(),
         }
         others = [u.id for u in members if u.id != session.uid]
-        stored = await self.delivery.deliver(others, out, store=True)
-        delivered, stored = len(others) - len(stored), len(stored)
-        return {"msgid": m.GROUP_CHAT_MSG_ACK, "errno": m.OK, "groupid": gid, "delivered": delivered, "stored": stored}
+        stored, full = await _deliverCounted(self.delivery, others, out)
+        ack = {"msgid": m.GROUP_CHAT_MSG_ACK, "errno": m.OK, "groupid": gid, "delivered": len(others) - stored - full}
+        return dict(ack, stored=stored, **({"full": full} if full else {}))
 
     async def do_friends(self, session, request) -> dict:
         friends = await storeCall(self.store.getFriends(session.uid))
@@ -302,11 +333,13 @@ class ChatService(service.Service):
             "msgid": m.FRIEND_LIST_MSG_ACK,
             "errno": m.OK,
             "friends": [{"id": f, "name": n, "state": states[f]} for f, n in friends],
+            "requests": await self.friendRequests.pending(session.uid),
         }
 
     async def do_groups(self, session, request) -> dict:
         groups = await storeCall(self.store.getUserGroups(session.uid))
         states = await self.registry.states({u.id for g in groups for u in g.members})
+        states = await self.friendRequests.visibleStates(session.uid, states)
         return {
             "msgid": m.GROUP_LIST_MSG_ACK,
             "errno": m.OK,

@@ -1,10 +1,24 @@
 """
 A session's output: replies and pushes written in the session's dialect,
 gathered per read (L{chatproto.output.batch}), held while it logs in, and
-refused (the user logged out) when it does not read.
+bounded: the one place that writes to a session's transport.
+
+ - Past the high-water mark of unsent bytes (C{--output-high-water}) the
+   session stops reading its client's requests (the transport pauses the
+   L{OutputValve}, as with C{portforward}'s producers) until all of it has
+   been sent.
+ - Past the cap (C{--output-cap}) of unsent bytes, whatever they are, a
+   push logs the user out and the connection is closed; pushes are then
+   refused (the caller stores chats offline).  Replies (C{force}) are not
+   refused: they come only from requests read, and reading stops at the
+   high-water mark; nor is the hand-over of offline messages at login
+   (bounded by the mailbox caps).
 """
 
 from __future__ import annotations
+
+from twisted.internet.interfaces import IPushProducer
+from zope.interface import implementer
 
 from chatproto import textdialect
 from chatproto.messages import Request, encode
@@ -12,6 +26,40 @@ from chatproto.output import batch, pendingBytes, writeThrough
 
 JSON = "json"
 TEXT = "text"
+
+
+@implementer(IPushProducer)
+class OutputValve:
+    """
+    Registered as the producer of a session's transport: the transport
+    pauses it when more than its C{bufferSize} (set to the high-water mark)
+    waits unsent, and resumes it once everything has been sent.  It pauses
+    and resumes the session's reading of requests.
+    """
+
+    def __init__(self, session) -> None:
+        self.session = session
+
+    def pauseProducing(self) -> None:
+        self.session.outputPaused()
+
+    def resumeProducing(self) -> None:
+        self.session.outputResumed()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+def bufferingTransport(transport):
+    """The transport that holds what is unsent (a C{FileDescriptor}),
+    looking through wrappers (TLS, the PROXY header: each has the transport
+    it wraps as C{transport}); C{transport} itself when it wraps none."""
+    for _ in range(4):
+        inner = getattr(transport, "transport", None)
+        if inner is None or inner is transport:
+            break
+        transport = inner
+    return transport
 
 
 class SessionOutput:
@@ -23,6 +71,12 @@ class SessionOutput:
 
     _held: list | None = None
     _out: list | None = None
+    #: bytes gathered in C{_out}
+    _outBytes = 0
+    #: the cap was passed: the session is being logged out
+    _congested = False
+    #: the transport that buffers (L{bufferingTransport}), once connected
+    _buffering = None
 
     def reply(self, request: Request, message: dict | None) -> None:
         """Send C{message} as the reply to C{request} (echoing its C{seq})."""
@@ -50,15 +104,26 @@ class SessionOutput:
         if self._held is not None and not force:
             self._held.append((message, line))
             return True
-        if not force and pendingBytes(self.transport) > self.maxPendingOutput:
-            self.log.warn("[{uid}] does not read; logging it out", uid=self.uid)
-            self.service.congested(self)
+        if not force and (self._congested or self.unsentBytes() > self.maxPendingOutput):
+            self._overCap()
             return False
         if self.dialect is JSON:
             self._write((line if line is not None else encode(message)) + b"\n")
         else:
             self._write("".join(text + "\r\n" for text in textdialect.render(message)).encode("utf-8"))
+        if not force and self.unsentBytes() > self.maxPendingOutput:
+            self._overCap()
         return True
+
+    def unsentBytes(self) -> int:
+        """Output not yet taken by the kernel: gathered for this read and
+        buffered by the transport."""
+        return self._outBytes + pendingBytes(self._buffering or self.transport)
+
+    def _overCap(self) -> None:
+        if not self._congested:
+            self._congested = True
+            self.service.congested(self)
 
     def _write(self, data: bytes) -> None:
         if batch.depth:
@@ -67,12 +132,14 @@ class SessionOutput:
                 batch.dirty.append(self)
             else:
                 self._out.append(data)
+            self._outBytes += len(data)
         else:
             writeThrough(self.transport, self._socket, data)
 
     def flushOutput(self) -> None:
         """Send what was gathered for this session during the current read."""
         out, self._out = self._out, None
+        self._outBytes = 0
         if out:
             writeThrough(self.transport, self._socket, out[0] if len(out) == 1 else b"".join(out))
 

@@ -1,7 +1,8 @@
 """
 Offline messages of L{chatproto.sqlstore.SQLStore}: written by one
 transaction at a time, in the order they were accepted, batched under load;
-handed over at login and deleted once taken.
+capped per recipient (count and bytes); handed over at login and deleted
+once taken.
 """
 
 from __future__ import annotations
@@ -10,6 +11,42 @@ import time
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
+
+#: Offline messages carried in the login reply itself; the rest follow it as
+#: pushes (L{pageOffline}).
+LOGIN_PAGE_MESSAGES = 100
+LOGIN_PAGE_BYTES = 64 * 1024
+
+
+class MailboxFull(Exception):
+    """
+    Some recipients' mailboxes are full: their copies were not stored (the
+    others' were).
+
+    @ivar refused: the uids whose copy was refused.
+    @ivar stored: the uids whose copy was stored.
+    """
+
+    def __init__(self, refused, stored) -> None:
+        super().__init__(f"the mailbox of {len(refused)} recipient(s) is full")
+        self.refused = list(refused)
+        self.stored = list(stored)
+
+
+def pageOffline(payloads, maxMessages: int = LOGIN_PAGE_MESSAGES, maxBytes: int = LOGIN_PAGE_BYTES):
+    """
+    Split offline messages (JSON texts, oldest first) into those the login
+    reply carries (at most C{maxMessages} and C{maxBytes}, at least one) and
+    the rest, which are sent after it as pushes, in order.
+
+    @return: C{(first, rest)}
+    """
+    size = 0
+    for i, payload in enumerate(payloads):
+        size += len(payload)
+        if i >= maxMessages or (i and size > maxBytes):
+            return payloads[:i], payloads[i:]
+    return payloads, []
 
 
 class OfflineMessages:
@@ -22,6 +59,9 @@ class OfflineMessages:
     _offlineQueue: list
     #: the write under way, if any
     _offlineFlushing: defer.Deferred | None = None
+    #: per-recipient caps (None: none), C{--mailbox-max-messages/-bytes}
+    mailboxMaxMessages: int | None = None
+    mailboxMaxBytes: int | None = None
 
     def storeOffline(self, items) -> defer.Deferred:
         items = list(items)
@@ -44,22 +84,64 @@ class OfflineMessages:
 
         def done(result):
             self._offlineFlushing = None
-            for _, waiter in batch:
+            # the indexes of the rows refused (mailbox full)
+            refused = result if isinstance(result, set) else set()
+            start = 0
+            for items, waiter in batch:
+                first, start = start, start + len(items)
                 if isinstance(result, Failure):
                     waiter.errback(result)
-                else:
+                elif refused.isdisjoint(range(first, start)):
                     waiter.callback(None)
+                else:
+                    full = [uid for i, (uid, _) in enumerate(items, first) if i in refused]
+                    stored = [uid for i, (uid, _) in enumerate(items, first) if i not in refused]
+                    waiter.errback(MailboxFull(full, stored))
             if self._offlineQueue:
                 self._flushOffline()
 
         flushing.addBoth(done)
 
-    def _storeOfflineTxn(self, cursor, rows) -> None:
+    def _storeOfflineTxn(self, cursor, rows) -> set[int]:
+        """Insert C{rows} within the mailbox caps; the indexes of the rows
+        refused."""
         now = time.time()
+        refused = self._overCapTxn(cursor, rows)
         cursor.executemany(
             self.q("INSERT INTO offline_messages (userid, payload, created) VALUES (?, ?, ?)"),
-            [(uid, payload, now) for uid, payload in rows],
+            [(uid, payload, now) for i, (uid, payload) in enumerate(rows) if i not in refused],
         )
+        return refused
+
+    def _overCapTxn(self, cursor, rows) -> set[int]:
+        maxMessages, maxBytes = self.mailboxMaxMessages, self.mailboxMaxBytes
+        if maxMessages is None and maxBytes is None:
+            return set()
+        uids = sorted({uid for uid, _ in rows})
+        usage = {uid: [0, 0] for uid in uids}
+        for chunk in range(0, len(uids), 500):
+            some = uids[chunk : chunk + 500]
+            cursor.execute(
+                self.q(
+                    f"SELECT userid, COUNT(*), COALESCE(SUM({self.dialect.byteLength % 'payload'}), 0) "
+                    f"FROM offline_messages WHERE userid IN ({', '.join('?' * len(some))}) GROUP BY userid"
+                ),
+                some,
+            )
+            for uid, count, size in cursor.fetchall():
+                usage[uid] = [int(count), int(size)]
+        refused = set()
+        for i, (uid, payload) in enumerate(rows):
+            used = usage[uid]
+            size = len(payload.encode("utf-8"))
+            if (maxMessages is not None and used[0] + 1 > maxMessages) or (
+                maxBytes is not None and used[1] + size > maxBytes
+            ):
+                refused.add(i)
+            else:
+                used[0] += 1
+                used[1] += size
+        return refused
 
     def _drainOffline(self) -> defer.Deferred:
         """Fires once every offline message accepted so far is written (or

@@ -29,6 +29,8 @@ from chatproto.interfaces import (
     NoSuchUser,
     User,
 )
+from chatproto.sqlfriends import SQLITE_MIGRATION as SQLITE_FRIEND_REQUESTS
+from chatproto.sqlfriends import FriendRequestsSQL
 from chatproto.sqloffline import OfflineMessages
 
 
@@ -43,6 +45,9 @@ class Dialect:
     migrations: tuple[tuple[str, ...], ...]
     #: Exception classes raised for a unique-key violation.
     integrityErrors: tuple[type[BaseException], ...] = field(default=())
+    #: The length in bytes of a text column (C{%} the column), for the
+    #: mailbox caps.
+    byteLength: str = "LENGTH(CAST(%s AS BLOB))"
 
 
 SQLITE_MIGRATIONS = (
@@ -74,6 +79,8 @@ SQLITE_MIGRATIONS = (
             created REAL NOT NULL)""",
         "CREATE INDEX offline_messages_user ON offline_messages (userid, id)",
     ),
+    # 2: friend requests (chatproto.sqlfriends)
+    SQLITE_FRIEND_REQUESTS,
 )
 
 SQLITE = Dialect(
@@ -137,7 +144,7 @@ def _now() -> float:
 
 
 @implementer(IChatStore)
-class SQLStore(OfflineMessages):
+class SQLStore(OfflineMessages, FriendRequestsSQL):
     """
     @param pool: has C{runInteraction(f, *args)} returning a Deferred and
         C{close()}; an L{adbapi.ConnectionPool} in production.

@@ -15,12 +15,20 @@ from twisted.python import usage
 
 from twisted.python.failure import Failure
 
-from chatproto.config import IniOptions, number, parseDatabaseURL, parseRedisURL
+from chatproto.config import (
+    IniOptions,
+    number,
+    parseDatabaseURL,
+    parseRedisURL,
+    redactedDatabaseURL,
+    redactedRedisURL,
+)
 from chatproto.listening import CheckedEndpoint, describeFailure
 
 log = Logger()
 
 RELOGIN_MODES = ("kick", "reject")
+FRIEND_REQUEST_MODES = ("auto", "approve")
 
 
 class Options(IniOptions):
@@ -35,6 +43,7 @@ class Options(IniOptions):
         "port": ["tcp:6000"],
         "db": "sqlite:chat.sqlite3",
         "on-relogin": "kick",
+        "friend-requests": "auto",
         "idle-timeout": "300",
         "max-line": "65536",
         "weight": "1",
@@ -59,6 +68,12 @@ class Options(IniOptions):
         ["advertise", None, None, "HOST:PORT clients reach this server at, for the registry"],
         ["weight", None, None, "weight in the registry, for the balancer (default 1)"],
         ["on-relogin", None, None, "kick (default): a new login closes the old session; reject: refuse it"],
+        [
+            "friend-requests",
+            None,
+            None,
+            "auto (default): addfriend makes friends at once; approve: the other user must accept",
+        ],
         ["idle-timeout", None, None, "seconds of silence before a connection is closed (default 300; 0: never)"],
         ["max-line", None, None, "longest line accepted, in bytes (default 65536)"],
         ["scrypt-n", None, None, "scrypt cost for new passwords (default 16384)"],
@@ -84,6 +99,8 @@ class Options(IniOptions):
     def checkValues(self) -> None:
         if self["on-relogin"] not in RELOGIN_MODES:
             raise usage.UsageError(f"--on-relogin must be kick or reject, not {self['on-relogin']!r}")
+        if self["friend-requests"] not in FRIEND_REQUEST_MODES:
+            raise usage.UsageError(f"--friend-requests must be auto or approve, not {self['friend-requests']!r}")
         self["port"] = [bareToTCP(p) for p in self["port"]]
         day = 86400
         number(self, "idle-timeout", float, 0, 365 * day)
@@ -251,6 +268,20 @@ class StartFailure:
             self._reactor.callWhenRunning(self._reactor.stop)
 
 
+def wireLimits(options, reactor, store, chat) -> None:
+    """The limits of issue 9 that live in the store and the service:
+    mailbox caps, registrations per address, what start-up waits for."""
+    from chatproto.ratelimit import TokenBucketLimiter
+
+    store.mailboxMaxMessages = options["mailbox-max-messages"]
+    store.mailboxMaxBytes = options["mailbox-max-bytes"]
+    chat.registerLimiter = TokenBucketLimiter(reactor, burst=options["register-burst"], rate=options["register-rate"])
+    chat.waitingFor["store"] = f"the database at {redactedDatabaseURL(options['db-url'])}"
+    if options["redis-url"] is not None:
+        redis = f"Redis at {redactedRedisURL(options['redis-url'])}"
+        chat.waitingFor["presence"] = chat.waitingFor["relay"] = redis
+
+
 def makeService(options, reactor=None) -> service.MultiService:
     """
     The service tree.  Called by twistd (no C{reactor}): a start-up failure
@@ -270,6 +301,12 @@ def makeService(options, reactor=None) -> service.MultiService:
     from chatproto.limits import raiseOpenFilesLimit
 
     startFailed = StartFailure(reactor, exitStatus)
+    if exitStatus:
+        # twistd: replace the reactor's SIGTERM/SIGINT handlers, which log
+        # from inside the handler (a deadlock against the log file's lock).
+        from chatproto.common.stopsignals import installStopHandlers
+
+        reactor.callWhenRunning(installStopHandlers, reactor)
     endpoints = []
     for description in options["port"]:
         try:
@@ -284,8 +321,18 @@ def makeService(options, reactor=None) -> service.MultiService:
     kdf = KDFPool(reactor, threads=options["kdf-threads"], queue=options["kdf-queue"])
     hasher = PasswordHasher(reactor, n=options["scrypt-n"], pool=kdf)
     tokens = buildTokens(options, presence, reactor)
-    chat = ChatService(store, presence, relay, hasher, reactor, onRelogin=options["on-relogin"], tokens=tokens)
+    chat = ChatService(
+        store,
+        presence,
+        relay,
+        hasher,
+        reactor,
+        onRelogin=options["on-relogin"],
+        friendRequests=options["friend-requests"],
+        tokens=tokens,
+    )
     chat.onStartFailure = startFailed
+    wireLimits(options, reactor, store, chat)
     top = service.MultiService()
     # Stopped last: hashing still running for a session is waited for.
     kdf.setServiceParent(top)
@@ -299,7 +346,15 @@ def makeService(options, reactor=None) -> service.MultiService:
         pruner.clock = reactor
         pruner.setServiceParent(top)
     idle = options["idle-timeout"] or None
-    factory = ChatFactory(chat, reactor, maxLength=options["max-line"], idleTimeout=idle)
+    factory = ChatFactory(
+        chat,
+        reactor,
+        maxLength=options["max-line"],
+        idleTimeout=idle,
+        loginTimeout=options["login-timeout"] or None,
+        outputHighWater=options["output-high-water"],
+        outputCap=options["output-cap"],
+    )
     for endpoint in endpoints:
         StreamServerEndpointService(endpoint, factory).setServiceParent(top)
     return top

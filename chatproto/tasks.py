@@ -1,6 +1,7 @@
 """
 What the chat service's parts share: background work that shutdown waits
-for, and store calls whose outages become error replies.
+for, store calls whose outages (and full mailboxes) become error replies,
+and the start-up gate.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from twisted.python.failure import Failure
 from chatproto import messages as m
 from chatproto.interfaces import NameTaken, NoSuchGroup, NoSuchUser, StoreUnavailable
 from chatproto.messages import RequestError
+from chatproto.sqloffline import MailboxFull
 
 
 class BackgroundTasks:
@@ -20,8 +22,11 @@ class BackgroundTasks:
 
     log = Logger()
 
-    def __init__(self) -> None:
+    def __init__(self, warnings=None) -> None:
         self.pending: set[defer.Deferred] = set()
+        #: a L{chatproto.logrepeat.RepeatedWarnings} for the expected
+        #: failures that come once per message
+        self.warnings = warnings
 
     def track(self, d: defer.Deferred) -> defer.Deferred:
         self.pending.add(d)
@@ -29,7 +34,14 @@ class BackgroundTasks:
         def done(result):
             self.pending.discard(d)
             if isinstance(result, Failure):
-                self.log.failure("background task failed", result)
+                if result.check(MailboxFull):
+                    # Expected: a full mailbox is a fact, not a fault.
+                    if self.warnings is not None:
+                        self.warnings.warn("mailbox full", "not stored offline: {error}", error=result.value)
+                    else:
+                        self.log.info("not stored offline: {error}", error=result.value)
+                else:
+                    self.log.failure("background task failed", result)
             return None
 
         return d.addBoth(done)
@@ -40,21 +52,55 @@ class BackgroundTasks:
 
 
 async def storeCall(d):
-    """Await a store call, turning database outages into an error reply."""
+    """Await a store call, turning database outages and full mailboxes into
+    an error reply (for a full mailbox the L{RequestError} carries the
+    L{MailboxFull} as C{mailboxFull})."""
     try:
         return await d
     except (RequestError, NameTaken, NoSuchUser, NoSuchGroup):
         raise
     except StoreUnavailable as e:
         raise RequestError(m.E_UNAVAILABLE, f"storage unavailable: {e}") from None
+    except MailboxFull as e:
+        error = RequestError(m.E_MAILBOX_FULL)
+        error.mailboxFull = e
+        raise error from None
+
+
+#: Seconds a start-up stage (storage, Redis) may take before the server logs
+#: what it waits for; then again every WAIT_LOG_EVERY seconds.
+WAIT_LOG_AFTER = 1.0
+WAIT_LOG_EVERY = 30.0
+
+_log = Logger()
+
+
+async def loggedWait(clock, what: str, d):
+    """Await C{d}, logging "waiting for C{what}" if it takes long."""
+
+    def waiting():
+        nonlocal call
+        _log.warn("starting: waiting for {what}", what=what)
+        call = clock.callLater(WAIT_LOG_EVERY, waiting)
+
+    call = clock.callLater(WAIT_LOG_AFTER, waiting)
+    try:
+        return await d
+    finally:
+        if call.active():
+            call.cancel()
 
 
 class ReadyGate:
-    """Where requests wait while the service starts."""
+    """Whether the service has started.  Until it has, requests other than
+    PING are refused at once with errno 30 (L{refuse}), naming what start-up
+    waits for; L{whenReady} is for code that needs to wait (tests, tools)."""
 
     def __init__(self) -> None:
         #: True once start-up has finished.
         self.isReady = False
+        #: what start-up waits for now, for the errno 30 replies
+        self.waitingFor = "storage"
         self._waiters: list[defer.Deferred] = []
 
     def whenReady(self) -> defer.Deferred:
@@ -65,6 +111,16 @@ class ReadyGate:
         d = defer.Deferred()
         self._waiters.append(d)
         return d
+
+    def stage(self, clock, what: str, d):
+        """Await start-up stage C{d}, which waits for C{what} (a
+        coroutine; see L{loggedWait})."""
+        self.waitingFor = what
+        return loggedWait(clock, what, d)
+
+    def refuse(self) -> None:
+        """Refuse a request while not ready: errno 30 at once."""
+        raise RequestError(m.E_UNAVAILABLE, f"server is starting (waiting for {self.waitingFor}); retry")
 
     def open(self) -> None:
         self.isReady = True

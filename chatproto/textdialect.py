@@ -21,7 +21,11 @@ commands:
   resume:ID:TOKEN             log in again with the token a login gave
   passwd:OLD:NEW              change your password (ends every other resume token)
   chat:FRIENDID:MESSAGE       send MESSAGE to user FRIENDID
-  addfriend:FRIENDID          make FRIENDID your friend (mutual)
+  addfriend:FRIENDID          make FRIENDID your friend (mutual; or ask them,
+                              when the server wants consent)
+  requests                    list your friends and the requests to answer
+  accept:ID                   accept ID's friend request
+  refuse:ID                   refuse ID's friend request (ID is not told)
   creategroup:NAME:DESC       create a group (you become its creator)
   addgroup:GROUPID            join a group
   groupchat:GROUPID:MESSAGE   send MESSAGE to a group
@@ -47,7 +51,13 @@ _COMMANDS: dict[str, tuple[int, tuple[tuple[str, type], ...]]] = {
     "loginout": (m.LOGINOUT_MSG, ()),
     "logout": (m.LOGINOUT_MSG, ()),
     "ping": (m.PING_MSG, ()),
+    "requests": (m.FRIEND_LIST_MSG, ()),
+    "accept": (m.FRIEND_REPLY_MSG, (("id", int),)),
+    "refuse": (m.FRIEND_REPLY_MSG, (("id", int),)),
 }
+
+#: Fields a command sets by itself.
+_PRESETS = {"accept": {"accept": True}, "refuse": {"accept": False}}
 
 #: Commands answered by the protocol itself, not the service.
 HELP_COMMAND = "help"
@@ -88,6 +98,7 @@ def parseText(line: str) -> Request | str:
             except ValueError:
                 raise RequestError(m.E_BAD_FIELD, f"{field} must be a number; usage: {_usage(command)}") from None
         args[field] = value
+    args.update(_PRESETS.get(command, ()))
     return validate(msgid, args)
 
 
@@ -163,6 +174,7 @@ def _render(msg: dict) -> list[str]:
             lines[0] += f" (resume with resume:{msg['id']}:{msg['token']})"
         lines += _friendLines([_loads(f) for f in msg.get("friends", [])])
         lines += _groupLines([_loads(g) for g in msg.get("groups", [])])
+        lines += [_requestLine(r) for r in msg.get("requests", [])]
         offline = msg.get("offlinemsg", [])
         if offline:
             lines.append(f"{len(offline)} offline message(s):")
@@ -179,10 +191,20 @@ def _render(msg: dict) -> list[str]:
     if msgid == m.LOGINOUT_MSG_ACK:
         return ["logged out"]
     if msgid == m.ONE_CHAT_MSG_ACK:
-        how = "delivered to" if msg.get("state") == "delivered" else "stored offline for"
+        how = {"delivered": "delivered to", "sent": "sent to"}.get(msg.get("state"), "stored offline for")
         return [f"{how} [{msg['toid']}]"]
     if msgid == m.ADD_FRIEND_MSG_ACK:
+        if msg.get("state") == "requested":
+            return [f"request sent to [{msg['friend']['id']}]"]
+        if msg.get("state") == "friends":
+            return [f"already friends: {_user(msg['friend'])}"]
         return [f"friend added: {_user(msg['friend'])}"]
+    if msgid == m.FRIEND_REPLY_MSG_ACK:
+        if msg.get("accept"):
+            return [f"friend added: {_user(msg['friend'])}"]
+        return [f"refused [{msg['id']}]'s friend request"]
+    if msgid == m.FRIEND_REQUEST_NOTICE:
+        return [_requestLine(msg)]
     if msgid == m.CREATE_GROUP_MSG_ACK:
         return [f"group created: [{msg['groupid']}]{msg['groupname']}"]
     if msgid == m.ADD_GROUP_MSG_ACK:
@@ -190,7 +212,7 @@ def _render(msg: dict) -> list[str]:
     if msgid == m.GROUP_CHAT_MSG_ACK:
         return [f"sent to group [{msg['groupid']}]: {msg['delivered']} online, {msg['stored']} stored offline"]
     if msgid == m.FRIEND_LIST_MSG_ACK:
-        return _friendLines(msg["friends"], empty=True)
+        return _friendLines(msg["friends"], empty=True) + [_requestLine(r) for r in msg.get("requests", [])]
     if msgid == m.GROUP_LIST_MSG_ACK:
         return _groupLines(msg["groups"], empty=True)
     if msgid == m.KICK_NOTICE:
@@ -206,6 +228,11 @@ def _friendLines(friends: list, empty: bool = False) -> list[str]:
     if not friends:
         return ["no friends yet"] if empty else []
     return ["friends:"] + ["  " + _user(f) for f in friends]
+
+
+def _requestLine(request: dict) -> str:
+    uid = request["id"]
+    return f"friend request from [{uid}]{request['name']} (accept with: accept:{uid}, refuse with: refuse:{uid})"
 
 
 def _groupLines(groups: list, empty: bool = False) -> list[str]:

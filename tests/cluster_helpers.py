@@ -194,9 +194,13 @@ class RedisServer:
             "--appendonly", "no",
             "--dir", self.directory,
             "--daemonize", "no",
+            *self.extraArgs,
         ]  # fmt: skip
         self.process = Process(argv, os.path.join(self.directory, "redis.log"))
         return until(lambda: canConnect("127.0.0.1", self.port), 10, what="redis-server to listen")
+
+    #: more redis-server arguments
+    extraArgs: tuple = ()
 
     def kill(self) -> None:
         if self.process is not None:
@@ -380,3 +384,135 @@ class MariaDBServer:
     def cleanup(self) -> None:
         self.kill()
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+# --- a private replicated Redis with Sentinel -----------------------------
+
+
+class RedisReplica(RedisServer):
+    """A private redis-server replicating C{master} (a L{RedisServer})."""
+
+    def __init__(self, master: RedisServer, directory: str | None = None) -> None:
+        super().__init__(directory)
+        self.master = master
+
+    def start(self) -> defer.Deferred:
+        argv = [
+            REDIS_SERVER,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", self.directory,
+            "--daemonize", "no",
+            "--replicaof", "127.0.0.1", str(self.master.port),
+        ]  # fmt: skip
+        self.process = Process(argv, os.path.join(self.directory, "redis.log"))
+        return until(lambda: canConnect("127.0.0.1", self.port), 10, what="the replica to listen")
+
+
+class RedisSentinel:
+    """
+    A private sentinel (C{redis-server --sentinel}) watching C{master} under
+    the name C{name}, with fast failover settings (down after 500 ms,
+    failover timeout 2 s, quorum 2 of 3).
+    """
+
+    def __init__(self, master: RedisServer, name: str = "mymaster", quorum: int = 2) -> None:
+        self.directory = tempfile.mkdtemp(prefix="chat-sentinel-")
+        self.port = freePort()
+        self.master = master
+        self.name = name
+        self.quorum = quorum
+        self.process: Process | None = None
+
+    def start(self) -> defer.Deferred:
+        config = os.path.join(self.directory, "sentinel.conf")
+        with open(config, "w") as f:
+            f.write(
+                f"port {self.port}\n"
+                "bind 127.0.0.1\n"
+                f"dir {self.directory}\n"
+                f"sentinel monitor {self.name} 127.0.0.1 {self.master.port} {self.quorum}\n"
+                f"sentinel down-after-milliseconds {self.name} 500\n"
+                f"sentinel failover-timeout {self.name} 2000\n"
+                f"sentinel parallel-syncs {self.name} 1\n"
+            )
+        self.process = Process([REDIS_SERVER, config, "--sentinel"], os.path.join(self.directory, "sentinel.log"))
+        return until(lambda: canConnect("127.0.0.1", self.port), 10, what="the sentinel to listen")
+
+    def master_address(self):
+        r = SyncRedis(port=self.port)
+        try:
+            return r("SENTINEL", "get-master-addr-by-name", self.name)
+        finally:
+            r.close()
+
+    def cleanup(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process = None
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class SentinelGroup:
+    """A private master, one replica and three sentinels; L{url} is the
+    C{redis+sentinel://} URL the chat servers use."""
+
+    def __init__(self, name: str = "mymaster") -> None:
+        self.name = name
+        self.master = RedisServer()
+        # The replica's first sync starts at once (the default waits 5 s).
+        self.master.extraArgs = ("--repl-diskless-sync-delay", "0")
+        self.replica = RedisReplica(self.master)
+        self.sentinels = [RedisSentinel(self.master, name) for _ in range(3)]
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        return f"redis+sentinel://{hosts}/{self.name}"
+
+    async def start(self) -> None:
+        await self.master.start()
+        await self.replica.start()
+
+        def replicated():
+            r = SyncRedis(port=self.master.port)
+            try:
+                return "state=online" in r("INFO", "replication")
+            finally:
+                r.close()
+
+        await until(replicated, 20, interval=0.05, what="the replica's first sync")
+        for s in self.sentinels:
+            await s.start()
+
+        def allSeeTheReplica():
+            for s in self.sentinels:
+                r = SyncRedis(port=s.port)
+                try:
+                    info = r("SENTINEL", "master", self.name)
+                finally:
+                    r.close()
+                fields = dict(zip(info[::2], info[1::2]))
+                if fields.get("num-slaves") != "1" or fields.get("num-other-sentinels") != "2":
+                    return False
+            return True
+
+        await until(allSeeTheReplica, 30, interval=0.1, what="the sentinels to see each other and the replica")
+
+    def currentMaster(self) -> int | None:
+        """The port the sentinels name as master (the first that answers)."""
+        for s in self.sentinels:
+            try:
+                host, port = s.master_address()
+                return int(port)
+            except (OSError, ConnectionError, TypeError, ValueError):
+                continue
+        return None
+
+    def cleanup(self) -> None:
+        for s in self.sentinels:
+            s.cleanup()
+        self.replica.cleanup()
+        self.master.cleanup()

@@ -7,7 +7,17 @@ that fires with a started store (closed by the mixin after each test).
 from twisted.internet import defer
 from zope.interface.verify import verifyObject
 
-from chatproto.interfaces import Group, GroupMember, IChatStore, NameTaken, NoSuchGroup, NoSuchUser, User
+from chatproto.interfaces import (
+    FriendRequest,
+    Group,
+    GroupMember,
+    IChatStore,
+    NameTaken,
+    NoSuchGroup,
+    NoSuchUser,
+    TooManyRequests,
+    User,
+)
 
 
 class StoreContract:
@@ -154,3 +164,89 @@ class StoreContract:
         seen = []
         await self.store.takeOffline(a, lambda p: seen.append(p) or True)
         self.assertEqual(seen, [["in flight"]])
+
+    # --- friend requests (chatproto.sqlfriends) -----------------------------
+
+    async def test_friendRequestAccepted(self):
+        """A request is pending (idempotently) until accepted; then both
+        are friends and the request is gone."""
+        a, b = await self.users("alice", "bob")
+        self.assertEqual(await self.store.requestFriend(a, b, 1000.0, 0.0, 10), "requested")
+        self.assertEqual(await self.store.requestFriend(a, b, 1001.0, 0.0, 10), "pending")
+        self.assertEqual(await self.store.getFriendRequests(b, 0.0), [FriendRequest(a, "alice", 1000.0)])
+        self.assertEqual(await self.store.getFriendRequests(a, 0.0), [])
+        self.assertEqual(await self.store.getFriends(a), [])
+        self.assertTrue(await self.store.answerFriendRequest(b, a, True, 0.0))
+        self.assertEqual(await self.store.getFriends(a), [(b, "bob")])
+        self.assertEqual(await self.store.getFriends(b), [(a, "alice")])
+        self.assertEqual(await self.store.getFriendRequests(b, 0.0), [])
+        self.assertFalse(await self.store.answerFriendRequest(b, a, True, 0.0))
+        self.assertEqual(await self.store.requestFriend(a, b, 1002.0, 0.0, 10), "friends")
+
+    async def test_friendRequestRefused(self):
+        """A refused request disappears for its target, stays "pending"
+        for its requester (who cannot ask again) until it expires."""
+        a, b = await self.users("alice", "bob")
+        await self.store.requestFriend(a, b, 1000.0, 0.0, 10)
+        self.assertTrue(await self.store.answerFriendRequest(b, a, False, 0.0))
+        self.assertEqual(await self.store.getFriendRequests(b, 0.0), [])
+        self.assertFalse(await self.store.answerFriendRequest(b, a, True, 0.0))
+        self.assertEqual(await self.store.requestFriend(a, b, 1001.0, 0.0, 10), "pending")
+        self.assertEqual(await self.store.getFriendRequests(b, 0.0), [])
+        self.assertEqual(await self.store.getFriends(a), [])
+        # Expired (created before since = 1500): a new request may be made.
+        self.assertEqual(await self.store.requestFriend(a, b, 2000.0, 1500.0, 10), "requested")
+        self.assertEqual(await self.store.getFriendRequests(b, 1500.0), [FriendRequest(a, "alice", 2000.0)])
+
+    async def test_friendRequestsCrossed(self):
+        """A request to someone who asked you first makes both friends."""
+        a, b = await self.users("alice", "bob")
+        await self.store.requestFriend(a, b, 1000.0, 0.0, 10)
+        self.assertEqual(await self.store.requestFriend(b, a, 1001.0, 0.0, 10), "accepted")
+        self.assertEqual(await self.store.getFriends(a), [(b, "bob")])
+        self.assertEqual(await self.store.getFriendRequests(a, 0.0), [])
+        self.assertEqual(await self.store.getFriendRequests(b, 0.0), [])
+
+    async def test_friendRequestsExpire(self):
+        """Requests older than since are not listed, cannot be answered
+        and do not count against the cap."""
+        a, b, c = await self.users("alice", "bob", "carol")
+        await self.store.requestFriend(a, b, 1000.0, 0.0, 1)
+        self.assertEqual(await self.store.getFriendRequests(b, 1000.0), [FriendRequest(a, "alice", 1000.0)])
+        self.assertEqual(await self.store.getFriendRequests(b, 1000.5), [])
+        self.assertFalse(await self.store.answerFriendRequest(b, a, True, 1000.5))
+        self.assertEqual(await self.store.getFriends(b), [])
+        # The expired one no longer counts: the cap of 1 lets a new one through.
+        self.assertEqual(await self.store.requestFriend(a, c, 2000.0, 1500.0, 1), "requested")
+
+    async def test_friendRequestCap(self):
+        """At most cap unexpired requests out per requester; answered
+        (refused) ones still count, accepted ones do not."""
+        users = await self.users("alice", "bob", "carol", "dave", "erin")
+        a, others = users[0], users[1:]
+        for other in others[:3]:
+            self.assertEqual(await self.store.requestFriend(a, other, 1000.0, 0.0, 3), "requested")
+        with self.assertRaises(TooManyRequests):
+            await self.store.requestFriend(a, others[3], 1000.0, 0.0, 3)
+        # A repeat of a pending one is still a no-op, not an error.
+        self.assertEqual(await self.store.requestFriend(a, others[0], 1000.0, 0.0, 3), "pending")
+        await self.store.answerFriendRequest(others[0], a, False, 0.0)
+        with self.assertRaises(TooManyRequests):
+            await self.store.requestFriend(a, others[3], 1000.0, 0.0, 3)
+        await self.store.answerFriendRequest(others[1], a, True, 0.0)
+        self.assertEqual(await self.store.requestFriend(a, others[3], 1000.0, 0.0, 3), "requested")
+        self.assertEqual([r.id for r in await self.store.getFriendRequests(others[3], 0.0)], [a])
+
+    async def test_friendRequestNoSuchUser(self):
+        [a] = await self.users("alice")
+        with self.assertRaises(NoSuchUser):
+            await self.store.requestFriend(a, a + 1000, 1000.0, 0.0, 10)
+        self.assertFalse(await self.store.answerFriendRequest(a, a + 1000, True, 0.0))
+
+    async def test_friendRequestsListedOldestFirstAndLimited(self):
+        a, b, c, d = await self.users("alice", "bob", "carol", "dave")
+        await self.store.requestFriend(c, a, 1002.0, 0.0, 10)
+        await self.store.requestFriend(b, a, 1001.0, 0.0, 10)
+        await self.store.requestFriend(d, a, 1003.0, 0.0, 10)
+        self.assertEqual([r.id for r in await self.store.getFriendRequests(a, 0.0)], [b, c, d])
+        self.assertEqual([r.name for r in await self.store.getFriendRequests(a, 0.0, 2)], ["bob", "carol"])

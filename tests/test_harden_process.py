@@ -63,7 +63,7 @@ class StartUpFailureTests(unittest.TestCase):
         path = self.mktemp()
         with open(path, "wb") as f:
             f.write(b"[chat]\nname = caf\xe9\n")
-        await self.assertFailsWith("is not UTF-8", "--config", path)
+        await self.assertFailsWith("not UTF-8", "--config", path)
 
     async def test_portInUse(self):
         with socket.socket() as busy:

@@ -42,6 +42,20 @@ async def waitForPort(port: int, timeout: float = 20) -> None:
     raise AssertionError(f"nothing listens on {port}")
 
 
+async def waitForReady(port: int, timeout: float = 20) -> None:
+    """Poll until the server on C{port} has started (until then it answers
+    every request but PING with errno 30)."""
+    await waitForPort(port, timeout)
+    for _ in range(int(timeout / 0.05)):
+        client = await connectClient(reactor, port)
+        reply = await client.request({"msgid": m.FRIEND_LIST_MSG})
+        client.transport.loseConnection()
+        if reply.get("errno") != m.E_UNAVAILABLE:
+            return
+        await task.deferLater(reactor, 0.05, lambda: None)
+    raise AssertionError(f"the server on {port} did not start")
+
+
 class ProcessTests(unittest.TestCase):
     async def test_sigtermEndsSessionsAndExits(self):
         port = freePort()
@@ -56,7 +70,7 @@ class ProcessTests(unittest.TestCase):
             env=dict(os.environ),
         )
         self.addCleanup(lambda: exited.ended if exited.ended.called else (process.signalProcess("KILL"), exited.ended)[1])
-        await waitForPort(port)
+        await waitForReady(port)
         client = await connectClient(reactor, port)
         uid = (await client.request({"msgid": 4, "name": "alice", "password": "pw"}))["id"]
         self.assertEqual((await client.request({"msgid": 1, "id": uid, "password": "pw"}))["errno"], 0)

@@ -189,7 +189,16 @@ class AccountTests(unittest.TestCase):
         reply = self.c.request({"msgid": 1, "id": uid, "password": "secret"})
         self.assertEqual(
             reply,
-            {"msgid": 2, "errno": 0, "id": uid, "name": "alice", "friends": [], "groups": [], "offlinemsg": []},
+            {
+                "msgid": 2,
+                "errno": 0,
+                "id": uid,
+                "name": "alice",
+                "friends": [],
+                "groups": [],
+                "requests": [],
+                "offlinemsg": [],
+            },
         )
         self.assertIs(self.h.service.sessions[uid], self.c.protocol)
 
@@ -412,7 +421,7 @@ class FriendTests(unittest.TestCase):
         # Mutual.
         self.assertEqual(
             bob.request({"msgid": 17}),
-            {"msgid": 18, "errno": 0, "friends": [{"id": self.a, "name": "alice", "state": "online"}]},
+            {"msgid": 18, "errno": 0, "friends": [{"id": self.a, "name": "alice", "state": "online"}], "requests": []},
         )
 
     def test_addFriendErrors(self):

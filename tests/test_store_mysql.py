@@ -12,7 +12,7 @@ from twisted.trial import unittest
 
 from chatproto.config import parseDatabaseURL
 from chatproto.interfaces import NameTaken, StoreUnavailable
-from chatproto.mysqlstore import MySQLStore
+from chatproto.mysqlstore import MYSQL_MIGRATIONS, MySQLStore
 from tests.cluster_helpers import (
     dropDatabase,
     freePort,
@@ -88,7 +88,7 @@ class MySQLSpecificTests(MySQLStoreMixin, unittest.TestCase):
         for table in ("users", "friends", "chat_groups", "group_members", "offline_messages", "schema_version"):
             self.assertIn(table, tables)
         self.assertEqual(tables["offline_messages"], "InnoDB")
-        self.assertEqual(self.query("SELECT version FROM schema_version"), ((1,),))
+        self.assertEqual(self.query("SELECT version FROM schema_version"), ((len(MYSQL_MIGRATIONS),),))
         keys = self.query(
             "SELECT table_name, index_name, non_unique FROM information_schema.statistics"
             " WHERE table_schema = %s AND seq_in_index = 1",
@@ -112,7 +112,7 @@ class MySQLSpecificTests(MySQLStoreMixin, unittest.TestCase):
         schema is created once."""
         stores = [self.newStore() for _ in range(3)]
         yield defer.gatherResults([s.start() for s in stores])
-        self.assertEqual(self.query("SELECT version FROM schema_version"), ((1,),))
+        self.assertEqual(self.query("SELECT version FROM schema_version"), ((len(MYSQL_MIGRATIONS),),))
         # And again on an existing schema.
         yield self.newStore().start()
         self.assertEqual(self.query("SELECT COUNT(*) FROM schema_version"), ((1,),))

@@ -42,40 +42,44 @@ class StartupTests(unittest.TestCase):
         protocol.makeConnection(transport)
         return Client(protocol, transport)
 
-    def test_requestsWaitUntilReady(self) -> None:
-        """Requests that arrive while storage starts are queued, in order,
-        and answered once the service is ready."""
+    def test_startingAnswersPingAndRefusesTheRest(self) -> None:
+        """While storage starts, PING is answered and every other request
+        gets errno 30 at once (nothing is queued); once ready, requests are
+        carried out."""
         client = self.connect()
         client.send({"msgid": m.PING_MSG, "seq": 1})
         client.send({"msgid": 4, "name": "alice", "password": "secret", "seq": 2})
         self.assertFalse(self.service.isReady)
-        self.assertEqual(client.lines(), [])
-        self.gate.callback(None)
-        self.assertTrue(self.service.isReady)
         replies = client.replies()
         self.assertEqual([(r["msgid"], r["seq"]) for r in replies], [(m.PONG_MSG, 1), (m.REG_MSG_ACK, 2)])
-        self.assertEqual(replies[1]["errno"], 0)
+        self.assertEqual(replies[1]["errno"], m.E_UNAVAILABLE)
+        self.assertIn("server is starting", replies[1]["errmsg"])
+        self.gate.callback(None)
+        self.assertTrue(self.service.isReady)
+        reply = client.request({"msgid": 4, "name": "alice", "password": "secret"})
+        self.assertEqual(reply["errno"], 0)
         self.assertEqual(self.failures, [])
 
     def test_whenReadyAfterReady(self) -> None:
         self.gate.callback(None)
         self.assertIsNone(self.successResultOf(self.service.whenReady()))
 
-    def test_startFailureAnswersQueuedRequests(self) -> None:
-        """When start-up fails, every queued request gets errno 30 (the
-        connection stays usable), and C{onStartFailure} is told once."""
+    def test_startFailureAnswersRequests(self) -> None:
+        """When start-up fails, PING is still answered and every other
+        request gets errno 30 (the connection stays usable);
+        C{onStartFailure} is told once, and no traceback is logged."""
         client = self.connect()
-        client.send({"msgid": m.PING_MSG})
         waiter = self.service.whenReady()
         self.gate.errback(RuntimeError("no database"))
-        [reply] = client.replies()
-        self.assertEqual((reply["msgid"], reply["errno"]), (m.PONG_MSG, m.E_UNAVAILABLE))
         self.failureResultOf(waiter, m.RequestError)
         [failure] = self.failures
         self.assertTrue(failure.check(RuntimeError))
         self.assertFalse(self.service.isReady)
+        self.assertEqual(client.request({"msgid": m.PING_MSG}), {"msgid": m.PONG_MSG})
+        reply = client.request({"msgid": m.FRIEND_LIST_MSG})
+        self.assertEqual(reply["errno"], m.E_UNAVAILABLE)
         self.assertFalse(client.closed)
-        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(self.flushLoggedErrors(RuntimeError), [])
 
 
 class SeamTests(unittest.TestCase):

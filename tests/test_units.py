@@ -75,27 +75,39 @@ class TextDialectTests(unittest.TestCase):
             self.assertEqual(e.exception.errno, errno, line)
 
     def test_renderEverySpecReply(self):
-        """Every reply and notice renders to readable text, not raw JSON."""
+        """Every reply and notice renders to its readable text."""
         samples = [
-            {"msgid": m.REG_MSG_ACK, "errno": 0, "id": 1, "name": "a"},
-            {"msgid": m.LOGINOUT_MSG_ACK, "errno": 0},
-            {"msgid": m.ONE_CHAT_MSG_ACK, "errno": 0, "toid": 2, "state": "delivered"},
-            {"msgid": m.ADD_FRIEND_MSG_ACK, "errno": 0, "friend": {"id": 2, "name": "b", "state": "online"}},
-            {"msgid": m.CREATE_GROUP_MSG_ACK, "errno": 0, "groupid": 1, "groupname": "g"},
-            {"msgid": m.ADD_GROUP_MSG_ACK, "errno": 0, "groupid": 1, "groupname": "g"},
-            {"msgid": m.GROUP_CHAT_MSG_ACK, "errno": 0, "groupid": 1, "delivered": 1, "stored": 0},
-            {"msgid": m.FRIEND_LIST_MSG_ACK, "errno": 0, "friends": []},
-            {"msgid": m.GROUP_LIST_MSG_ACK, "errno": 0, "groups": []},
-            {"msgid": m.PONG_MSG},
-            {"msgid": m.KICK_NOTICE, "reason": "r"},
-            {"msgid": m.FRIEND_STATE_NOTICE, "id": 2, "name": "b", "state": "offline"},
-            {"msgid": m.FRIEND_ADDED_NOTICE, "id": 2, "name": "b"},
-            {"msgid": m.GROUP_CHAT_MSG, "id": 2, "name": "b", "groupid": 1, "msg": "hi", "time": "t"},
-            m.error(m.E_BAD_JSON),
+            ({"msgid": m.REG_MSG_ACK, "errno": 0, "id": 1, "name": "a"}, "registered: your id is 1; log in with login:1:PASSWORD"),
+            ({"msgid": m.LOGINOUT_MSG_ACK, "errno": 0}, "logged out"),
+            ({"msgid": m.ONE_CHAT_MSG_ACK, "errno": 0, "toid": 2, "state": "delivered"}, "delivered to [2]"),
+            (
+                {"msgid": m.ADD_FRIEND_MSG_ACK, "errno": 0, "friend": {"id": 2, "name": "b", "state": "online"}},
+                "friend added: [2]b online",
+            ),
+            ({"msgid": m.CREATE_GROUP_MSG_ACK, "errno": 0, "groupid": 1, "groupname": "g"}, "group created: [1]g"),
+            ({"msgid": m.ADD_GROUP_MSG_ACK, "errno": 0, "groupid": 1, "groupname": "g"}, "joined group [1]g"),
+            (
+                {"msgid": m.GROUP_CHAT_MSG_ACK, "errno": 0, "groupid": 1, "delivered": 1, "stored": 0},
+                "sent to group [1]: 1 online, 0 stored offline",
+            ),
+            ({"msgid": m.FRIEND_LIST_MSG_ACK, "errno": 0, "friends": []}, "no friends yet"),
+            ({"msgid": m.GROUP_LIST_MSG_ACK, "errno": 0, "groups": []}, "no groups yet"),
+            ({"msgid": m.PONG_MSG}, "PONG"),
+            ({"msgid": m.KICK_NOTICE, "reason": "r"}, "disconnected: r"),
+            ({"msgid": m.FRIEND_STATE_NOTICE, "id": 2, "name": "b", "state": "offline"}, "[2]b is now offline"),
+            ({"msgid": m.FRIEND_ADDED_NOTICE, "id": 2, "name": "b"}, "[2]b added you as a friend"),
+            (
+                {"msgid": m.GROUP_CHAT_MSG, "id": 2, "name": "b", "groupid": 1, "msg": "hi", "time": "t"},
+                "t group[1] [2]b said: hi",
+            ),
+            (m.error(m.E_BAD_JSON), "error 10: malformed JSON"),
+            (
+                {"msgid": m.ONE_CHAT_MSG_ACK, "errno": m.E_MAILBOX_FULL, "errmsg": m.ERROR_TEXT[m.E_MAILBOX_FULL]},
+                "error 25: the recipient's mailbox is full",
+            ),
         ]
-        for sample in samples:
-            for line in render(sample):
-                self.assertFalse(line.startswith("{"), sample)
+        for sample, text in samples:
+            self.assertEqual(render(sample), [text], sample)
 
     def test_renderGroupChat(self):
         msg = {"msgid": 10, "id": 2, "name": "bob", "groupid": 3, "msg": "hi", "time": "2026-11-22 10:00:00"}

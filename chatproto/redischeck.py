@@ -1,0 +1,103 @@
+"""
+One session per account, repaired: a server compares its sessions with the
+presence entries in Redis after every (re)connection, after every
+(re)subscription and on each registry refresh (every 2 s).
+
+ - An entry that is missing, or names a server that is gone, is written
+   again: Redis lost it (a restart, or a failover: replication is
+   asynchronous, so a claim acknowledged by the old master may never have
+   reached the new one).
+ - An entry naming another live server means the account was taken there;
+   the kick that server published may have been lost (pub/sub is
+   at-most-once: published while this server's subscriber was
+   reconnecting), so this server closes its own session now.
+ - An entry naming another session of this server is left alone (a newer
+   login here is under way).
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from chatproto.redisscripts import REASSERT, RELEASE
+
+log = Logger()
+
+#: sessions per script call
+CHUNK = 500
+
+
+class SessionCheck:
+    """
+    @param cluster: the L{chatproto.rediscluster.RedisCluster}.
+    """
+
+    def __init__(self, cluster) -> None:
+        self.cluster = cluster
+        self._running: defer.Deferred | None = None
+        self._again = False
+
+    def run(self) -> defer.Deferred:
+        """Check now; a check asked for while one runs runs once more
+        after it (with the sessions of that moment)."""
+        if self._running is not None:
+            self._again = True
+            return self._running
+        self._again = False
+        d = self._running = defer.Deferred.fromCoroutine(self._check())
+
+        def done(result):
+            self._running = None
+            if self._again and not self.cluster.stopping:
+                return self.run()
+            return result
+
+        return d.addBoth(done)
+
+    def afterSubscribe(self, p) -> None:
+        """The subscriber connection C{p} is (re)made and its SUBSCRIBE
+        sent: once Redis has taken it (a PING answered after it, on the
+        same connection), check, since kicks published meanwhile were
+        lost."""
+        cluster = self.cluster
+
+        def subscribed(_):
+            if cluster.registered and not cluster.stopping:
+                return self.run()
+            return None
+
+        d = p.ping().addCallback(subscribed)
+        d.addErrback(lambda f: log.warn("checking sessions after subscribing: {error}", error=f.getErrorMessage()))
+
+    async def _check(self) -> None:
+        cluster = self.cluster
+        receiver = cluster.relay.receiver
+        if receiver is None:
+            return
+        sessions = list(receiver.localSessions())
+        if not sessions:
+            return
+        sids = dict(sessions)
+        lost = []
+        for start in range(0, len(sessions), CHUNK):
+            args = [cluster.name]
+            for uid, sid in sessions[start : start + CHUNK]:
+                args += [int(uid), sid]
+            lost += await cluster.eval(REASSERT, args)
+        if lost:
+            log.info(
+                "{lost} of the {n} sessions of {name} are logged in elsewhere now; closing them here",
+                n=len(sessions),
+                name=cluster.name,
+                lost=len(lost),
+            )
+        for uid in lost:
+            uid = int(uid)
+            receiver.kickLocal(uid, sids[uid], "logged in elsewhere")
+        # Sessions that ended while the check ran: it may have written
+        # their entry again; take it back (compare-and-delete).
+        current = dict(receiver.localSessions())
+        for uid, sid in sessions:
+            if current.get(uid) != sid:
+                await cluster.eval(RELEASE, [cluster.name, int(uid), sid])
