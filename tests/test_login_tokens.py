@@ -190,6 +190,15 @@ class TokenLoginTests(unittest.TestCase):
         client.disconnect()
         self.assertEqual(self.h.resume(self.alice, reply["token"])[1]["errno"], 0)
 
+    def test_shutdownKeepsToken(self):
+        """A graceful stop kicks each session and then logs it out
+        (chatproto.shutdown): that logout does not revoke the token."""
+        client, reply = self.h.passwordLogin(self.alice)
+        client.protocol.kick("server shutting down")
+        self.successResultOf(defer.Deferred.fromCoroutine(self.h.service.logout(client.protocol)))
+        client.disconnect()
+        self.assertEqual(self.h.resume(self.alice, reply["token"])[1]["errno"], 0)
+
     def test_wrongTokensThrottled(self):
         """Five wrong tokens, and even the right one is refused with errno
         3 until the back-off passes."""
