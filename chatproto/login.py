@@ -55,11 +55,25 @@ class LoginFlow:
         self.tasks = tasks
         self.onRelogin = onRelogin
         self.credentials = Credentials(store, hasher, clock, tokens, registry.names)
+        self.slots = defer.DeferredSemaphore(self.maxLoginsInFlight)
+
+    #: Logins carried out at once; more wait their turn.  A reconnect storm
+    #: (thousands of token logins in a second) then keeps the Redis and
+    #: database queues short: replies come back within the Redis reply
+    #: timeout, and each login finishes sooner.
+    maxLoginsInFlight = 128
 
     async def login(self, session, request) -> None:
-        """Carry out a login request (password or token); the reply (with
-        the offline messages) is sent from inside the hand-over, so nothing
-        is returned."""
+        """Carry out a login request (password or token), at most
+        L{maxLoginsInFlight} at once; the reply (with the offline messages)
+        is sent from inside the hand-over, so nothing is returned."""
+        await self.slots.acquire()
+        try:
+            return await self._login(session, request)
+        finally:
+            self.slots.release()
+
+    async def _login(self, session, request) -> None:
         uid = request.args["id"]
         if session.uid is not None:
             raise RequestError(m.E_ALREADY_LOGGED_IN)

@@ -280,6 +280,33 @@ class TokenLoginTests(unittest.TestCase):
             self.assertEqual(self.h.resume(uid, "F" * 43, host="10.9.9.9")[1]["errno"], m.E_INVALID)
         self.assertEqual(self.h.resume(uids[50], "F" * 43, host="10.9.9.9")[1]["errno"], m.E_THROTTLED)
 
+    def test_loginsInFlightBounded(self):
+        """A burst of token logins: at most maxLoginsInFlight are carried
+        out at once; the rest wait their turn and then succeed."""
+        held = []
+
+        class SlowTokens(MemoryTokenStore):
+            def resume(self, uid, token):
+                d = defer.Deferred()
+                held.append(d)
+                return d.addCallback(lambda _: MemoryTokenStore.resume(self, uid, token))
+
+        h = TokenHarness(tokens=SlowTokens(Clock()))
+        h.service.loginFlow.slots = defer.DeferredSemaphore(3)
+        tokens = {}
+        for i in range(5):
+            uid = h.register(f"w{i}")
+            tokens[uid] = h.passwordLogin(uid)[1]["token"]
+        clients = []
+        for uid, token in tokens.items():
+            client = h.connect(host=f"10.0.4.{uid}")
+            client.send({"msgid": m.LOGIN_MSG, "id": uid, "token": token})
+            clients.append(client)
+        self.assertEqual(len(held), 3)
+        while held:
+            held.pop(0).callback(None)
+        self.assertEqual([c.reply()["errno"] for c in clients], [0] * 5)
+
     def test_storeUnavailable(self):
         """A token store that is down: errno 30, not counted as failures;
         a password login then goes on without a token."""
