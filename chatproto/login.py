@@ -12,12 +12,12 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from chatproto import messages as m
+from chatproto.credentials import Credentials
 from chatproto.interfaces import ClaimResult, Location, PresenceUnavailable
 from chatproto.messages import RequestError, encode
 from chatproto.registry import OFFLINE, ONLINE
 from chatproto.sqloffline import pageOffline
 from chatproto.tasks import storeCall
-from chatproto.throttle import LoginThrottle
 
 
 def groupDict(group, states: dict, asStrings: bool = False) -> dict:
@@ -33,16 +33,17 @@ class LoginFlow:
     """
     @param onRelogin: C{"kick"} (a new login closes the old session) or
         C{"reject"} (a new login is refused while the old one lives).
-    @ivar throttleAccount, throttleAddress: failed logins per account, and
-        per client address (behind a balancer that does not send the PROXY
-        header every client shares its address, so that limit is looser).
+    @param tokens: the L{chatproto.tokens.ITokenStore} (None: no tokens).
+    @ivar credentials: the L{Credentials} (throttles, password, tokens).
     """
 
     log = Logger()
     #: the service's L{chatproto.friendrequests.FriendRequests}
     friendRequests = None
 
-    def __init__(self, registry, delivery, store, presence, relay, hasher, clock, tasks, onRelogin: str = "kick"):
+    def __init__(
+        self, registry, delivery, store, presence, relay, hasher, clock, tasks, onRelogin: str = "kick", tokens=None
+    ):
         if onRelogin not in ("kick", "reject"):
             raise ValueError(f"onRelogin must be kick or reject, not {onRelogin!r}")
         self.registry = registry
@@ -53,51 +54,61 @@ class LoginFlow:
         self.hasher = hasher
         self.tasks = tasks
         self.onRelogin = onRelogin
-        self.throttleAccount = LoginThrottle(clock, allowed=5)
-        self.throttleAddress = LoginThrottle(clock, allowed=50)
+        self.credentials = Credentials(store, hasher, clock, tokens, registry.names)
+        self.slots = defer.DeferredSemaphore(self.maxLoginsInFlight)
 
-    async def verify(self, session, uid: int, password: str):
-        """The L{User} C{uid} if C{password} is right; throttled."""
-        wait = max(self.throttleAccount.retryAfter(uid), self.throttleAddress.retryAfter(session.peerHost))
-        if wait > 0:
-            raise RequestError(m.E_THROTTLED, f"too many failed logins; retry in {int(wait) + 1} s")
-        user = await storeCall(self.store.getUser(uid))
-        valid = await self.hasher.verify(password, user.passwordHash if user else None)
-        if not valid:
-            self.throttleAccount.failed(uid)
-            self.throttleAddress.failed(session.peerHost)
-            self.log.info("failed login for {uid} from {peer}", uid=uid, peer=session.peerHost)
-            raise RequestError(m.E_INVALID, "id or password is invalid")
-        self.throttleAccount.succeeded(uid)
-        return user
+    #: Logins carried out at once; more wait their turn.  A reconnect storm
+    #: (thousands of token logins in a second) then keeps the Redis and
+    #: database queues short: replies come back within the Redis reply
+    #: timeout, and each login finishes sooner.
+    maxLoginsInFlight = 128
 
     async def login(self, session, request) -> None:
-        """Carry out a login request; the reply (with the offline messages)
+        """Carry out a login request (password or token), at most
+        L{maxLoginsInFlight} at once; the reply (with the offline messages)
         is sent from inside the hand-over, so nothing is returned."""
+        await self.slots.acquire()
+        try:
+            return await self._login(session, request)
+        finally:
+            self.slots.release()
+
+    async def _login(self, session, request) -> None:
         uid = request.args["id"]
         if session.uid is not None:
             raise RequestError(m.E_ALREADY_LOGGED_IN)
-        user = await self.verify(session, uid, request.args["password"])
+        if "token" in request.args:
+            name, token = await self.credentials.verifyToken(session, uid, request.args["token"])
+            how = "token"
+        else:
+            name = (await self.credentials.verify(session, uid, request.args["password"])).name
+            token = None
+            how = "password"
         if not session.connected:
             return None
         if not await self.take(session, uid):
             return None
-        self.registry.bind(session, uid, user.name)
+        self.registry.bind(session, uid, name)
         session.hold(uid)
         try:
-            count, friendIds = await self.handOver(session, request, uid, user.name)
+            if token is None:
+                token = await self.credentials.issueToken(uid, name)
+            if token is not None:
+                self.credentials.sessionTokens[session.sid] = token
+            count, friendIds = await self.handOver(session, request, uid, name, token)
         except BaseException:
             await self.logout(session, notify=False)
             self.delivery.storeHeld(session)
             raise
         self.log.info(
-            "[{uid}]{name} logged in from {peer}, {count} offline messages",
+            "[{uid}]{name} logged in ({how}) from {peer}, {count} offline messages",
             uid=uid,
-            name=user.name,
+            name=name,
+            how=how,
             peer=session.peerHost,
             count=count,
         )
-        self.notifyFriends(uid, user.name, ONLINE, friendIds)
+        self.notifyFriends(uid, name, ONLINE, friendIds)
         return None
 
     async def take(self, session, uid: int) -> bool:
@@ -123,10 +134,12 @@ class LoginFlow:
             existing.kick("logged in elsewhere")
         return True
 
-    async def handOver(self, session, request, uid: int, name: str) -> tuple[int, list[int]]:
+    async def handOver(self, session, request, uid: int, name: str, token: str | None = None) -> tuple[int, list[int]]:
         """Send the login reply with the offline messages (deleted once
         written) and then what was held meanwhile."""
         ack, friendIds = await self.loginAck(uid, name)
+        if token is not None:
+            ack["token"] = token
 
         def handoff(payloads) -> bool:
             if session.uid != uid or not session.connected:
@@ -143,8 +156,9 @@ class LoginFlow:
         return count, friendIds
 
     async def loginAck(self, uid: int, name: str) -> tuple[dict, list[int]]:
-        friends = await storeCall(self.store.getFriends(uid))
-        groups = await storeCall(self.store.getUserGroups(uid))
+        """The successful LOGIN_MSG_ACK (without offline messages and
+        token), and the friends' ids: the one place that builds it."""
+        friends, groups = await self.friendsAndGroups(uid)
         ids = {f for f, _ in friends} | {u.id for g in groups for u in g.members}
         states = await self.registry.states(ids)
         states = await self.friendRequests.visibleStates(uid, states, [f for f, _ in friends])
@@ -160,6 +174,17 @@ class LoginFlow:
             "requests": await self.friendRequests.pending(uid),
         }
         return ack, [f for f, _ in friends]
+
+    async def friendsAndGroups(self, uid: int) -> tuple[list, list]:
+        """The user's friends and groups, both queries at once: one wait,
+        not two."""
+        groupsCall = self.store.getUserGroups(uid)
+        try:
+            friends = await storeCall(self.store.getFriends(uid))
+        except BaseException:
+            groupsCall.addErrback(lambda _: None)
+            raise
+        return friends, await storeCall(groupsCall)
 
     def notifyFriends(self, uid: int, name: str, state: str, friendIds=None) -> None:
         async def notify():
@@ -199,10 +224,17 @@ class LoginFlow:
         else:
             self.tasks.track(self.relay.kick(location, uid, reason))
 
-    async def logout(self, session, notify: bool = True) -> None:
+    async def logout(self, session, notify: bool = True, revoke: bool = False) -> None:
+        """Log C{session} out; C{revoke}: an explicit logout, which also
+        revokes the session's token if the session is still open (a
+        dropped, kicked or shut-down connection keeps it)."""
+        token = self.credentials.sessionTokens.pop(session.sid, None)
         uid = self.registry.unbind(session)
         if uid is None:
             return
+        # Not when the session was closed first (kicked, server stopping).
+        if revoke and token is not None and session.connected:
+            self.tasks.track(self.credentials.revokeToken(uid, token))
         released = await self.release(uid, session)
         self.log.info("[{uid}] logged out", uid=uid)
         # A session replaced by a newer login leaves its user online.

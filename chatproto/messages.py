@@ -43,6 +43,8 @@ PONG_MSG = 22
 KICK_NOTICE = 23
 FRIEND_STATE_NOTICE = 24
 FRIEND_ADDED_NOTICE = 25
+PASSWD_MSG = 27
+PASSWD_MSG_ACK = 28
 # friend requests (--friend-requests approve; chatproto.friendrequests)
 FRIEND_REQUEST_NOTICE = 29
 FRIEND_REPLY_MSG = 30
@@ -144,7 +146,10 @@ class Spec:
 
 
 SPECS: dict[int, Spec] = {
-    LOGIN_MSG: Spec("login", LOGIN_MSG_ACK, (("id", int, True), ("password", str, True)), False),
+    # Exactly one of password and token (checked by validate).
+    LOGIN_MSG: Spec(
+        "login", LOGIN_MSG_ACK, (("id", int, True), ("password", str, False), ("token", str, False)), False
+    ),
     LOGINOUT_MSG: Spec("logout", LOGINOUT_MSG_ACK, ()),
     REG_MSG: Spec("register", REG_MSG_ACK, (("name", str, True), ("password", str, True)), False),
     ONE_CHAT_MSG: Spec("chat", ONE_CHAT_MSG_ACK, (("toid", int, True), ("msg", str, True))),
@@ -159,6 +164,7 @@ SPECS: dict[int, Spec] = {
     FRIEND_LIST_MSG: Spec("friends", FRIEND_LIST_MSG_ACK, ()),
     GROUP_LIST_MSG: Spec("groups", GROUP_LIST_MSG_ACK, ()),
     PING_MSG: Spec("ping", PONG_MSG, (), False),
+    PASSWD_MSG: Spec("passwd", PASSWD_MSG_ACK, (("old", str, True), ("new", str, True))),
     FRIEND_REPLY_MSG: Spec("friendreply", FRIEND_REPLY_MSG_ACK, (("id", int, True), ("accept", bool, True))),
 }
 
@@ -206,7 +212,18 @@ def validate(msgid: Any, fields: dict[str, Any], seq: Any = None) -> Request:
                 # A lone surrogate (\ud800) decodes but cannot be sent on.
                 raise RequestError(E_BAD_FIELD, f"field {field!r} is not valid Unicode") from None
         args[field] = value
+    if msgid == LOGIN_MSG:
+        _oneCredential(fields, args)
     return Request(msgid, spec, args, seq)
+
+
+def _oneCredential(fields: dict[str, Any], args: dict[str, Any]) -> None:
+    """A login has exactly one of C{password} and C{token}; C{args} keeps
+    only the one given."""
+    given = [name for name in ("password", "token") if fields.get(name) is not None]
+    if len(given) != 1:
+        raise RequestError(E_BAD_FIELD, "a login needs exactly one of 'password' and 'token'")
+    del args["token" if given[0] == "password" else "password"]
 
 
 def parseJSON(line: bytes) -> Request:

@@ -163,6 +163,12 @@ class RedisCluster:
             raise PresenceUnavailable(f"not connected to Redis at {host}:{port}")
         return p
 
+    def commandConnection(self):
+        """The ready command connection, or None while there is none (for
+        L{chatproto.tokenstore_redis.RedisTokenStore})."""
+        p = self.commands.protocol
+        return p if p is not None and p.connected else None
+
     def eval(self, script: str, args) -> defer.Deferred:
         """Run C{script} (one of L{chatproto.redisscripts}) for C{args}: its
         KEYS and ARGV are built by L{scriptCall}.  Redis failures become

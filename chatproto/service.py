@@ -102,7 +102,7 @@ class ChatService(service.Service):
     log = Logger()
 
     def __init__(
-        self, store, presence, relay, hasher, clock, onRelogin: str = "kick", friendRequests: str = AUTO
+        self, store, presence, relay, hasher, clock, onRelogin: str = "kick", friendRequests: str = AUTO, tokens=None
     ) -> None:
         self.store = store
         self.presence = presence
@@ -116,7 +116,7 @@ class ChatService(service.Service):
         self.registry = SessionRegistry(self.serverName, presence)
         self.delivery = Delivery(self.registry, store, relay, self.tasks)
         self.loginFlow = LoginFlow(
-            self.registry, self.delivery, store, presence, relay, hasher, clock, self.tasks, onRelogin
+            self.registry, self.delivery, store, presence, relay, hasher, clock, self.tasks, onRelogin, tokens
         )
         #: the --friend-requests policy (auto or approve)
         self.friendRequests = FriendRequests(friendRequests, self.registry, self.delivery, store, clock, self.tasks)
@@ -192,17 +192,18 @@ class ChatService(service.Service):
         self.registry.disconnected(session)
         self.delivery.storeHeld(session)
         if session.uid is not None:
-            self.tasks.track(defer.Deferred.fromCoroutine(self.logout(session)))
+            self.tasks.track(defer.Deferred.fromCoroutine(self.logout(session, revoke=False)))
 
-    def logout(self, session, notify: bool = True):
-        """Log C{session}'s user out (a coroutine)."""
-        return self.loginFlow.logout(session, notify)
+    def logout(self, session, notify: bool = True, revoke: bool = True):
+        """Log C{session}'s user out (a coroutine); C{revoke}: an explicit
+        logout (LOGINOUT_MSG, text quit), which revokes the session's token."""
+        return self.loginFlow.logout(session, notify, revoke)
 
     def congested(self, session) -> None:
         """C{session} does not read: log it out (what is sent to it is then stored offline), close it."""
         self.warnings.warn("slow reader", "[{uid}] does not read what it is sent; logging it out", uid=session.uid)
         if session.uid is not None:
-            self.tasks.track(defer.Deferred.fromCoroutine(self.logout(session)))
+            self.tasks.track(defer.Deferred.fromCoroutine(self.logout(session, revoke=False)))
         session.kick("too slow reading; undelivered messages wait for your next login")
 
     def now(self) -> str:
@@ -250,6 +251,9 @@ class ChatService(service.Service):
     async def do_logout(self, session, request) -> dict:
         await self.logout(session)
         return {"msgid": m.LOGINOUT_MSG_ACK, "errno": m.OK}
+
+    def do_passwd(self, session, request):
+        return self.loginFlow.credentials.changePassword(session, request.args["old"], request.args["new"])
 
     def do_chat(self, session, request):
         toid = request.args["toid"]

@@ -250,6 +250,14 @@ class SQLStore(OfflineMessages, FriendRequestsSQL):
         row = cursor.fetchone()
         return User(row[0], row[1], row[2]) if row else None
 
+    def setPassword(self, uid: int, passwordHash: str) -> defer.Deferred:
+        """Store a new password hash; fires with whether C{uid} exists."""
+        return self.run("setPassword", self._setPasswordTxn, uid, passwordHash)
+
+    def _setPasswordTxn(self, cursor, uid, passwordHash) -> bool:
+        cursor.execute(self.q("UPDATE users SET password = ? WHERE id = ?"), (passwordHash, uid))
+        return cursor.rowcount > 0
+
     def getNames(self, uids) -> defer.Deferred:
         uids = sorted(set(uids))
         if not uids:

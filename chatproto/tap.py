@@ -57,6 +57,7 @@ class Options(IniOptions):
         "register-burst": "100",
         "register-rate": "1",
         "kdf-queue": "64",
+        "token-ttl": str(7 * 86400),
     }
     optParameters = [
         ["config", "c", None, "ini file with a [chat] section"],
@@ -85,6 +86,7 @@ class Options(IniOptions):
         ["register-rate", None, None, "registrations per second per address after the burst (default 1)"],
         ["kdf-threads", None, None, "threads hashing passwords (default: the number of cores)"],
         ["kdf-queue", None, None, "password checks that may wait for a thread; more are refused (default 64)"],
+        ["token-ttl", None, None, "seconds a resume token lives unused; each use renews it (default 604800: 7 days)"],
     ]
 
     def opt_port(self, endpoint: str) -> None:
@@ -123,6 +125,7 @@ class Options(IniOptions):
             self["kdf-threads"] = str(defaultThreads())
         number(self, "kdf-threads", int, 1, 256)
         number(self, "kdf-queue", int, 0, 100_000)
+        number(self, "token-ttl", float, 60, 365 * day)
         self["db-url"] = parseDatabaseURL(self["db"])
         checkDatabasePath(self["db-url"])
         self["redis-url"] = parseRedisURL(self["redis"]) if self["redis"] else None
@@ -218,6 +221,19 @@ def buildPresence(options, reactor):
     return cluster.presence, cluster.relay
 
 
+def buildTokens(options, presence, reactor):
+    """The resume-token store: in memory on a single node (a restart
+    forgets the tokens), in Redis with --redis (any server accepts them)."""
+    ttl = options["token-ttl"]
+    if options["redis-url"] is None:
+        from chatproto.tokens import MemoryTokenStore
+
+        return MemoryTokenStore(reactor, ttl=ttl)
+    from chatproto.tokenstore_redis import RedisTokenStore
+
+    return RedisTokenStore(presence.cluster.commandConnection, reactor, prefix=options["redis-prefix"], ttl=ttl)
+
+
 def _exitNonZero() -> None:
     # Runs at interpreter exit, after twistd has stopped and removed its pid
     # file: only the status changes.
@@ -304,8 +320,16 @@ def makeService(options, reactor=None) -> service.MultiService:
     presence, relay = buildPresence(options, reactor)
     kdf = KDFPool(reactor, threads=options["kdf-threads"], queue=options["kdf-queue"])
     hasher = PasswordHasher(reactor, n=options["scrypt-n"], pool=kdf)
+    tokens = buildTokens(options, presence, reactor)
     chat = ChatService(
-        store, presence, relay, hasher, reactor, onRelogin=options["on-relogin"], friendRequests=options["friend-requests"]
+        store,
+        presence,
+        relay,
+        hasher,
+        reactor,
+        onRelogin=options["on-relogin"],
+        friendRequests=options["friend-requests"],
+        tokens=tokens,
     )
     chat.onStartFailure = startFailed
     wireLimits(options, reactor, store, chat)
@@ -315,6 +339,12 @@ def makeService(options, reactor=None) -> service.MultiService:
     # Added before the listeners, stopped after them: listeners close
     # before sessions are ended.
     chat.setServiceParent(top)
+    if hasattr(tokens, "prune"):
+        from twisted.application.internet import TimerService
+
+        pruner = TimerService(3600, tokens.prune)
+        pruner.clock = reactor
+        pruner.setServiceParent(top)
     idle = options["idle-timeout"] or None
     factory = ChatFactory(
         chat,

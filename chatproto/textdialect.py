@@ -18,6 +18,8 @@ commands:
   help                        this text
   register:NAME:PASSWORD      create an account; the reply tells your id
   login:ID:PASSWORD           log in
+  resume:ID:TOKEN             log in again with the token a login gave
+  passwd:OLD:NEW              change your password (ends every other resume token)
   chat:FRIENDID:MESSAGE       send MESSAGE to user FRIENDID
   addfriend:FRIENDID          make FRIENDID your friend (mutual; or ask them,
                               when the server wants consent)
@@ -37,6 +39,8 @@ commands:
 _COMMANDS: dict[str, tuple[int, tuple[tuple[str, type], ...]]] = {
     "register": (m.REG_MSG, (("name", str), ("password", str))),
     "login": (m.LOGIN_MSG, (("id", int), ("password", str))),
+    "resume": (m.LOGIN_MSG, (("id", int), ("token", str))),
+    "passwd": (m.PASSWD_MSG, (("old", str), ("new", str))),
     "chat": (m.ONE_CHAT_MSG, (("toid", int), ("msg", str))),
     "addfriend": (m.ADD_FRIEND_MSG, (("friendid", int),)),
     "creategroup": (m.CREATE_GROUP_MSG, (("groupname", str), ("groupdesc", str))),
@@ -164,6 +168,10 @@ def _render(msg: dict) -> list[str]:
         return [f"error {errno}: {msg.get('errmsg', '')}"]
     if msgid == m.LOGIN_MSG_ACK:
         lines = [f"login ok: you are [{msg['id']}]{msg['name']}"]
+        if msg.get("token"):
+            # On the same line: the session reads as before, and the
+            # person can copy the command to log in again later.
+            lines[0] += f" (resume with resume:{msg['id']}:{msg['token']})"
         lines += _friendLines([_loads(f) for f in msg.get("friends", [])])
         lines += _groupLines([_loads(g) for g in msg.get("groups", [])])
         lines += [_requestLine(r) for r in msg.get("requests", [])]
@@ -173,6 +181,11 @@ def _render(msg: dict) -> list[str]:
             for payload in offline:
                 lines += _render(_loads(payload))
         return lines
+    if msgid == m.PASSWD_MSG_ACK:
+        line = "password changed; older resume tokens are revoked"
+        if msg.get("token"):
+            line += f" (resume with resume:{msg['id']}:{msg['token']})"
+        return [line]
     if msgid == m.REG_MSG_ACK:
         return [f"registered: your id is {msg['id']}; log in with login:{msg['id']}:PASSWORD"]
     if msgid == m.LOGINOUT_MSG_ACK:

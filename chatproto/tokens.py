@@ -104,6 +104,22 @@ def validUid(uid) -> bool:
     return type(uid) is int and uid > 0
 
 
+class Resumed(str):
+    """
+    The new token L{ITokenStore.resume} returns (a L{str}), carrying the
+    account's name when L{ITokenStore.issue} was given one (else None):
+    a server that resumes a session another server started needs no
+    database query for the name.
+    """
+
+    name: str | None = None
+
+    def __new__(cls, token: str, name: str | None = None):
+        self = super().__new__(cls, token)
+        self.name = name
+        return self
+
+
 class ITokenStore(Interface):
     """
     Session-resumption tokens of accounts.  Every method returns a
@@ -114,10 +130,12 @@ class ITokenStore(Interface):
     grace = Attribute("seconds a rotated token keeps working")
     maxPerUser = Attribute("live tokens per account, at most")
 
-    def issue(uid):
+    def issue(uid, name=None):
         """
         A new token for account C{uid} (after a password login).  Drops
         the account's oldest live token if it has C{maxPerUser} already.
+        C{name}, the account's name (names never change), is kept with the
+        account's tokens and given back by L{resume}.
 
         @rtype: L{Deferred} firing with the token (L{str})
         """
@@ -128,7 +146,7 @@ class ITokenStore(Interface):
         rotated less than C{grace} seconds ago), consume it and return its
         successor.
 
-        @rtype: L{Deferred} firing with the new token, or L{None} if
+        @rtype: L{Deferred} firing with the new token (a L{Resumed}), or L{None} if
             C{token} is wrong, malformed, expired, revoked, or belongs to
             another account
         """
@@ -160,10 +178,11 @@ class _Entry:
 
 
 class _Account:
-    __slots__ = ("seq", "entries")
+    __slots__ = ("seq", "entries", "name")
 
     def __init__(self) -> None:
         self.seq = 0
+        self.name: str | None = None
         self.entries: dict[str, _Entry] = {}
 
 
@@ -232,12 +251,14 @@ class MemoryTokenStore:
 
     # --- ITokenStore ---------------------------------------------------------
 
-    def issue(self, uid: int) -> defer.Deferred:
+    def issue(self, uid: int, name: str | None = None) -> defer.Deferred:
         if not validUid(uid):
             return defer.fail(ValueError(f"bad uid {uid!r}"))
         token = newToken()
         now = self.clock.seconds()
         account = self._load(uid, now) or self.accounts.setdefault(uid, _Account())
+        if name:
+            account.name = name
         self._add(account, tokenHash(token), now)
         return defer.succeed(token)
 
@@ -268,7 +289,7 @@ class MemoryTokenStore:
         if entry.expires <= now:  # grace 0: gone at once
             del account.entries[h]
         self._add(account, sh, now)
-        return defer.succeed(successor)
+        return defer.succeed(Resumed(successor, account.name))
 
     def revoke(self, uid, token) -> defer.Deferred:
         if not (validUid(uid) and wellFormed(token)):

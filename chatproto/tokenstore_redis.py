@@ -44,6 +44,7 @@ from chatproto.tokens import (
     DEFAULT_MAX_PER_USER,
     DEFAULT_TTL,
     ITokenStore,
+    Resumed,
     TokenStoreUnavailable,
     validUid,
     newToken,
@@ -60,7 +61,7 @@ local function load()
   local entries, dead = {}, {}
   for i = 1, #flat, 2 do
     local f = flat[i]
-    if f ~= '#' then
+    if f ~= '#' and f ~= '@' then
       local exp, seq, state, nxt = string.match(flat[i + 1], '^(%d+) (%d+) ([LR]) (%S+)$')
       exp = tonumber(exp)
       if exp and exp > now then
@@ -115,11 +116,12 @@ local function settle(entries)
 end
 """
 
-#: KEYS: account.  ARGV: now (ms), ttl (ms), cap, hash.
+#: KEYS: account.  ARGV: now (ms), ttl (ms), cap, hash[, name].
 ISSUE = (
     _COMMON
     + """
 local entries = load()
+if ARGV[5] and ARGV[5] ~= '' then redis.call('HSET', K, '@', ARGV[5]) end
 add(entries, ARGV[4], tonumber(ARGV[2]), tonumber(ARGV[3]))
 settle(entries)
 return 1
@@ -127,8 +129,8 @@ return 1
 )
 
 #: KEYS: account.  ARGV: now, ttl, grace (ms), cap, presented hash, new hash.
-#: Returns 1 (consumed; the new hash is live) or 0 (not a token of this
-#: account).
+#: Returns {1, name or nil} (consumed; the new hash is live) or 0 (not a
+#: token of this account).
 RESUME = (
     _COMMON
     + """
@@ -158,7 +160,7 @@ else
 end
 add(entries, nh, ttl, cap)
 settle(entries)
-return 1
+return {1, redis.call('HGET', K, '@')}
 """
 )
 
@@ -201,6 +203,15 @@ def _unavailable(failure: Failure):
     if failure.check(txredisapi.RedisError, error.ConnectionDone, error.ConnectionLost, defer.CancelledError):
         raise TokenStoreUnavailable(f"Redis: {failure.getErrorMessage()}")
     return failure
+
+
+def _resumed(reply, successor: str) -> Resumed | None:
+    if isinstance(reply, list) and reply and int(reply[0]) == 1:
+        name = reply[1] if len(reply) > 1 else None
+        if isinstance(name, bytes):
+            name = name.decode("utf-8", "replace")
+        return Resumed(successor, name if isinstance(name, str) and name else None)
+    return None
 
 
 def _ms(seconds: float) -> int:
@@ -253,11 +264,14 @@ class RedisTokenStore:
             d = defer.fail()
         return d.addErrback(_unavailable)
 
-    def issue(self, uid) -> defer.Deferred:
+    def issue(self, uid, name: str | None = None) -> defer.Deferred:
         if not validUid(uid):
             return defer.fail(ValueError(f"bad uid {uid!r}"))
         token = newToken()
-        d = self._eval(ISSUE, uid, [_ms(self.ttl), self.maxPerUser, tokenHash(token)])
+        args = [_ms(self.ttl), self.maxPerUser, tokenHash(token)]
+        if name:
+            args.append(name)
+        d = self._eval(ISSUE, uid, args)
         return d.addCallback(lambda _: token)
 
     def resume(self, uid, token) -> defer.Deferred:
@@ -269,7 +283,7 @@ class RedisTokenStore:
             uid,
             [_ms(self.ttl), _ms(self.grace), self.maxPerUser, tokenHash(token), tokenHash(successor)],
         )
-        return d.addCallback(lambda consumed: successor if int(consumed) == 1 else None)
+        return d.addCallback(_resumed, successor)
 
     def revoke(self, uid, token) -> defer.Deferred:
         if not (validUid(uid) and wellFormed(token)):

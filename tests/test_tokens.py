@@ -62,6 +62,20 @@ class TokenStoreContract:
         self.assertNotEqual(successor, token)
         self.assertTrue(await self.store.resume(7, successor))
 
+    async def test_nameKept(self):
+        """The name given to issue comes back with every resume (and is
+        None when none was given); revokeAll forgets it with the tokens."""
+        plain = await self.store.resume(8, await self.store.issue(8))
+        self.assertIsNone(plain.name)
+        token = await self.store.issue(7, "al:ice \u00e9")
+        first = await self.store.resume(7, token)
+        self.assertEqual(first.name, "al:ice \u00e9")
+        second = await self.store.resume(7, first)
+        self.assertEqual((second.name, str(second) == second), ("al:ice \u00e9", True))
+        await self.store.revokeAll(7)
+        later = await self.store.resume(7, await self.store.issue(7))
+        self.assertIsNone(later.name)
+
     async def test_wrongToken(self):
         token = await self.store.issue(7)
         self.assertIsNone(await self.store.resume(7, newToken()))

@@ -1,0 +1,58 @@
+"""
+The token store as `twistd chat` builds it: in memory on a single server
+(pruned hourly), in Redis with --redis; --token-ttl.
+"""
+
+from __future__ import annotations
+
+from twisted.application.internet import TimerService
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python import usage
+from twisted.trial import unittest
+
+from chatproto.tap import Options, makeService
+from chatproto.tokens import MemoryTokenStore
+from chatproto.tokenstore_redis import RedisTokenStore
+
+
+def chatService(top):
+    return next(s for s in top if hasattr(s, "loginFlow"))
+
+
+class TokenWiringTests(unittest.TestCase):
+    def build(self, *extra):
+        options = Options()
+        options.parseOptions(["--port", "tcp:0", "--db", "sqlite::memory:", *extra])
+        return makeService(options, MemoryReactorClock())
+
+    def test_singleServerMemory(self):
+        """Without --redis: a MemoryTokenStore with the default 7-day ttl,
+        pruned hourly by a child service."""
+        top = self.build()
+        tokens = chatService(top).loginFlow.credentials.tokens
+        self.assertIsInstance(tokens, MemoryTokenStore)
+        self.assertEqual(tokens.ttl, 7 * 86400)
+        [pruner] = [s for s in top if isinstance(s, TimerService)]
+        self.assertEqual((pruner.step, pruner.call[0]), (3600, tokens.prune))
+
+    def test_ttlOption(self):
+        tokens = chatService(self.build("--token-ttl", "3600")).loginFlow.credentials.tokens
+        self.assertEqual(tokens.ttl, 3600)
+
+    def test_badTtl(self):
+        for value in ("10", "nope", "inf", str(400 * 86400)):
+            options = Options()
+            self.assertRaises(
+                usage.UsageError, options.parseOptions, ["--db", "sqlite::memory:", "--token-ttl", value]
+            )
+
+    def test_clusterRedis(self):
+        """With --redis: a RedisTokenStore on the cluster's command
+        connection (None while not connected), with the key prefix."""
+        top = self.build("--redis", "redis://127.0.0.1:1/0", "--redis-prefix", "x:", "--advertise", "127.0.0.1:5")
+        chat = chatService(top)
+        tokens = chat.loginFlow.credentials.tokens
+        self.assertIsInstance(tokens, RedisTokenStore)
+        self.assertEqual((tokens.prefix, tokens.key(3)), ("x:", "x:tokens:3"))
+        self.assertIsNone(tokens.connection())
+        self.assertEqual([s for s in top if isinstance(s, TimerService)], [])
