@@ -140,7 +140,7 @@ def main() -> int:
 
         print(f"balancer processes: {workers} (RLIMIT_NOFILE hard limit {hard})")
         print(f"idle proxied connections held: {held:,} (opened and answered in {took:.1f} s)")
-        print(f"proxied connections per process (from open fds): {', '.join(f'{n:,}' for n in per_worker)}")
+        print(f"proxied connections per process (from open fds): {', '.join(f'{n:,}' for n in perWorker)}")
         print(f"balancer RSS: {before / 1024:.1f} MiB before, {after / 1024:.1f} MiB with the connections")
         if held:
             print(f"RSS per idle proxied connection: {(after - before) / held:.2f} KiB (target < 4)")

@@ -31,9 +31,10 @@ from chatproto import _twisted
 from chatproto import messages as m
 from chatproto.delivery import Delivery
 from chatproto.friendrequests import AUTO, FriendRequests
-from chatproto.interfaces import NameTaken, NoSuchGroup, NoSuchUser
+from chatproto.groups import GroupHandlers
+from chatproto.interfaces import NameTaken
 from chatproto.listening import describeFailure
-from chatproto.login import LoginFlow, groupDict
+from chatproto.login import LoginFlow
 from chatproto.logrepeat import RepeatedWarnings
 from chatproto.messages import RequestError
 from chatproto.ratelimit import TokenBucketLimiter
@@ -63,18 +64,6 @@ def _limit(limiter, key, what: str) -> None:
     wait = limiter.take(key)
     if wait > 0:
         raise RequestError(m.E_THROTTLED, f"{what}; retry in {math.ceil(wait)} s")
-
-
-async def _deliverCounted(delivery, uids, message) -> tuple[int, int]:
-    """Deliver a group chat; (stored offline, refused: mailbox full)."""
-    try:
-        return len(await delivery.deliver(uids, message, store=True)), 0
-    except RequestError as e:
-        full = getattr(e, "mailboxFull", None)
-        if full is None:
-            raise
-        # Some members' mailboxes are full: the others have it.
-        return len(full.stored), len(full.refused)
 
 
 def _deliveredAck(toid: int) -> m.Reply:
@@ -121,6 +110,7 @@ class ChatService(service.Service):
         #: the --friend-requests policy (auto or approve)
         self.friendRequests = FriendRequests(friendRequests, self.registry, self.delivery, store, clock, self.tasks)
         self.loginFlow.friendRequests = self.friendRequests
+        self.groups = GroupHandlers(store, self.registry, self.delivery, self.friendRequests, self.now)
         self.ready = ReadyGate()
         self.registerLimiter = TokenBucketLimiter(clock, burst=100, rate=1.0)  # per address
         self.waitingFor: dict[str, str] = {}  # start-up stage -> what it waits for (no passwords)
@@ -282,49 +272,18 @@ class ChatService(service.Service):
     def do_friendreply(self, session, request):
         return self.friendRequests.reply(session, request.args["id"], request.args["accept"])
 
-    async def do_creategroup(self, session, request) -> dict:
-        name = m.checkName(request.args["groupname"], m.MAX_GROUPNAME, "group name")
-        desc = request.args["groupdesc"].strip()
-        if len(desc) > m.MAX_GROUPDESC:
-            raise RequestError(m.E_INVALID, f"group description is longer than {m.MAX_GROUPDESC} characters")
-        try:
-            gid = await storeCall(self.store.createGroup(name, desc, session.uid))
-        except NameTaken:
-            raise RequestError(m.E_NAME_TAKEN, f"a group named {name!r} exists") from None
-        return {"msgid": m.CREATE_GROUP_MSG_ACK, "errno": m.OK, "groupid": gid, "groupname": name, "groupdesc": desc}
+    # groups: chatproto.groups
+    def do_creategroup(self, session, request):
+        return self.groups.create(session, request)
 
-    async def do_addgroup(self, session, request) -> dict:
-        gid = request.args["groupid"]
-        try:
-            new = await storeCall(self.store.joinGroup(gid, session.uid))
-            group = await storeCall(self.store.getGroup(gid))
-        except NoSuchGroup:
-            raise RequestError(m.E_NO_SUCH_GROUP, f"no group with id {gid}") from None
-        return {"msgid": m.ADD_GROUP_MSG_ACK, "errno": m.OK, "groupid": gid, "groupname": group.name, "new": bool(new)}
+    def do_addgroup(self, session, request):
+        return self.groups.join(session, request)
 
-    async def do_groupchat(self, session, request) -> dict:
-        gid = request.args["groupid"]
-        text = request.args["msg"]
-        if not text:
-            raise RequestError(m.E_BAD_FIELD, "msg must not be empty")
-        try:
-            members = await storeCall(self.store.getGroupMembers(gid))
-        except NoSuchGroup:
-            raise RequestError(m.E_NO_SUCH_GROUP, f"no group with id {gid}") from None
-        if not any(u.id == session.uid for u in members):
-            raise RequestError(m.E_NOT_A_MEMBER)
-        out = {
-            "msgid": m.GROUP_CHAT_MSG,
-            "id": session.uid,
-            "name": session.name,
-            "groupid": gid,
-            "msg": text,
-            "time": self.now(),
-        }
-        others = [u.id for u in members if u.id != session.uid]
-        stored, full = await _deliverCounted(self.delivery, others, out)
-        ack = {"msgid": m.GROUP_CHAT_MSG_ACK, "errno": m.OK, "groupid": gid, "delivered": len(others) - stored - full}
-        return dict(ack, stored=stored, **({"full": full} if full else {}))
+    def do_groupchat(self, session, request):
+        return self.groups.chat(session, request)
+
+    def do_groups(self, session, request):
+        return self.groups.list(session, request)
 
     async def do_friends(self, session, request) -> dict:
         friends = await storeCall(self.store.getFriends(session.uid))
@@ -334,14 +293,4 @@ class ChatService(service.Service):
             "errno": m.OK,
             "friends": [{"id": f, "name": n, "state": states[f]} for f, n in friends],
             "requests": await self.friendRequests.pending(session.uid),
-        }
-
-    async def do_groups(self, session, request) -> dict:
-        groups = await storeCall(self.store.getUserGroups(session.uid))
-        states = await self.registry.states({u.id for g in groups for u in g.members})
-        states = await self.friendRequests.visibleStates(session.uid, states)
-        return {
-            "msgid": m.GROUP_LIST_MSG_ACK,
-            "errno": m.OK,
-            "groups": [groupDict(g, states) for g in groups],
         }

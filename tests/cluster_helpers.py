@@ -341,12 +341,18 @@ class MariaDBServer:
         self._installed = False
 
     def install(self) -> None:
+        # A private tmpdir: bootstraps running at once in the shared /tmp
+        # trip over each other's temporary tables ("Unknown table
+        # mysql.tmp_user_sys").
+        tmpdir = os.path.join(self.directory, "tmp")
+        os.makedirs(tmpdir, exist_ok=True)
         subprocess.run(
             [
                 INSTALL_DB, "--no-defaults", f"--datadir={self.datadir}", "--user=root",
-                "--auth-root-authentication-method=normal", "--skip-test-db",
+                "--auth-root-authentication-method=normal", "--skip-test-db", f"--tmpdir={tmpdir}",
             ],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True, timeout=120,
+            env=dict(os.environ, TMPDIR=tmpdir),
         )  # fmt: skip
         self._installed = True
 
@@ -358,6 +364,7 @@ class MariaDBServer:
             f"--socket={os.path.join(self.directory, 'mysqld.sock')}",
             f"--pid-file={os.path.join(self.directory, 'mysqld.pid')}",
             f"--port={self.port}", "--bind-address=127.0.0.1", "--user=root",
+            f"--tmpdir={os.path.join(self.directory, 'tmp')}",
             "--skip-grant-tables", "--skip-log-bin", "--innodb-buffer-pool-size=16M",
         ]  # fmt: skip
         self.process = Process(argv, os.path.join(self.directory, "server.log"))

@@ -109,6 +109,7 @@ class RedisRestartTests(FaultTestCase):
         def recovered():
             return (
                 self.redis("EXISTS", "chat:server:chat1", "chat:server:chat2") == 2
+                and self.redis("GET", f"chat:user:{a}") is not None
                 and self.redis("GET", f"chat:user:{b}") is not None
                 and self.redis("GET", f"chat:user:{c}") is not None
                 and chat1.relay.subscribed

@@ -132,7 +132,7 @@ class EmbeddedChatTests(EndToEndTests):
         client.send("register:dave:pw")
         self.assertEqual(await client.nextLine(), "registered: your id is 1; log in with login:1:PASSWORD")
         client.send("login:1:pw")
-        self.assertEqual(await client.nextLine(), "login ok: you are [1]dave")
+        self.assertRegex(await client.nextLine(), r"^login ok: you are \[1\]dave \(resume with resume:1:[A-Za-z0-9_-]{43}\)$")
         client.send("PING")
         self.assertEqual(await client.nextLine(), "PONG")
 

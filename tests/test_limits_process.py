@@ -118,13 +118,13 @@ class ProcessLimitTests(unittest.TestCase):
             if "Redis" in reply["errmsg"]:
                 break
             await sleep(0.1)
-        self.assertIn(f"waiting for Redis at redis://127.0.0.1:{redisPort}/0", reply["errmsg"])
+        self.assertIn(f"waiting for Redis at redis://:***@127.0.0.1:{redisPort}/0", reply["errmsg"])
         for _ in range(100):
             with open(self.logfile) as f:
                 log = f.read()
             if "waiting for Redis" in log:
                 break
             await sleep(0.1)
-        self.assertIn(f"starting: waiting for Redis at redis://127.0.0.1:{redisPort}/0", log)
+        self.assertIn(f"starting: waiting for Redis at redis://:***@127.0.0.1:{redisPort}/0", log)
         self.assertNotIn("s3cret", log + reply["errmsg"])
         self.assertNotIn("Traceback", log)

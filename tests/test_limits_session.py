@@ -256,7 +256,7 @@ class StartupTests(unittest.TestCase):
         self.assertEqual(self.successResultOf(d), "up")
         waits = [e for e in events if "waiting for" in e.get("log_format", "")]
         self.assertEqual(len(waits), 2)
-        self.assertEqual(waits[0]["what"], "Redis at redis://redis.example:6380/2")
+        self.assertEqual(waits[0]["what"], "Redis at redis://:***@redis.example:6380/2")
         self.assertEqual(waits[0]["log_level"], LogLevel.warn)
         self.assertNotIn("s3cret", repr(events))
 
