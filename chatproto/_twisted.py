@@ -22,19 +22,20 @@ feature fall back to the public path, and one log line says which:
  - C{redisReady}: txredisapi's C{protocol._ready} -> C{connected} and not
    disconnecting;
  - C{endpointArgs}: C{twisted.internet.endpoints._parse} -> a plain split
-   on unescaped colons.
+   on unescaped colons (L{chatproto.common.endpointstr.splitEndpoint}).
 
 Twisted and txredisapi are pinned to the tested range in C{setup.cfg}.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from twisted.enterprise import adbapi
 from twisted.internet import abstract, tcp
 from twisted.logger import Logger
+
+from chatproto.common.endpointstr import splitEndpoint
 
 log = Logger()
 
@@ -294,8 +295,6 @@ def redisReady(protocol) -> bool:
 
 # --- endpoint strings ------------------------------------------------------------
 
-_UNESCAPED_COLON = re.compile(r"(?<!\\):")
-
 
 def endpointArgs(description: str) -> tuple[list[str], dict[str, str]]:
     """The positional and keyword arguments of an endpoint string after its
@@ -305,12 +304,4 @@ def endpointArgs(description: str) -> tuple[list[str], dict[str, str]]:
 
         args, kwargs = _parse(description)
         return list(args[1:]), dict(kwargs)
-    args, kwargs = [], {}
-    for part in _UNESCAPED_COLON.split(description)[1:]:
-        part = part.replace("\\:", ":")
-        key, sep, value = part.partition("=")
-        if sep:
-            kwargs[key] = value
-        else:
-            args.append(part)
-    return args, kwargs
+    return splitEndpoint(description)

@@ -1,31 +1,9 @@
 """
-Process limits a server raises for itself at start.
+Kept only for old imports: the open-files limit helper is
+L{chatproto.common.rlimits}, shared with the balancer.  Delete this module
+once nothing imports C{chatproto.limits} (tests/test_units.py does).
 """
 
-from __future__ import annotations
+from chatproto.common.rlimits import raiseOpenFilesLimit
 
-import resource
-
-from twisted.logger import Logger
-
-log = Logger()
-
-
-def raiseOpenFilesLimit() -> int:
-    """
-    Raise the soft limit on open files to the hard limit (as nginx's
-    C{worker_rlimit_nofile} would): every connection is a file descriptor,
-    and Debian's default soft limit of 1024 is far below what one process
-    holds.  Returns the limit now in force.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft == resource.RLIM_INFINITY:
-        return soft
-    if soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError) as e:
-            log.warn("cannot raise the open files limit from {soft} to {hard}: {e}", soft=soft, hard=hard, e=e)
-            return soft
-        log.info("open files limit raised from {soft} to {hard}", soft=soft, hard=hard)
-    return hard
+__all__ = ["raiseOpenFilesLimit"]

@@ -298,7 +298,7 @@ def makeService(options, reactor=None) -> service.MultiService:
 
     from chatproto.endpoints import serverEndpoint
     from chatproto.kdfpool import KDFPool
-    from chatproto.limits import raiseOpenFilesLimit
+    from chatproto.common.rlimits import raiseOpenFilesLimit
 
     startFailed = StartFailure(reactor, exitStatus)
     if exitStatus:
