@@ -22,6 +22,7 @@ from zope.interface import implementer
 from twisted.internet.interfaces import IReactorPluggableNameResolver
 
 from balancer.selection import ALGORITHMS
+from chatproto.common.endpointstr import splitEndpoint
 from chatproto.common.options import OptionsError, mergeOptions, readSection
 from chatproto.common.redisurl import parseRedisURL
 
@@ -179,14 +180,7 @@ def normalizeAddress(address: str) -> tuple[str, int] | None:
     if head in ("tls", "ssl", "unix", "tor", "haproxy") or "\\:" in address:
         return None
     if head == "tcp":
-        parts: dict[str, str] = {}
-        positional: list[str] = []
-        for piece in rest.split(":"):
-            k, eq, v = piece.partition("=")
-            if eq:
-                parts[k] = v
-            else:
-                positional.append(piece)
+        positional, parts = splitEndpoint(address)
         host = parts.get("host") or (positional[0] if positional else "")
         port = parts.get("port") or (positional[1] if len(positional) > 1 else "")
         if not host or not port:

@@ -136,14 +136,24 @@ class Options(usage.Options):
         return out
 
 
-def makeService(options: Options) -> service.IService:
-    from twisted.internet import reactor
+def makeService(options: Options, reactor=None) -> service.IService:
+    """
+    The service tree.  Called by twistd (no C{reactor}): SIGTERM/SIGINT
+    then get handlers that never log (L{chatproto.common.stopsignals}).
+    """
+    underTwistd = reactor is None
+    if reactor is None:
+        from twisted.internet import reactor
 
     from balancer.service import BalancerService
     from balancer.workers import WorkerMonitor, watchParent, workerArgv
     from chatproto.common.rlimits import raiseOpenFilesLimit
 
     raiseOpenFilesLimit()
+    if underTwistd:
+        from chatproto.common.stopsignals import installStopHandlers
+
+        reactor.callWhenRunning(installStopHandlers, reactor)
     cfg = options.config
     index = options["worker-index"]
     top = service.MultiService()

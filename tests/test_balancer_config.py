@@ -7,6 +7,7 @@ from __future__ import annotations
 import textwrap
 
 from twisted.application.service import IServiceMaker
+from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
@@ -161,7 +162,7 @@ class OptionsTests(SynchronousTestCase):
 
     def test_make_service(self):
         options = self.parse(["--backend", "127.0.0.1:6000", "--workers", "2"])
-        top = tap.makeService(options)
+        top = tap.makeService(options, MemoryReactorClock())
         names = [type(s).__name__ for s in top]
         self.assertEqual(names, ["BalancerService", "WorkerMonitor"])
         self.assertTrue(list(top)[0].reusePort)

@@ -209,7 +209,7 @@ class ServiceTests(SynchronousTestCase):
         self.patch(fastpoll, "install", lambda r: calls.append(r))
         options = tap.Options()
         options.parseOptions(["--backend", "127.0.0.1:6000"])
-        tap.makeService(options)
+        tap.makeService(options, MemoryReactorClock())
         self.assertEqual(calls, [])
 
     def test_listen_failure_is_startup_failed(self):

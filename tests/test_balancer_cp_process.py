@@ -121,6 +121,41 @@ class StartupFailureTests(unittest.TestCase):
             self.assertNotIn("Traceback", out)
 
 
+class StopSignalTests(unittest.TestCase):
+    async def test_sigtermStopsWithoutLoggingFromTheHandler(self):
+        """SIGTERM ends twistd balancer cleanly (exit 0), through the
+        handler that only stops the reactor: Twisted's own handler logs
+        "Received SIGTERM" from inside the signal handler, which can
+        deadlock against the log file's lock."""
+        port = freePort()
+        exited = Exited()
+        argv = [TWISTD, "-n", "--pidfile=", "balancer", "--backend", "127.0.0.1:1",
+                "--check-interval", "0", "--listen", f"tcp:{port}:interface=127.0.0.1"]  # fmt: skip
+        process = reactor.spawnProcess(exited, TWISTD, argv, env=env())
+
+        def cleanup():
+            if not exited.ended.called:
+                process.signalProcess("KILL")
+                return exited.ended
+
+        self.addCleanup(cleanup)
+
+        def listening() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return True
+            except OSError:
+                return False
+
+        await until(listening, 30, what="the balancer to listen")
+        process.signalProcess("TERM")
+        self.assertEqual(await exited.ended, 0)
+        out = exited.output.decode()
+        self.assertNotIn("Received SIGTERM", out)
+        self.assertIn("Main loop terminated", out)
+        self.assertNotIn("Traceback", out)
+
+
 def status(port: int) -> dict:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
         return json.loads(r.read())
