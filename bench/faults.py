@@ -141,13 +141,33 @@ class Run:
             if self.acks.get(key) not in ("delivered", "stored"):
                 self.acks[key] = f"errno {reply.get('errno')}"
 
-    def shownMessage(self, text: str, later: bool) -> None:
-        """Legacy: every push is shown (no mid to de-duplicate by)."""
+    def shownMessage(self, text: str, later: bool, sessionStart: float = 0.0) -> None:
+        """Legacy: every push is shown (no mid to de-duplicate by); a push
+        of a message sent before this session began is the rest of a paged
+        hand-over: later."""
         key = numberOf(text)
         if key is None:
             return
         self.shown[key] += 1
+        later = later or self.sent.get(key, 0) < sessionStart
         (self.later if later else self.live).add(key)
+
+    async def legacySession(self, reader, login, quiet: float | None = None) -> None:
+        """Show the hand-over and every push until the connection ends (or
+        nothing comes for C{quiet} s)."""
+        start = time.monotonic()
+        for payload in login.get("offlinemsg", []):
+            self.shownMessage(json.loads(payload).get("msg", ""), later=True)
+        while True:
+            try:
+                data = await (reader.readline() if quiet is None else asyncio.wait_for(reader.readline(), quiet))
+            except (asyncio.TimeoutError, OSError):
+                return
+            if not data:
+                return
+            message = json.loads(data)
+            if message.get("msgid") == ONE_CHAT_MSG:
+                self.shownMessage(message.get("msg", ""), later=False, sessionStart=start)
 
     def showPush(self, push: dict, sessionStart: float, handedOver: bool) -> str | None:
         """
@@ -228,15 +248,7 @@ class Run:
             if self.ackMode:
                 await self.ackingSession(reader, writer, login)
             else:
-                for payload in login.get("offlinemsg", []):
-                    self.shownMessage(json.loads(payload).get("msg", ""), later=True)
-                while True:
-                    data = await reader.readline()
-                    if not data:
-                        break
-                    message = json.loads(data)
-                    if message.get("msgid") == ONE_CHAT_MSG:
-                        self.shownMessage(message.get("msg", ""), later=False)
+                await self.legacySession(reader, login)
             writer.close()
             self.lostConnection(uid)
             if not self.sending and self.done:
@@ -424,15 +436,16 @@ async def drive(args, ports, alive, fault, rate: float) -> Run:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     # Collect what was stored: every receiver logs in once more.
-    for i in senders:
-        reader, writer, login, _ = await run.connect(1, args.uids[1][i], ack=not args.legacy)
+    async def collect(uid: int) -> None:
+        reader, writer, login, _ = await run.connect(1, uid, ack=not args.legacy)
+        # the rest of a paged hand-over (and redeliveries) follow as pushes
         if args.legacy:
-            for payload in login.get("offlinemsg", []):
-                run.shownMessage(json.loads(payload).get("msg", ""), later=True)
+            await run.legacySession(reader, login, quiet=1.0)
         else:
-            # the rest of a paged hand-over, and redeliveries, follow as pushes
             await run.ackingSession(reader, writer, login, quiet=1.0)
         writer.close()
+
+    await asyncio.gather(*(collect(args.uids[1][i]) for i in senders))
     return run
 
 
