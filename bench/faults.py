@@ -64,7 +64,7 @@ import cluster_bench  # noqa: E402
 FAULTS = ("sigterm-receivers", "sigterm-senders", "kill-receivers", "kill-senders", "kill-redis", "kill-mariadb")
 #: the issue's benchmark: SIGKILL of each component
 ACK_FAULTS = ("kill-receivers", "kill-senders", "kill-redis", "kill-mariadb")
-LEGACY_FAULTS = ("sigterm-receivers", "sigterm-senders", "kill-receivers", "kill-senders", "kill-redis")
+LEGACY_FAULTS = FAULTS
 
 ONE_CHAT_MSG, LOGIN, LOGIN_ACK, PUSH_ACK = 6, 1, 2, 26
 NO_ACKS_STATUS = 2
