@@ -320,7 +320,8 @@ class Run:
         """
         index = home
         n = 0
-        pending: dict[int, float] = {}  # number -> when to send again on this connection (inf: wait)
+        pending: set[int] = set()  # numbers without an errno-0 ack
+        retry: dict[int, float] = {}  # numbers answered with an error -> when to send again
 
         def send(writer, k: int) -> None:
             self.sends += 1
@@ -331,8 +332,8 @@ class Run:
         while self.sending or (pending and time.monotonic() < self.drainUntil):
             reader, writer, _, index = await self.connect(index, uid)
             if not first:
+                retry.clear()
                 for k in sorted(pending):
-                    pending[k] = float("inf")
                     send(writer, k)
             first = False
 
@@ -343,15 +344,16 @@ class Run:
                         return
                     reply = json.loads(data)
                     k = reply.get("seq")
-                    if not isinstance(k, int) or k not in pending:
-                        if isinstance(k, int):
-                            self.note(uid, k, reply)
+                    if not isinstance(k, int):
                         continue
                     self.note(uid, k, reply)
+                    if k not in pending:
+                        continue
                     if reply.get("errno") == 0:
-                        del pending[k]
+                        pending.discard(k)
+                        retry.pop(k, None)
                     else:
-                        pending[k] = time.monotonic() + 1.0
+                        retry[k] = time.monotonic() + 1.0
 
             readTask = asyncio.ensure_future(read())
             next_ = time.monotonic()
@@ -359,13 +361,13 @@ class Run:
                 now = time.monotonic()
                 if self.sending:
                     n += 1
-                    pending[n] = float("inf")
+                    pending.add(n)
                     send(writer, n)
                 elif not pending or now >= self.drainUntil:
                     break
-                for k, due in list(pending.items()):
+                for k, due in list(retry.items()) if retry else ():
                     if due <= now:
-                        pending[k] = float("inf")
+                        del retry[k]
                         send(writer, k)
                 next_ = next_ + interval if self.sending else now + 0.05
                 await asyncio.sleep(max(0.0, next_ - time.monotonic()))
