@@ -213,6 +213,19 @@ class SentinelDiscoveryLogicTests(SynchronousTestCase):
         self.assertTrue(late.disconnected)
         self.assertIsNone(self.d.conn)
 
+    def test_stopped_while_connecting(self):
+        """The service stops while a connection is being made: when it
+        arrives it is closed and not kept."""
+        self.pending = defer.Deferred()
+        polled = self.d._pollLogged()
+        self.d.running = False
+        late = FakeConn(("127.0.0.1", 7001))
+        self.pending.callback(late)
+        self.successResultOf(polled)
+        self.assertTrue(late.disconnected)
+        self.assertIsNone(self.d.conn)
+        self.assertEqual(self.seen, [])
+
     def test_roleOf(self):
         self.assertEqual(roleOf([b"master", 1, []]), "master")
         self.assertEqual(roleOf(["slave", "h", 1]), "slave")
