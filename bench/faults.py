@@ -343,7 +343,7 @@ class Run:
                     if not data:
                         return
                     reply = json.loads(data)
-                    k = reply.get("seq")
+                    k = reply.get("seq", reply.get("cid"))  # cid: in case a late ack echoes only that
                     if not isinstance(k, int):
                         continue
                     self.note(uid, k, reply)
@@ -401,9 +401,17 @@ async def probeAcks(run: Run, senderUid: int, receiverUid: int) -> None:
         if "mid" not in push:
             raise NoAcks(f'a pushed ONE_CHAT_MSG has no "mid": {json.dumps(push)}')
         rWriter.write(line({"msgid": PUSH_ACK, "mids": [push["mid"]]}))
-        ack = json.loads(await asyncio.wait_for(sReader.readline(), 10))
+        while True:
+            data = await asyncio.wait_for(sReader.readline(), 10)
+            if not data:
+                raise SystemExit("the probe's sender was disconnected before its ack")
+            ack = json.loads(data)
+            if ack.get("msgid") in (12, 99):  # ONE_CHAT_MSG_ACK, ERROR_MSG
+                break
         if ack.get("errno") != 0:
             raise SystemExit(f"the probe message got {ack}")
+        if "probe" not in (ack.get("seq"), ack.get("cid")):
+            raise SystemExit(f'the probe\'s ack carries neither its "seq" nor its "cid": {ack}; acks cannot be matched')
     except asyncio.TimeoutError:
         raise SystemExit("the probe message was not delivered within 10 s") from None
     finally:
