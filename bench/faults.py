@@ -634,8 +634,8 @@ def rates(text: str) -> list[float]:
         values = [float(x) for x in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a comma-separated list of rates: {text!r}") from None
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError("rates must be positive")
+    if not values or any(not 0 < v <= 50000 for v in values):
+        raise argparse.ArgumentTypeError("rates must be between 0 and 50,000 messages/s")
     return values
 
 
