@@ -8,6 +8,14 @@ last known set is kept, the connection is retried forever, and the
 failures are counted (C{errors}, C{consecutiveErrors}, C{lastError},
 C{lastErrorTime}, shown by the status endpoint) and logged with the Redis
 URL (password left out).
+
+With C{redis+sentinel://} the master is looked up through the sentinels
+(L{chatproto.common.sentinel.masterAddress}) before every connection, and
+the connection is used only while C{ROLE} says C{master} (checked on
+connecting and at every poll: a sentinel may name the old master for a
+moment, and a demoted master may keep answering).  A lost connection, a
+server that is no longer the master or L{RECONNECT_AFTER} failed polls in
+a row drop the connection; the next poll asks the sentinels again.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from typing import Any
 
 import txredisapi
 from twisted.application import service
-from twisted.internet import defer
+from twisted.internet import defer, error
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -25,6 +33,7 @@ from balancer import _twisted
 from balancer.config import BackendSpec, ConfigError
 from chatproto.common.redisurl import RedisURL, parseRedisURL
 from chatproto.common.registry import ServerEntry, readRegistry
+from chatproto.common.sentinel import MasterNotFound, masterAddress
 
 #: longest wait between reconnection attempts to Redis
 MAX_RECONNECT_DELAY = 5.0
@@ -35,15 +44,59 @@ RECONNECT_AFTER = 3
 
 def parseTarget(url: str) -> RedisURL:
     """
-    The Redis to discover from; C{redis+sentinel://} is not supported yet.
+    The Redis to discover from: C{redis://}, C{rediss://} or
+    C{redis+sentinel://}.
     """
     try:
-        target = parseRedisURL(url)
+        return parseRedisURL(url)
     except ValueError as e:
         raise ConfigError(f"bad --redis URL: {e}") from None
-    if target.sentinels:
-        raise ConfigError("--redis: redis+sentinel:// is not supported by the balancer yet")
-    return target
+
+
+class NotMaster(Exception):
+    """The server the sentinels named is not (or no longer) the master."""
+
+
+def roleOf(reply: Any) -> str:
+    """The first field of a C{ROLE} reply, as text."""
+    kind = reply[0] if isinstance(reply, (list, tuple)) and reply else reply
+    if isinstance(kind, bytes):
+        kind = kind.decode("ascii", "replace")
+    return str(kind)
+
+
+def _abandonable(d: defer.Deferred, dispose: Callable[[Any], Any]) -> defer.Deferred:
+    """
+    C{d}'s result through a Deferred that can be cancelled; a result that
+    arrives after the cancellation is handed to C{dispose} (a connection
+    nobody waits for any more is closed, not leaked).
+    """
+    abandoned = []
+    outer: defer.Deferred = defer.Deferred(lambda _: abandoned.append(True))
+
+    def done(result: Any) -> None:
+        if abandoned:
+            dispose(result)
+        else:
+            outer.callback(result)
+
+    def failed(f: Any) -> None:
+        if not abandoned:
+            outer.errback(f)
+
+    d.addCallbacks(done, failed)
+    return outer
+
+
+def _dropQuietly(conn: Any) -> None:
+    if conn is not None:
+        defer.maybeDeferred(conn.disconnect).addErrback(lambda f: None)
+
+
+#: failures after which a Sentinel-found connection is dropped at once
+_CONNECTION_GONE = (
+    NotMaster, MasterNotFound, txredisapi.ConnectionError, error.ConnectionLost, error.ConnectionDone,
+)
 
 
 def toBackends(
@@ -89,6 +142,8 @@ class RedisDiscovery(service.Service):
         self.maxFails = maxFails
         self.failTimeout = failTimeout
         self.conn: Any = None
+        #: with Sentinel: the master's (host, port) the connection is to
+        self.master: tuple[str, int] | None = None
         self._loop: LoopingCall | None = None
         self.polls = 0
         self.errors = 0
@@ -126,10 +181,67 @@ class RedisDiscovery(service.Service):
         _twisted.setRedisMaxDelay(conn, MAX_RECONNECT_DELAY)
         return conn
 
+    @property
+    def sentinel(self) -> bool:
+        return bool(self.target.sentinels)
+
+    def connectTimeout(self) -> float:
+        return max(1.0, self.interval)
+
+    def findMaster(self) -> defer.Deferred[tuple[str, int]]:
+        """The master's address according to the sentinels."""
+        t = self.target
+        return defer.Deferred.fromCoroutine(
+            masterAddress(self.reactor, t.sentinels, t.master, timeout=self.connectTimeout())
+        )
+
+    def connectMaster(self, host: str, port: int) -> defer.Deferred[Any]:
+        """
+        A connection to the server the sentinels named (no reconnection of
+        its own: the next connection goes wherever the sentinels say).
+        """
+        t = self.target
+        return txredisapi.Connection(
+            host, port, dbid=t.db, reconnect=False, password=t.password, username=t.username,
+            convertNumbers=False, connectTimeout=self.connectTimeout(),
+            replyTimeout=max(2.0, 2 * self.interval),
+        )
+
+    @defer.inlineCallbacks
+    def checkRole(self, conn: Any, address: tuple[str, int]) -> Any:
+        kind = roleOf((yield conn.execute_command("ROLE")))
+        if kind != "master":
+            raise NotMaster(f"{address[0]}:{address[1]} is a {kind}, not the master {self.target.master!r}")
+
+    @defer.inlineCallbacks
+    def attachMaster(self) -> Any:
+        """
+        Look the master up, connect, check ROLE; fires with the connection
+        and remembers the address in L{master}.
+        """
+        address = yield self.findMaster()
+        conn = yield _abandonable(self.connectMaster(*address), _dropQuietly)
+        try:
+            yield self.checkRole(conn, address)
+        except BaseException:
+            _dropQuietly(conn)
+            raise
+        if not self.running:
+            _dropQuietly(conn)
+            return None
+        if address != self.master:
+            self.log.info(
+                "sentinels name {host}:{port} as master {name}; reading the registry there",
+                host=address[0], port=address[1], name=self.target.master,
+            )
+        self.conn, self.master = conn, address
+        return conn
+
     def startService(self) -> None:
         super().startService()
         self.log.info("discovering chat servers from Redis at {url}", url=self.redactedURL)
-        self.conn = self.connect()
+        if not self.sentinel:
+            self.conn = self.connect()
         self._loop = LoopingCall(self._pollLogged)
         self._loop.clock = self.reactor
         self._loop.start(self.interval, now=True)
@@ -168,7 +280,10 @@ class RedisDiscovery(service.Service):
         why = f.getErrorMessage() or type(f.value).__name__
         self.lastError = why
         self.lastErrorTime = self.reactor.seconds()
-        if self.consecutiveErrors % RECONNECT_AFTER == 0 and self.running:
+        if self.running and (
+            self.consecutiveErrors % RECONNECT_AFTER == 0
+            or (self.sentinel and self.conn is not None and f.check(*_CONNECTION_GONE))
+        ):
             self.reconnect()
         if self.consecutiveErrors == 1 or self.consecutiveErrors % 60 == 0:
             self.log.warn(
@@ -179,15 +294,23 @@ class RedisDiscovery(service.Service):
 
     def reconnect(self) -> None:
         """
-        Drop the connection and make a new one.
+        Drop the connection and make a new one (with Sentinel: the next
+        poll asks the sentinels where the master is).
         """
-        old, self.conn = self.conn, self.connect()
-        if old is not None:
-            defer.maybeDeferred(old.disconnect).addErrback(lambda f: None)
+        if self.sentinel:
+            old, self.conn = self.conn, None
+        else:
+            old, self.conn = self.conn, self.connect()
+        _dropQuietly(old)
 
     @defer.inlineCallbacks
     def poll(self) -> Any:
         conn = self.conn
+        if self.sentinel and self.running:
+            if conn is None:
+                conn = yield self.attachMaster()
+            else:
+                yield self.checkRole(conn, self.master)
         if conn is None:
             return
         entries = yield readRegistry(conn, self.prefix)
