@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from balancer import config as configmod
 from balancer import fastpoll, tap
-from balancer.config import ConfigError, buildConfig
+from balancer.config import buildConfig
 from balancer.discovery import RedisDiscovery
 from balancer.service import BalancerService, StartupFailed
 from balancer.status import StatusResource, StatusSite, combine, snapshot
@@ -375,11 +375,6 @@ class DiscoveryErrorTests(SynchronousTestCase):
         data = snapshot(svc)["discovery"]
         self.assertEqual((data["errors"], data["last_error"]), (3, "boom"))
         self.assertNotIn("topsecret", json.dumps(data))
-
-    def test_sentinel_not_supported_yet(self):
-        self.assertRaises(ConfigError, RedisDiscovery, MemoryReactorClock(),
-                          "redis+sentinel://h:26379/m", "p:", 1.0, lambda *a: None)
-
 
 class WatchParentTests(SynchronousTestCase):
     def test_fallback_watch_stops_the_worker(self):
