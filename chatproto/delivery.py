@@ -84,10 +84,16 @@ class Delivery:
         sessions = self.registry.sessions
         for uid in uids:
             target = sessions.get(uid)
-            if target is None or not self.push(target, uid, message, line, here):
-                remote.append(uid)
-            elif here is not None and target.acking:
-                waits[uid] = confirmations.expect(uid, mid)
+            # Waiting before the push: a session logged out by it (too many
+            # unacked) reports at once.
+            waiting = confirmations.expect(uid, mid) if here and target is not None and target.acking else None
+            if target is not None and self.push(target, uid, message, line, here):
+                if waiting is not None:
+                    waits[uid] = waiting
+                continue
+            if waiting is not None:
+                confirmations.resolve(uid, mid, MISSED)
+            remote.append(uid)
         missed = []
         if remote:
             if mid is not None:

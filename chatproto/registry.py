@@ -58,6 +58,9 @@ class SessionRegistry:
                 del self.sessions[uid]
         return uid
 
+    #: called with a logged-in session about to be kicked
+    onKick = None
+
     def kickLocal(self, uid: int, session: str, reason: str) -> None:
         """Close the local session C{session} of C{uid}, logged in or still
         logging in (another session took over the account)."""
@@ -65,6 +68,9 @@ class SessionRegistry:
         if target is None:
             return
         if target.uid == uid:
+            # What it did not ack is stored before a new login hands over.
+            if self.onKick is not None:
+                self.onKick(target)
             self.unbind(target)
             target.kick(reason)
         elif target.loggingIn == uid:

@@ -107,6 +107,7 @@ class ChatService(service.Service):
         self.confirmations = Confirmations(clock, self.serverName, relay)
         self.delivery = Delivery(self.registry, store, relay, self.tasks, self.confirmations)
         self.delivery.onCongested = self.congested
+        self.registry.onKick = self.delivery.storeUnacked
         self.loginFlow = LoginFlow(
             self.registry, self.delivery, store, presence, relay, hasher, clock, self.tasks, onRelogin, tokens
         )
