@@ -341,3 +341,26 @@ class ReceiverSideTests(unittest.TestCase):
         self.h.clock.advance(0)
         self.assertEqual(self.sent, [("other", [[self.b, "M1", "stored"]])])
         self.assertEqual([midOf(p) for p in self.h.stored(self.b)], ["M1"])
+
+
+class ImmediateAnswersTests(unittest.TestCase):
+    """Requests answered at once (their Deferred fired already) do not
+    recurse: found by the cluster benchmark, whose 1,000 pipelined
+    registrations past the per-address burst (errno 3 at once) overflowed
+    the stack."""
+
+    def test_thousandsOfImmediateErrors(self):
+        h = AckHarness(maxLength=65536)
+        client = h.connect()
+        # The first registrations wait for their hash: the rest queue.
+        h.hasher.hold = True
+        lines = b"".join(
+            json.dumps({"msgid": 4, "name": f"u{i}", "password": "pw"}).encode() + b"\n" for i in range(3000)
+        )
+        client.sendRaw(lines)
+        while h.hasher.waiting:
+            h.hasher.release()
+        replies = client.replies()
+        self.assertEqual(len(replies), 3000)
+        self.assertEqual({r["errno"] for r in replies[100:]}, {m.E_THROTTLED})
+        self.assertEqual(self.flushLoggedErrors(), [])
