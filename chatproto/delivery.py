@@ -20,6 +20,7 @@ from chatproto.acks import DELIVERED, MISSED, STORED, TIMEOUT, Unacked
 from chatproto.interfaces import IRelayReceiver
 from chatproto.messages import RequestError, encode
 from chatproto.output import batch
+from chatproto.redeliver import NUDGE, Redelivery, isNudge
 from chatproto.tasks import storeCall
 
 #: Messages kept offline when their recipient cannot take them now.
@@ -48,10 +49,15 @@ class Delivery:
         self.relay = relay
         self.tasks = tasks
         self.confirmations = confirmations
+        self.redelivery = Redelivery(store, tasks)
 
     def push(self, session, uid: int, message: dict, line: bytes, origin: str | None = None) -> bool:
         """Send C{message} to C{session}; an acking session keeps a chat
-        until it acks it (C{origin}: the server waiting for that)."""
+        until it acks it (C{origin}: the server waiting for that).  A
+        nudge hands the user's offline messages over instead."""
+        if isNudge(message):
+            self.redelivery.handOver(session, uid)
+            return True
         if not session.send(message, line):
             return False
         mid = message.get("mid")
@@ -94,7 +100,7 @@ class Delivery:
             if waiting is not None:
                 confirmations.resolve(uid, mid, MISSED)
             remote.append(uid)
-        missed = []
+        missed, offline = [], set()
         if remote:
             if mid is not None:
                 # Before publishing: a confirmation may come back first.
@@ -106,9 +112,10 @@ class Delivery:
                 self.log.warn("relay unavailable ({error}); storing for {n} users", error=e, n=len(remote))
                 missed = remote
             if mid is not None:
+                # Nobody has them: offline (no nudge needed).
                 for uid in missed:
                     confirmations.resolve(uid, mid, MISSED)
-                missed = []
+                missed, offline = [], set(missed)
         storedThere = []
         for uid, waiting in waits.items():
             state = await waiting
@@ -120,7 +127,15 @@ class Delivery:
             return []
         if missed:
             await storeCall(self.store.storeOffline([(uid, line.decode("utf-8")) for uid in missed]))
+            # Not confirmed: the user may be logged in elsewhere by now.
+            self.nudge([uid for uid in missed if uid not in offline])
         return list(missed) + storedThere
+
+    def nudge(self, uids) -> None:
+        """Messages were stored for C{uids}, who may be logged in (on any
+        server): hand them over now (L{chatproto.redeliver})."""
+        if uids:
+            self.tasks.track(defer.Deferred.fromCoroutine(self.deliver(uids, NUDGE, store=False)))
 
     async def deliverChat(self, toid: int, out: dict) -> dict:
         """A one-to-one chat the fast path (a local legacy session that took
@@ -165,11 +180,16 @@ class Delivery:
             for origin, uid, mid in waiting:
                 self.confirmations.notify(origin, uid, mid, state)
 
+        def stored(_):
+            report(STORED)
+            # The user may have logged in again elsewhere (a kick).
+            self.nudge(sorted({uid for uid, _ in rows}))
+
         if not rows:
             report(STORED)
             return
         d = self.store.storeOffline(rows)
-        d.addCallbacks(lambda _: report(STORED), lambda f: (report(MISSED), f)[1])
+        d.addCallbacks(stored, lambda f: (report(MISSED), f)[1])
         self.tasks.track(d)
 
     def acked(self, session, mids) -> None:

@@ -245,9 +245,9 @@ class LoginFlow:
         revokes the session's token if the session is still open (a
         dropped, kicked or shut-down connection keeps it)."""
         token = self.credentials.sessionTokens.pop(session.sid, None)
+        uid = self.registry.unbind(session)
         # What it did not ack waits for its next login.
         self.delivery.storeUnacked(session)
-        uid = self.registry.unbind(session)
         if uid is None:
             return
         # Not when the session was closed first (kicked, server stopping).

@@ -68,11 +68,12 @@ class SessionRegistry:
         if target is None:
             return
         if target.uid == uid:
-            # What it did not ack is stored before a new login hands over.
-            if self.onKick is not None:
-                self.onKick(target)
             self.unbind(target)
             target.kick(reason)
+            # What it did not ack is stored (before a new login here hands
+            # over; a login elsewhere gets it through a nudge).
+            if self.onKick is not None:
+                self.onKick(target)
         elif target.loggingIn == uid:
             target.kick(reason)
 

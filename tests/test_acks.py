@@ -127,10 +127,13 @@ class PushAckTests(unittest.TestCase):
         self.assertEqual(self.alice.reply()["state"], "stored")
         [push] = self.bob.replies()
         self.assertEqual([midOf(p) for p in self.h.stored(self.b)], [push["mid"]])
-        # The late ack: nothing is duplicated, nothing breaks.
+        # The late ack: the stored copy is the one bob has (the nudge after
+        # the fallback store found it pushed already), so it is deleted;
+        # nothing is pushed or stored twice.
         self.bob.send({"msgid": 26, "mids": [push["mid"]]})
+        self.assertEqual(self.bob.replies(), [])
         self.bob.disconnect()
-        self.assertEqual(len(self.h.stored(self.b)), 1)
+        self.assertEqual(self.h.stored(self.b), [])
 
     def test_redeliveredAfterDrop(self):
         self.alice.send(chat(self.b, "hi", cid="a"))
@@ -364,3 +367,42 @@ class ImmediateAnswersTests(unittest.TestCase):
         self.assertEqual(len(replies), 3000)
         self.assertEqual({r["errno"] for r in replies[100:]}, {m.E_THROTTLED})
         self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class NudgeTests(unittest.TestCase):
+    """A chat stored as a fallback for a user who is logged in (elsewhere,
+    or here again) is handed over to that session at once."""
+
+    def setUp(self):
+        self.h = AckHarness()
+        self.relay = _SilentRelay()
+        self.h.service.relay = self.h.service.delivery.relay = self.relay
+        self.a, self.b = self.h.register("alice"), self.h.register("bob")
+        self.alice = self.h.login(self.a)
+
+    def test_timeoutFallbackHandedToSessionNowHere(self):
+        """bob's server (as the relay says) never confirms; meanwhile bob
+        logged in here: the fallback store is handed to him live, once."""
+        self.alice.send(chat(self.b, "hi", cid="n"))
+        bob = self.h.login(self.b)
+        self.h.clock.advance(Confirmations.timeout)
+        self.assertEqual(self.alice.reply()["state"], "stored")
+        self.assertEqual([p["mid"] for p in bob.replies() if p["msgid"] == 6], [midFor(self.a, "n")])
+        self.assertEqual(self.h.stored(self.b), [])
+
+    def test_acking(self):
+        self.alice.send(chat(self.b, "hi", cid="n"))
+        bob, _ = self.h.loginAcking(self.b)
+        self.h.clock.advance(Confirmations.timeout)
+        [push] = [p for p in bob.replies() if p["msgid"] == 6]
+        self.assertEqual(len(self.h.stored(self.b)), 1)
+        bob.send({"msgid": 26, "mids": [push["mid"]]})
+        self.assertEqual(self.h.stored(self.b), [])
+
+    def test_plainOfflineNotNudged(self):
+        """The relay found nobody: stored, no nudge (no relay call)."""
+        self.relay.missed = True
+        calls = []
+        self.h.service.delivery.nudge = calls.append
+        self.assertEqual(self.alice.request(chat(self.b, "hi"))["state"], "stored")
+        self.assertEqual(calls, [[]])

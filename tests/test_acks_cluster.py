@@ -95,3 +95,22 @@ class AckedAcrossServersTests(ClusterTestCase):
         ack = await alice.request({"msgid": m.ONE_CHAT_MSG, "toid": b, "msg": "hi"})
         self.assertEqual(ack["state"], "stored")
         self.assertEqual(len(await self.services[0].store.peekOffline(b)), 1)
+
+    async def test_kickedSessionsUnackedReachTheNewLogin(self):
+        """bob (acking) on chat2 has a chat he did not ack; he logs in on
+        chat1, which kicks the chat2 session: chat2 stores the chat, and
+        bob's new session gets it (in its login reply, or pushed right
+        after through the nudge), not only at a later login."""
+        a, b = await self.register("alice"), await self.register("bob", 1)
+        alice, _ = await self.login(a, "alice", 0)
+        bob, _ = await self.loginAcking(b, "bob", 1)
+        alice.send({"msgid": m.ONE_CHAT_MSG, "toid": b, "msg": "hi", "cid": "k"})
+        push = await bob.nextOf(m.ONE_CHAT_MSG)
+        bob2, login = await self.loginAcking(b, "bob", 0)
+        mids = [json.loads(p)["mid"] for p in login["offlinemsg"]]
+        if not mids:
+            mids = [(await bob2.nextOf(m.ONE_CHAT_MSG))["mid"]]
+        self.assertEqual(mids, [push["mid"]])
+        self.assertEqual((await alice.nextOf(m.ONE_CHAT_MSG_ACK))["state"], "stored")
+        bob2.send({"msgid": m.PUSH_ACK, "mids": mids})
+        await until(lambda: self.services[0].store.peekOffline(b).addCallback(lambda rows: rows == []), 5)
