@@ -192,5 +192,15 @@ class Confirmations:
         for server, entries in outgoing.items():
             d = defer.maybeDeferred(self.relay.confirm, server, entries)
             # Lost: the sender times out and stores the message itself.
-            d.addErrback(lambda f, s=server: self.log.warn("confirmations to {server} lost: {e}", server=s, e=f.value))
+            d.addErrback(self._lost, server)
+
+    #: a L{chatproto.logrepeat.RepeatedWarnings} (one line, then a count)
+    warnings = None
+
+    def _lost(self, failure, server: str) -> None:
+        text = "confirmations to {server} lost ({error}); it stores those messages itself"
+        if self.warnings is not None:
+            self.warnings.warn("confirmations lost", text, server=server, error=failure.value)
+        else:
+            self.log.warn(text, server=server, error=failure.value)
 

@@ -105,6 +105,7 @@ class ChatService(service.Service):
         self.tasks = BackgroundTasks(self.warnings)
         self.registry = SessionRegistry(self.serverName, presence)
         self.confirmations = Confirmations(clock, self.serverName, relay)
+        self.confirmations.warnings = self.warnings
         self.delivery = Delivery(self.registry, store, relay, self.tasks, self.confirmations)
         self.delivery.onCongested = self.congested
         self.registry.onKick = self.delivery.storeUnacked

@@ -318,6 +318,17 @@ class ReceiverSideTests(unittest.TestCase):
         self.h.clock.advance(0)
         self.assertEqual(self.sent, [("other", [[self.b, "M1", "delivered"]])])
 
+    def test_confirmationsLostAreOnlyWarned(self):
+        """Redis down when confirming: warned (once, then counted), never an
+        unhandled error; the sender's timeout covers it."""
+        warned = []
+        self.h.service.confirmations.warnings.warn = lambda key, text, **kw: warned.append(key)
+        self.h.service.relay.confirm = lambda server, entries: defer.fail(RuntimeError("Redis down"))
+        self.relayed([self.b])
+        self.h.clock.advance(0)
+        self.assertEqual(warned, ["confirmations lost"])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
     def test_missedReportedNotStoredHere(self):
         """A user not here: the sender is told (it stores it, and can tell
         its client if that fails)."""
