@@ -168,7 +168,12 @@ class LoginFlow:
             session.unhold()
             return True
 
-        count = await storeCall(self.store.takeOffline(uid, handoff, keepAcked=acking))
+        redelivery = self.delivery.redelivery
+        redelivery.begin(session)
+        try:
+            count = await storeCall(self.store.takeOffline(uid, handoff, keepAcked=acking))
+        finally:
+            redelivery.end(session, uid)
         return count, friendIds
 
     async def loginAck(self, uid: int, name: str) -> tuple[dict, list[int]]:

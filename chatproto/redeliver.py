@@ -68,10 +68,14 @@ class Redelivery:
             return True
 
         d = self.store.takeOffline(uid, handoff, keepAcked=acking)
+        self.tasks.track(d.addBoth(lambda result: (self.end(session, uid), result)[1]))
 
-        def done(result):
-            if self.running.pop(session.sid, False):
-                self.handOver(session, uid)
-            return result
+    def begin(self, session) -> None:
+        """A login hands the offline messages over: a nudge meanwhile waits
+        for it to end (never pushed before the login reply)."""
+        self.running[session.sid] = False
 
-        self.tasks.track(d.addBoth(done))
+    def end(self, session, uid: int) -> None:
+        """A hand-over ended: run the nudge that came meanwhile."""
+        if self.running.pop(session.sid, False):
+            self.handOver(session, uid)

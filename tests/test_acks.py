@@ -417,3 +417,26 @@ class NudgeTests(unittest.TestCase):
         self.h.service.delivery.nudge = calls.append
         self.assertEqual(self.alice.request(chat(self.b, "hi"))["state"], "stored")
         self.assertEqual(calls, [[]])
+
+    def test_nudgeDuringLoginWaitsForItsReply(self):
+        """A nudge that comes while a login hands over is carried out after
+        it: nothing is pushed before the login reply."""
+        bob = self.h.connect()
+        store = self.h.service.store
+        original = store.takeOffline
+        nudged = []
+
+        def takeOffline(uid, handoff, keepAcked=False):
+            # the nudge arrives in the middle of the login's hand-over
+            if not nudged:
+                nudged.append(True)
+                store.storeOffline([(uid, '{"msgid":6,"msg":"late","mid":"LATE"}')])
+                self.h.service.delivery.deliverLocal([uid], {"nudge": 1}, False)
+            return original(uid, handoff, keepAcked)
+
+        store.takeOffline = takeOffline
+        bob.send({"msgid": 1, "id": self.b, "password": "secret"})
+        replies = bob.replies()
+        self.assertEqual(replies[0]["msgid"], m.LOGIN_MSG_ACK)
+        shown = [json.loads(p)["mid"] for p in replies[0]["offlinemsg"]] + [r.get("mid") for r in replies[1:]]
+        self.assertEqual(shown, ["LATE"])
