@@ -98,10 +98,20 @@ class Backpressure:
             if self._drainCall is None or not self._drainCall.active():
                 self._drainCall = self.callLater(0, self.outputResumed)
 
+    #: inside L{_drain}'s loop: a request answered at once (its Deferred
+    #: fired already) continues the loop instead of recursing into it
+    _draining = False
+
     def _drain(self) -> None:
         """Carry out queued lines while nothing holds them back."""
-        while self._backlog and self._busy is None and self.connected and not self._outputBlocked():
-            self._process(self._backlog.popleft())
+        if self._draining:
+            return
+        self._draining = True
+        try:
+            while self._backlog and self._busy is None and self.connected and not self._outputBlocked():
+                self._process(self._backlog.popleft())
+        finally:
+            self._draining = False
         if len(self._backlog) < BACKLOG_PAUSE:
             self._resumeReading("backlog")
         if self._busy is None and not self._backlog:

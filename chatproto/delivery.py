@@ -2,6 +2,11 @@
 Delivery: a message to users wherever they are.  Local sessions get it
 directly, the others through the L{IRelay}; what nobody takes is stored
 offline when asked.  Also the receiving end of the relay.
+
+A chat with a C{mid} is done only when the recipient's server has taken
+responsibility for it (L{chatproto.acks}): written to a legacy session,
+acked by an acking one, or stored offline.  Until then the sending server
+waits for a confirmation and stores it itself when none comes.
 """
 
 from __future__ import annotations
@@ -11,9 +16,11 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from chatproto import messages as m
+from chatproto.acks import DELIVERED, MISSED, STORED, TIMEOUT, Unacked
 from chatproto.interfaces import IRelayReceiver
 from chatproto.messages import RequestError, encode
 from chatproto.output import batch
+from chatproto.redeliver import NUDGE, Redelivery, isNudge
 from chatproto.tasks import storeCall
 
 #: Messages kept offline when their recipient cannot take them now.
@@ -25,47 +32,114 @@ class Delivery:
     """
     @param registry: the L{chatproto.registry.SessionRegistry}.
     @param tasks: the L{chatproto.tasks.BackgroundTasks} of the service.
+    @param confirmations: the L{chatproto.acks.Confirmations}.
+    @ivar onCongested: called with an acking session that has more than
+        L{maxUnacked} messages unacked (the service logs it out).
     """
 
     log = Logger()
     writeBatch = batch
+    #: messages an acking session may leave unacked; one more logs it out
+    maxUnacked = 1000
+    onCongested = None
 
-    def __init__(self, registry, store, relay, tasks) -> None:
+    def __init__(self, registry, store, relay, tasks, confirmations) -> None:
         self.registry = registry
         self.store = store
         self.relay = relay
         self.tasks = tasks
+        self.confirmations = confirmations
+        self.redelivery = Redelivery(store, tasks)
+
+    def push(self, session, uid: int, message: dict, line: bytes, origin: str | None = None) -> bool:
+        """Send C{message} to C{session}; an acking session keeps a chat
+        until it acks it (C{origin}: the server waiting for that).  A
+        nudge hands the user's offline messages over instead."""
+        if isNudge(message):
+            self.redelivery.handOver(session, uid)
+            return True
+        if not session.send(message, line):
+            return False
+        mid = message.get("mid")
+        if session.acking and mid is not None and message.get("msgid") in STORED_MSGIDS:
+            entry = session.unacked.get(mid)
+            if entry is None:
+                session.unacked[mid] = Unacked(uid, line.decode("utf-8"), [origin] if origin else [])
+                if len(session.unacked) > self.maxUnacked and self.onCongested is not None:
+                    self.onCongested(session)
+            elif origin is not None:
+                entry.origins.append(origin)
+        return True
 
     async def deliver(self, uids, message: dict, store: bool) -> list[int]:
         """
         Deliver C{message} to C{uids}: local sessions directly, the rest
         through the relay; what nobody takes is stored offline when
-        C{store}.
+        C{store}.  A stored message with a mid is done when each
+        recipient's server confirmed it (or stored it, or did not answer
+        within the confirmation timeout: then it is stored here).
 
-        @return: the uids whose copy was stored offline here.
+        @return: the uids whose copy was stored offline (here or by the
+            recipient's server).
         """
         line = encode(message)
-        remote = []
+        mid = message.get("mid") if store else None
+        confirmations = self.confirmations
+        here = self.registry.serverName if mid is not None else None
+        remote, waits = [], {}
         sessions = self.registry.sessions
         for uid in uids:
             target = sessions.get(uid)
-            if target is None or not target.send(message, line):
-                remote.append(uid)
-        if not remote:
+            # Waiting before the push: a session logged out by it (too many
+            # unacked) reports at once.
+            waiting = confirmations.expect(uid, mid) if here and target is not None and target.acking else None
+            if target is not None and self.push(target, uid, message, line, here):
+                if waiting is not None:
+                    waits[uid] = waiting
+                continue
+            if waiting is not None:
+                confirmations.resolve(uid, mid, MISSED)
+            remote.append(uid)
+        missed, offline = [], set()
+        if remote:
+            if mid is not None:
+                # Before publishing: a confirmation may come back first.
+                waits.update((uid, confirmations.expect(uid, mid)) for uid in remote)
+            try:
+                missed = await self.relay.deliver(remote, message, store, line)
+            except Exception as e:
+                # The relay is down: whoever is elsewhere gets it offline.
+                self.log.warn("relay unavailable ({error}); storing for {n} users", error=e, n=len(remote))
+                missed = remote
+            if mid is not None:
+                # Nobody has them: offline (no nudge needed).
+                for uid in missed:
+                    confirmations.resolve(uid, mid, MISSED)
+                missed, offline = [], set(missed)
+        storedThere = []
+        for uid, waiting in waits.items():
+            state = await waiting
+            if state in (MISSED, TIMEOUT):
+                missed.append(uid)
+            elif state == STORED:
+                storedThere.append(uid)
+        if not store:
             return []
-        try:
-            missed = await self.relay.deliver(remote, message, store, line)
-        except Exception as e:
-            # The relay is down: whoever is elsewhere gets it offline.
-            self.log.warn("relay unavailable ({error}); storing for {n} users", error=e, n=len(remote))
-            missed = remote
-        if missed and store:
+        if missed:
             await storeCall(self.store.storeOffline([(uid, line.decode("utf-8")) for uid in missed]))
-        return list(missed) if store else []
+            # Not confirmed: the user may be logged in elsewhere by now.
+            self.nudge([uid for uid in missed if uid not in offline])
+        return list(missed) + storedThere
+
+    def nudge(self, uids) -> None:
+        """Messages were stored for C{uids}, who may be logged in (on any
+        server): hand them over now (L{chatproto.redeliver})."""
+        if uids:
+            self.tasks.track(defer.Deferred.fromCoroutine(self.deliver(uids, NUDGE, store=False)))
 
     async def deliverChat(self, toid: int, out: dict) -> dict:
-        """A one-to-one chat the fast path (a local session that took it)
-        did not deliver: check the user exists, relay or store it; the
+        """A one-to-one chat the fast path (a local legacy session that took
+        it) did not deliver: check the user exists, relay or store it; the
         sender's ack."""
         names = self.registry.names
         if toid not in names:
@@ -83,28 +157,88 @@ class Delivery:
 
     def storeHeld(self, session) -> None:
         """Chat messages delivered to a session while it was logging in, that
-        it never got (it went away or its login failed), are stored offline."""
+        it never got (it went away or its login failed), are stored offline;
+        so is what an acking session did not ack."""
         uid, held = session.dropHeld()
         rows = [(uid, (line or encode(msg)).decode("utf-8")) for msg, line in held if msg.get("msgid") in STORED_MSGIDS]
         if rows:
             self.tasks.track(self.store.storeOffline(rows))
+        self.storeUnacked(session)
+
+    def storeUnacked(self, session) -> None:
+        """The session ends (however): what it did not ack is stored
+        offline (those handed over from the store are still there), then
+        the servers waiting for them are told C{stored} (C{missed} if
+        storing failed: they store it themselves)."""
+        entries, session.unacked = session.unacked, {}
+        if not entries:
+            return
+        rows = [(e.uid, e.payload) for e in entries.values() if not e.offline]
+        waiting = [(origin, e.uid, mid) for mid, e in entries.items() for origin in e.origins]
+
+        def report(state):
+            for origin, uid, mid in waiting:
+                self.confirmations.notify(origin, uid, mid, state)
+
+        def stored(_):
+            report(STORED)
+            # The user may have logged in again elsewhere (a kick).
+            self.nudge(sorted({uid for uid, _ in rows}))
+
+        if not rows:
+            report(STORED)
+            return
+        d = self.store.storeOffline(rows)
+        d.addCallbacks(stored, lambda f: (report(MISSED), f)[1])
+        self.tasks.track(d)
+
+    def acked(self, session, mids) -> None:
+        """A PUSH_ACK: these are done (unknown mids are ignored)."""
+        unacked = session.unacked
+        handedOver = []
+        for mid in mids:
+            entry = unacked.pop(mid, None)
+            if entry is None:
+                continue
+            for origin in entry.origins:
+                self.confirmations.notify(origin, entry.uid, mid, DELIVERED)
+            if entry.offline:
+                handedOver.append(mid)
+        if handedOver and session.uid is not None:
+            self.tasks.track(self.store.deleteOffline(session.uid, handedOver))
 
     # --- IRelayReceiver -----------------------------------------------------
 
-    def deliverLocal(self, uids, message: dict, store: bool) -> list[int]:
-        """A message relayed from another server."""
+    def deliverLocal(self, uids, message: dict, store: bool, origin: str | None = None) -> list[int]:
+        """A message relayed from C{origin}: a stored chat with a mid is
+        confirmed to it (written to a legacy session; for an acking one,
+        once acked), or reported missed (it stores it); without an origin
+        what nobody here takes is stored here."""
         line = encode(message)
+        mid = message.get("mid") if store else None
+        origin = origin if mid is not None else None
+        notify = self.confirmations.notify
         missed = []
         sessions = self.registry.sessions
         for uid in uids:
             target = sessions.get(uid)
-            if target is None or not target.send(message, line):
+            if target is None or not self.push(target, uid, message, line, origin):
                 missed.append(uid)
+            elif origin is not None and not target.acking:
+                notify(origin, uid, mid, DELIVERED)
         if missed and store:
-            # The user left between routing and arrival: keep it for them.
-            payload = line.decode("utf-8")
-            self.tasks.track(self.store.storeOffline([(uid, payload) for uid in missed]))
+            if origin is not None:
+                for uid in missed:
+                    notify(origin, uid, mid, MISSED)
+            else:
+                # The user left between routing and arrival: keep it for them.
+                payload = line.decode("utf-8")
+                self.tasks.track(self.store.storeOffline([(uid, payload) for uid in missed]))
         return missed
+
+    def confirmed(self, entries) -> None:
+        """Confirmations from other servers for messages sent from here."""
+        self.confirmations.received(entries)
 
     def localSessions(self) -> list[tuple[int, str]]:
         return self.registry.localSessions()

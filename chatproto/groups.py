@@ -30,9 +30,11 @@ async def deliverCounted(delivery, uids, message) -> tuple[int, int]:
 class GroupHandlers:
     """
     @param now: returns the server's time as text, for the C{time} field.
+    @param mid: returns the mid of a chat (session, request).
     """
 
-    def __init__(self, store, registry, delivery, friendRequests, now) -> None:
+    def __init__(self, store, registry, delivery, friendRequests, now, mid) -> None:
+        self.mid = mid
         self.store = store
         self.registry = registry
         self.delivery = delivery
@@ -77,6 +79,7 @@ class GroupHandlers:
             "groupid": gid,
             "msg": text,
             "time": self.now(),
+            "mid": self.mid(session, request),
         }
         others = [u.id for u in members if u.id != session.uid]
         stored, full = await deliverCounted(self.delivery, others, out)

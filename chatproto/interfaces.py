@@ -42,7 +42,6 @@ class Group:
 @dataclass(frozen=True)
 class Location:
     """Where a logged-in session lives: the server's name and the session id."""
-
     server: str
     session: str
 
@@ -64,7 +63,6 @@ class ClaimResult:
 @dataclass(frozen=True)
 class ServerInfo:
     """A chat server as registered in the cluster registry."""
-
     name: str
     host: str
     port: int
@@ -77,7 +75,6 @@ class ServerInfo:
 class FriendRequest:
     """A pending friend request as its target sees it: who asked, and when
     (seconds since the epoch, from the service's clock)."""
-
     id: int
     name: str
     created: float
@@ -235,15 +232,15 @@ class IChatStore(Interface):
         Store messages for later delivery, in one transaction.
 
         @param items: iterable of C{(uid, payload)} where C{payload} is the
-            JSON text of the message.
+            JSON text of the message; one copy per (uid, mid) is kept.
         @rtype: L{Deferred} firing with L{None}
         """
 
-    def takeOffline(uid, handoff):
+    def takeOffline(uid, handoff, keepAcked=False):
         """
         Hand C{uid}'s offline messages, oldest first, to C{handoff} and delete
         exactly the messages handed over, only once C{handoff} says they were
-        taken.
+        taken (C{keepAcked}: those with a mid wait for L{deleteOffline}).
 
         @param handoff: called in the reactor thread with a L{list} of
             payloads; returns (or fires a Deferred with) a true value when
@@ -251,6 +248,9 @@ class IChatStore(Interface):
             or raises, nothing is deleted.
         @rtype: L{Deferred} firing with the number of messages deleted.
         """
+
+    def deleteOffline(uid, mids):
+        """Delete C{uid}'s offline copies of C{mids} (acked). @rtype: L{Deferred}"""
 
     def peekOffline(uid):
         """
@@ -284,14 +284,18 @@ class IRelayReceiver(Interface):
         "payload, and the completion of one delivery batch, in it."
     )
 
-    def deliverLocal(uids, message, store):
+    def deliverLocal(uids, message, store, origin=None):
         """
         Deliver C{message} (a L{dict}) to the local sessions of C{uids}.
         Users that are not (or no longer) here get it stored offline when
-        C{store} is true.
+        C{store} is true, or, for a chat with a mid from C{origin} (the
+        sending server), are reported to it (L{IRelay.confirm}).
 
         @return: L{list} of the uids that no local session took.
         """
+
+    def confirmed(entries):
+        """Confirmations C{[[uid, mid, state], ...]} for chats sent from here."""
 
     def localSessions():
         """
@@ -392,6 +396,9 @@ class IRelay(Interface):
             took (the caller stores those offline when C{store} is true).
         """
 
+    def confirm(server, entries):
+        """Send C{server} confirmations C{[[uid, mid, state], ...]} (L{chatproto.acks}); a L{Deferred}."""
+
     def kick(location, uid, reason):
         """
         Ask the server of C{location} to close that session of C{uid}.
@@ -414,6 +421,8 @@ class IChatSession(Interface):
     loggingIn = Attribute("The uid this session is claiming while it logs in, or None.")
     connected = Attribute("Whether the connection is open (false once kicked).")
     peerHost = Attribute("The client's address (the real one behind a PROXY header).")
+    acking = Attribute("It confirms pushed chats (PUSH_ACK); C{unacked}: mid -> L{chatproto.acks.Unacked}.")
+    nulTerminated = Attribute("The client ends its lines with NUL (the tutorial client).")
 
     def send(message, line=None, force=False):
         """

@@ -12,11 +12,12 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from chatproto import messages as m
+from chatproto.acks import Unacked, midOf
 from chatproto.credentials import Credentials
 from chatproto.interfaces import ClaimResult, Location, PresenceUnavailable
 from chatproto.messages import RequestError, encode
 from chatproto.registry import OFFLINE, ONLINE
-from chatproto.sqloffline import pageOffline
+from chatproto.sqloffline import pageOffline, pageWithin
 from chatproto.tasks import storeCall
 
 
@@ -75,6 +76,8 @@ class LoginFlow:
 
     async def _login(self, session, request) -> None:
         uid = request.args["id"]
+        if type(request.args.get("ack", False)) is not bool:
+            raise RequestError(m.E_BAD_FIELD, "field 'ack' must be true or false")
         if session.uid is not None:
             raise RequestError(m.E_ALREADY_LOGGED_IN)
         if "token" in request.args:
@@ -89,6 +92,7 @@ class LoginFlow:
         if not await self.take(session, uid):
             return None
         self.registry.bind(session, uid, name)
+        session.acking = bool(request.args.get("ack"))
         session.hold(uid)
         try:
             if token is None:
@@ -141,18 +145,35 @@ class LoginFlow:
         if token is not None:
             ack["token"] = token
 
+        acking = session.acking
+
         def handoff(payloads) -> bool:
             if session.uid != uid or not session.connected:
                 return False
             # A bounded login reply; the rest follow it as pushes.
             ack["offlinemsg"], rest = pageOffline(payloads)
+            if session.nulTerminated:
+                base = len(encode(dict(ack, offlinemsg=[], **({} if request.seq is None else {"seq": request.seq}))))
+                ack["offlinemsg"], more = pageWithin(ack["offlinemsg"], base + 1)
+                rest = more + rest
+            if acking:
+                # Deleted from the store once acked (Delivery.acked).
+                for payload in payloads:
+                    mid = midOf(payload)
+                    if mid is not None and mid not in session.unacked:
+                        session.unacked[mid] = Unacked(uid, payload, [], offline=True)
             session.reply(request, ack)
             for payload in rest:
                 session.send(json.loads(payload), payload.encode("utf-8"), force=True)
             session.unhold()
             return True
 
-        count = await storeCall(self.store.takeOffline(uid, handoff))
+        redelivery = self.delivery.redelivery
+        redelivery.begin(session)
+        try:
+            count = await storeCall(self.store.takeOffline(uid, handoff, keepAcked=acking))
+        finally:
+            redelivery.end(session, uid)
         return count, friendIds
 
     async def loginAck(self, uid: int, name: str) -> tuple[dict, list[int]]:
@@ -230,6 +251,8 @@ class LoginFlow:
         dropped, kicked or shut-down connection keeps it)."""
         token = self.credentials.sessionTokens.pop(session.sid, None)
         uid = self.registry.unbind(session)
+        # What it did not ack waits for its next login.
+        self.delivery.storeUnacked(session)
         if uid is None:
             return
         # Not when the session was closed first (kicked, server stopping).

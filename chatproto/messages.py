@@ -43,6 +43,8 @@ PONG_MSG = 22
 KICK_NOTICE = 23
 FRIEND_STATE_NOTICE = 24
 FRIEND_ADDED_NOTICE = 25
+#: an acking client confirms pushed chats (chatproto.acks); no reply
+PUSH_ACK = 26
 PASSWD_MSG = 27
 PASSWD_MSG_ACK = 28
 # friend requests (--friend-requests approve; chatproto.friendrequests)
@@ -148,11 +150,16 @@ class Spec:
 SPECS: dict[int, Spec] = {
     # Exactly one of password and token (checked by validate).
     LOGIN_MSG: Spec(
-        "login", LOGIN_MSG_ACK, (("id", int, True), ("password", str, False), ("token", str, False)), False
+        "login",
+        LOGIN_MSG_ACK,
+        (("id", int, True), ("password", str, False), ("token", str, False), ("ack", None, False)),
+        False,
     ),
     LOGINOUT_MSG: Spec("logout", LOGINOUT_MSG_ACK, ()),
     REG_MSG: Spec("register", REG_MSG_ACK, (("name", str, True), ("password", str, True)), False),
-    ONE_CHAT_MSG: Spec("chat", ONE_CHAT_MSG_ACK, (("toid", int, True), ("msg", str, True))),
+    # A field typed None is passed on as sent (None when absent): its handler
+    # checks it (cid, mids: chatproto.acks).
+    ONE_CHAT_MSG: Spec("chat", ONE_CHAT_MSG_ACK, (("toid", int, True), ("msg", str, True), ("cid", None, False))),
     ADD_FRIEND_MSG: Spec("addfriend", ADD_FRIEND_MSG_ACK, (("friendid", int, True),)),
     CREATE_GROUP_MSG: Spec(
         "creategroup",
@@ -160,12 +167,16 @@ SPECS: dict[int, Spec] = {
         (("groupname", str, True), ("groupdesc", str, False)),
     ),
     ADD_GROUP_MSG: Spec("addgroup", ADD_GROUP_MSG_ACK, (("groupid", int, True),)),
-    GROUP_CHAT_MSG: Spec("groupchat", GROUP_CHAT_MSG_ACK, (("groupid", int, True), ("msg", str, True))),
+    GROUP_CHAT_MSG: Spec(
+        "groupchat", GROUP_CHAT_MSG_ACK, (("groupid", int, True), ("msg", str, True), ("cid", None, False))
+    ),
     FRIEND_LIST_MSG: Spec("friends", FRIEND_LIST_MSG_ACK, ()),
     GROUP_LIST_MSG: Spec("groups", GROUP_LIST_MSG_ACK, ()),
     PING_MSG: Spec("ping", PONG_MSG, (), False),
     PASSWD_MSG: Spec("passwd", PASSWD_MSG_ACK, (("old", str, True), ("new", str, True))),
     FRIEND_REPLY_MSG: Spec("friendreply", FRIEND_REPLY_MSG_ACK, (("id", int, True), ("accept", bool, True))),
+    # No reply; its errors are ERROR_MSGs.
+    PUSH_ACK: Spec("pushack", ERROR_MSG, (("mids", None, True),)),
 }
 
 _TYPE_NAMES = {int: "an integer", str: "a string", bool: "true or false"}
@@ -197,7 +208,11 @@ def validate(msgid: Any, fields: dict[str, Any], seq: Any = None) -> Request:
         if value is None:
             if required:
                 raise RequestError(E_BAD_FIELD, f"missing field {field!r}")
+            if kind is None:
+                continue
             value = kind()
+        elif kind is None:
+            pass
         # bool is an int subclass; true/false is never an id.
         elif type(value) is not kind:
             raise RequestError(
@@ -346,8 +361,15 @@ def encode(message: dict) -> bytes:
 def encodeChat(message: dict) -> bytes:
     """L{encode} for a L{ONE_CHAT_MSG}, the hot path, by hand."""
     return (
-        '{"msgid":6,"id":%d,"name":%s,"toid":%d,"msg":%s,"time":"%s"}'
-        % (message["id"], _string(message["name"]), message["toid"], _string(message["msg"]), message["time"])
+        '{"msgid":6,"id":%d,"name":%s,"toid":%d,"msg":%s,"time":"%s","mid":"%s"}'
+        % (
+            message["id"],
+            _string(message["name"]),
+            message["toid"],
+            _string(message["msg"]),
+            message["time"],
+            message["mid"],
+        )
     ).encode("utf-8")
 
 

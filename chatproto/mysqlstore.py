@@ -26,8 +26,7 @@ always retried.
 
 A connection lost I{during} the commit leaves the outcome unknown.  Then
 only idempotent transactions are retried: reads, C{INSERT IGNORE} of
-friends and group members, the deletion of offline messages up to a known
-id, the schema migration.  The three that insert new rows -
+friends and group members, the deletion of offline messages by id, the schema migration.  The three that insert new rows -
 C{createUser}, C{createGroup} and C{storeOffline}, run with
 C{retryable=False} (see L{SQLStore.run}) - are not: running them
 again could create a second copy of an offline message, or report "name
@@ -57,6 +56,7 @@ from chatproto import _twisted
 from chatproto._twisted import CommitFailed
 from chatproto.interfaces import StoreUnavailable
 from chatproto.sqlfriends import MYSQL_MIGRATION as MYSQL_FRIEND_REQUESTS
+from chatproto.sqloffline import handedOver
 from chatproto.sqlstore import Dialect, SQLStore
 
 _TABLE = "ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin"
@@ -102,6 +102,11 @@ MYSQL_MIGRATIONS = (
     ),
     # 2: friend requests (chatproto.sqlfriends)
     MYSQL_FRIEND_REQUESTS,
+    # 3: message ids: one offline copy per (recipient, mid) (chatproto.acks)
+    (
+        "ALTER TABLE offline_messages ADD COLUMN mid VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NULL",
+        "ALTER TABLE offline_messages ADD UNIQUE KEY offline_messages_mid (userid, mid)",
+    ),
 )
 
 MYSQL = Dialect(
@@ -137,8 +142,8 @@ class _Handoff:
 
     called = False
     taken = False
-    lastId = None
-    count = 0
+    #: the primary keys of the rows to delete
+    ids: list = []
 
 
 def quoteIdentifier(name: str) -> str:
@@ -290,20 +295,21 @@ class MySQLStore(SQLStore):
     # --- offline messages --------------------------------------------------
 
     @defer.inlineCallbacks
-    def takeOffline(self, uid: int, handoff):
+    def takeOffline(self, uid: int, handoff, keepAcked: bool = False):
         """
         Exactly-once hand-over across servers: the user's offline rows are
         read C{FOR UPDATE}, handed over (C{handoff} runs in the reactor
-        thread while the transaction waits) and deleted in one transaction.
-        A login of the same user on another server at the same moment
-        waits for that transaction and then finds the messages gone, rather
-        than getting them a second time.  (READ COMMITTED: messages stored
-        meanwhile are not locked out and stay for next time.)
+        thread while the transaction waits) and deleted by primary key in
+        one transaction (with C{keepAcked}, those with a mid stay until
+        acked).  A login of the same user on another server at the same
+        moment waits for that transaction and then finds the messages gone,
+        rather than getting them a second time.  (READ COMMITTED: messages
+        stored meanwhile are not locked out and stay for next time.)
         """
         yield self._drainOffline()
         state = _Handoff()
         try:
-            count = yield self.run("takeOffline", self._takeOfflineTxn, uid, handoff, state)
+            count = yield self.run("takeOffline", self._takeOfflineTxn, uid, handoff, state, keepAcked)
         except StoreUnavailable:
             if not (state.called and state.taken):
                 raise
@@ -313,27 +319,24 @@ class MySQLStore(SQLStore):
             return 0
         return count
 
-    def _takeOfflineTxn(self, cursor, uid, handoff, state: _Handoff) -> int:
+    def _takeOfflineTxn(self, cursor, uid, handoff, state: _Handoff, keepAcked: bool) -> int:
         if state.called:
             # Running again after a lost connection: never hand over twice,
             # only finish the (idempotent) deletion.
-            if state.taken and state.lastId is not None:
-                cursor.execute(self.q("DELETE FROM offline_messages WHERE userid = ? AND id <= ?"), (uid, state.lastId))
-            return state.count
-        cursor.execute(
-            self.q("SELECT id, payload FROM offline_messages WHERE userid = ? ORDER BY id FOR UPDATE"), (uid,)
-        )
-        rows = cursor.fetchall()
+            if state.taken and state.ids:
+                self._deleteIdsTxn(cursor, state.ids)
+            return len(state.ids)
+        rows = self._fetchOfflineTxn(cursor, uid, " FOR UPDATE")
         state.called = True
         taken = threads.blockingCallFromThread(
-            self.reactor, defer.maybeDeferred, handoff, [payload for _, payload in rows]
+            self.reactor, defer.maybeDeferred, handoff, [payload for _, payload, _ in rows]
         )
         state.taken = bool(taken)
         if not (taken and rows):
             return 0
-        state.lastId, state.count = rows[-1][0], len(rows)
-        cursor.execute(self.q("DELETE FROM offline_messages WHERE userid = ? AND id <= ?"), (uid, state.lastId))
-        return len(rows)
+        state.ids = handedOver(rows, keepAcked)
+        self._deleteIdsTxn(cursor, state.ids)
+        return len(state.ids)
 
     # --- lifecycle ---------------------------------------------------------
 

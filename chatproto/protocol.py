@@ -96,6 +96,7 @@ class ChatProtocol(Replies, Backpressure, SessionOutput, LineReceiver, TimeoutMi
         self._held: list | None = None
         self._out: list | None = None
         self._socket = None
+        self.unacked = {}
 
     # --- connection --------------------------------------------------------
 
@@ -173,6 +174,8 @@ class ChatProtocol(Replies, Backpressure, SessionOutput, LineReceiver, TimeoutMi
     def dataReceived(self, data: bytes) -> None:
         # LineReceiver's own splitting knows one delimiter and drops the
         # lines after an overlong one; LineFramer keeps them.
+        if b"\0" in data:
+            self.nulTerminated = True
         batch.begin()
         try:
             lines = self._framer.feed(data)

@@ -44,6 +44,8 @@ class RedisRelay:
     def __init__(self, cluster) -> None:
         self.cluster = cluster
         self.channel = cluster.channelOf(cluster.name)
+        #: this server's name as a JSON string, named in what it relays
+        self.origin = _compact(cluster.name)
         self.receiver = None
         self.subscribed = False
         self.inflight: set[defer.Deferred] = set()
@@ -110,10 +112,14 @@ class RedisRelay:
                 payload = payload.decode("utf-8")
             data = json.loads(payload)
             if isinstance(data, dict):
+                if "confirm" in data:
+                    receiver.confirmed(data["confirm"])
+                    return
                 receiver.kickLocal(int(data["kick"]), data["session"], data.get("reason", "logged in elsewhere"))
                 return
-            for store, uids, message in data:
-                receiver.deliverLocal(uids, message, bool(store))
+            for store, uids, message, *origin in data:
+                # origin: the sending server (it waits for a confirmation)
+                receiver.deliverLocal(uids, message, bool(store), *origin[:1])
         except Exception:
             log.failure("handling a relayed message {payload!r}", payload=payload[:200])
         finally:
@@ -153,7 +159,7 @@ class RedisRelay:
         lines = [
             f"{'1' if store else '0'}{','.join(map(str, uids))}\t{message}\n" for uids, message, store, _ in batch
         ]
-        d = self.cluster.eval(RELAY, ["".join(lines)])
+        d = self.cluster.eval(RELAY, ["".join(lines), self.origin])
         self.inflight.add(d)
 
         def done(result):
@@ -180,6 +186,11 @@ class RedisRelay:
             return None
 
         d.addBoth(done)
+
+    def confirm(self, server: str, entries) -> defer.Deferred:
+        """Tell C{server} the states of messages it relayed here
+        (L{chatproto.acks}); lost if nobody listens (it times out)."""
+        return self.cluster.publish(self.cluster.channelOf(server), _compact({"confirm": entries}))
 
     def kick(self, location: Location, uid: int, reason: str) -> defer.Deferred:
         payload = _compact({"kick": int(uid), "session": location.session, "reason": reason})

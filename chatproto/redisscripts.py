@@ -170,7 +170,9 @@ return lost
 
 #: KEYS: P live, P user:UID... (one per distinct uid of the batch, in the
 #: order of ARGV[3]).  ARGV: relay channel prefix, batch, distinct uids
-#: (comma-separated).  The batch has one line per delivery:
+#: (comma-separated), the sending server's name as a JSON string (optional:
+#: each record names it, so that the receiver confirms to it; see
+#: L{chatproto.acks}).  The batch has one line per delivery:
 #: C{STORE UIDS <TAB> MESSAGE <LF>}, STORE "1" or "0", UIDS comma-separated,
 #: MESSAGE the JSON text (which holds no raw TAB or LF).  Looks every uid
 #: up, PUBLISHes one JSON array per owning server, and returns the uids
@@ -181,6 +183,7 @@ RELAY = (
     _LIVE_OWNER
     + """
 local relay = ARGV[1]
+local origin = ARGV[4] or 'null'
 local liveKey = KEYS[1]
 local now = nowMs()
 local keyOf, k = {}, 2
@@ -218,7 +221,7 @@ for store, uidlist, message in string.gmatch(ARGV[2], '([01])([^\\t]*)\\t([^\\n]
       order[#order + 1] = srv
     end
     local r = records[srv]
-    r[#r + 1] = '[' .. store .. ',[' .. table.concat(uids, ',') .. '],' .. message .. ']'
+    r[#r + 1] = '[' .. store .. ',[' .. table.concat(uids, ',') .. '],' .. message .. ',' .. origin .. ']'
     local rt = routes[srv]
     rt[#rt + 1] = {d, uids}
   end
@@ -280,7 +283,7 @@ def _reassertCall(P, args):
 
 
 def _relayCall(P, args):
-    (batch,) = args
+    batch, *origin = args
     seen: dict[str, None] = {}
     for line in batch.split("\n"):
         if line:
@@ -288,7 +291,7 @@ def _relayCall(P, args):
                 if uid:
                     seen[uid] = None
     uids = list(seen)
-    return [f"{P}live", *(_user(P, uid) for uid in uids)], [f"{P}relay:", batch, ",".join(uids)]
+    return [f"{P}live", *(_user(P, uid) for uid in uids)], [f"{P}relay:", batch, ",".join(uids), *origin]
 
 
 _CALLS = {

@@ -58,6 +58,9 @@ class SessionRegistry:
                 del self.sessions[uid]
         return uid
 
+    #: called with a logged-in session about to be kicked
+    onKick = None
+
     def kickLocal(self, uid: int, session: str, reason: str) -> None:
         """Close the local session C{session} of C{uid}, logged in or still
         logging in (another session took over the account)."""
@@ -67,6 +70,10 @@ class SessionRegistry:
         if target.uid == uid:
             self.unbind(target)
             target.kick(reason)
+            # What it did not ack is stored (before a new login here hands
+            # over; a login elsewhere gets it through a nudge).
+            if self.onKick is not None:
+                self.onKick(target)
         elif target.loggingIn == uid:
             target.kick(reason)
 

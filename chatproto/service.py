@@ -29,6 +29,7 @@ from twisted.logger import Logger
 
 from chatproto import _twisted
 from chatproto import messages as m
+from chatproto.acks import Confirmations, checkCid, checkMids, midFor, newMid
 from chatproto.delivery import Delivery
 from chatproto.friendrequests import AUTO, FriendRequests
 from chatproto.groups import GroupHandlers
@@ -103,14 +104,18 @@ class ChatService(service.Service):
         self.warnings = RepeatedWarnings(self.log, clock)  # per-message warnings: one line, then a count
         self.tasks = BackgroundTasks(self.warnings)
         self.registry = SessionRegistry(self.serverName, presence)
-        self.delivery = Delivery(self.registry, store, relay, self.tasks)
+        self.confirmations = Confirmations(clock, self.serverName, relay)
+        self.confirmations.warnings = self.warnings
+        self.delivery = Delivery(self.registry, store, relay, self.tasks, self.confirmations)
+        self.delivery.onCongested = self.congested
+        self.registry.onKick = self.delivery.storeUnacked
         self.loginFlow = LoginFlow(
             self.registry, self.delivery, store, presence, relay, hasher, clock, self.tasks, onRelogin, tokens
         )
         #: the --friend-requests policy (auto or approve)
         self.friendRequests = FriendRequests(friendRequests, self.registry, self.delivery, store, clock, self.tasks)
         self.loginFlow.friendRequests = self.friendRequests
-        self.groups = GroupHandlers(store, self.registry, self.delivery, self.friendRequests, self.now)
+        self.groups = GroupHandlers(store, self.registry, self.delivery, self.friendRequests, self.now, self.mid)
         self.ready = ReadyGate()
         self.registerLimiter = TokenBucketLimiter(clock, burst=100, rate=1.0)  # per address
         self.waitingFor: dict[str, str] = {}  # start-up stage -> what it waits for (no passwords)
@@ -163,6 +168,7 @@ class ChatService(service.Service):
     async def _stop(self) -> None:
         # Answer what was read, say goodbye, then log out (shutdown.py).
         await self.shutdown.run()
+        self.confirmations.flush()
         for name, stop in (("relay", self.relay.stop), ("presence", self.presence.stop), ("store", self.store.close)):
             try:
                 await stop()
@@ -257,13 +263,23 @@ class ChatService(service.Service):
             "toid": toid,
             "msg": text,
             "time": self.now(),
+            "mid": self.mid(session, request),
         }
         target = self.registry.sessions.get(toid)
-        if target is not None and target.send(out, m.encodeChat(out)):
+        if target is not None and not target.acking and target.send(out, m.encodeChat(out)):
             # The fast path: no I/O but the write.
             return self.friendRequests.chatAck(session, toid, _deliveredAck(toid))
         d = defer.Deferred.fromCoroutine(self.delivery.deliverChat(toid, out))
         return d.addCallback(lambda ack: self.friendRequests.chatAck(session, toid, ack))
+
+    @staticmethod
+    def mid(session, request) -> str:
+        """The mid of a chat: from the sender and its cid, or fresh."""
+        cid = checkCid(request.args.get("cid"))
+        return newMid() if cid is None else midFor(session.uid, cid)
+
+    def do_pushack(self, session, request) -> None:
+        self.delivery.acked(session, checkMids(request.args["mids"]))
 
     # friends: the --friend-requests policy is chatproto.friendrequests'
     def do_addfriend(self, session, request):

@@ -71,6 +71,13 @@ class SessionOutput:
 
     _held: list | None = None
     _out: list | None = None
+    #: the client confirms pushed chats with PUSH_ACK (it logged in with
+    #: "ack": true); C{unacked}: mid -> L{chatproto.acks.Unacked}
+    acking = False
+    unacked: dict
+    #: the client ends its lines with NUL (the tutorial's C++ client, which
+    #: reads 1,024 bytes at a time: the login reply is kept within that)
+    nulTerminated = False
     #: bytes gathered in C{_out}
     _outBytes = 0
     #: the cap was passed: the session is being logged out

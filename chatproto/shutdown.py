@@ -8,7 +8,8 @@ Then L{GracefulStop.run}:
 
  1. stops reading from every session (requests already read stay queued
     and are carried out);
- 2. tells the cluster this server is going (C{announceStop} of the
+ 2. stops waiting for confirmations of chats sent from here (they are
+    stored offline at once, L{chatproto.acks}), and tells the cluster this server is going (C{announceStop} of the
     presence, when it has one): from now on its users count as offline
     everywhere, so other servers store what they send them and their
     logins elsewhere succeed at once, even with C{--on-relogin reject};
@@ -72,6 +73,9 @@ class GracefulStop:
             transport = getattr(session, "transport", None)
             if transport is not None and session.connected:
                 transport.pauseProducing()
+        # Chats waiting for a confirmation are stored offline now, and
+        # those still to come are not waited for.
+        service.confirmations.stopWaiting()
         announce = getattr(service.presence, "announceStop", None)
         if announce is not None:
             try:
@@ -90,6 +94,8 @@ class GracefulStop:
         await self._flushed(sessions, deadline + self.timeout)
         if service.tasks.pending:
             await service.tasks.wait()
+        # Confirmations for the servers that sent to these sessions.
+        service.confirmations.flush()
 
     async def _answerInflight(self, deadline: float) -> None:
         # A request's Deferred fires before the session's own callbacks

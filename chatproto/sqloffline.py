@@ -7,10 +7,15 @@ once taken.
 
 from __future__ import annotations
 
+import json
 import time
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
+
+from chatproto.acks import midOf
+
+_string = json.encoder.encode_basestring
 
 #: Offline messages carried in the login reply itself; the rest follow it as
 #: pushes (L{pageOffline}).
@@ -31,6 +36,28 @@ class MailboxFull(Exception):
         super().__init__(f"the mailbox of {len(refused)} recipient(s) is full")
         self.refused = list(refused)
         self.stored = list(stored)
+
+
+#: The login reply of a NUL-terminated session (the tutorial's C++ client
+#: reads 1,024 bytes at a time), terminator included, stays below this.
+NUL_LOGIN_REPLY_BYTES = 1024
+
+
+def pageWithin(payloads, base: int, limit: int = NUL_LOGIN_REPLY_BYTES):
+    """
+    Split offline messages so that a login reply of C{base} bytes (encoded
+    with an empty C{offlinemsg} and its terminator) carrying the first part
+    stays under C{limit} bytes; possibly none.
+
+    @return: C{(first, rest)}
+    """
+    size = base
+    for i, payload in enumerate(payloads):
+        # each is a JSON string in the list, comma-separated
+        size += len(_string(payload).encode("utf-8")) + (1 if i else 0)
+        if size >= limit:
+            return payloads[:i], payloads[i:]
+    return payloads, []
 
 
 def pageOffline(payloads, maxMessages: int = LOGIN_PAGE_MESSAGES, maxBytes: int = LOGIN_PAGE_BYTES):
@@ -107,9 +134,10 @@ class OfflineMessages:
         refused."""
         now = time.time()
         refused = self._overCapTxn(cursor, rows)
+        # A copy with the same (recipient, mid) is there already: one is kept.
         cursor.executemany(
-            self.q("INSERT INTO offline_messages (userid, payload, created) VALUES (?, ?, ?)"),
-            [(uid, payload, now) for i, (uid, payload) in enumerate(rows) if i not in refused],
+            self.q("INSERT IGNORE INTO offline_messages (userid, payload, created, mid) VALUES (?, ?, ?, ?)"),
+            [(uid, payload, now, midOf(payload)) for i, (uid, payload) in enumerate(rows) if i not in refused],
         )
         return refused
 
@@ -153,29 +181,54 @@ class OfflineMessages:
         return d.addErrback(lambda _: None)
 
     @defer.inlineCallbacks
-    def takeOffline(self, uid: int, handoff):
+    def takeOffline(self, uid: int, handoff, keepAcked: bool = False):
         yield self._drainOffline()
         rows = yield self.run("fetchOffline", self._fetchOfflineTxn, uid)
-        taken = yield defer.maybeDeferred(handoff, [payload for _, payload in rows])
+        taken = yield defer.maybeDeferred(handoff, [payload for _, payload, _ in rows])
         if not (taken and rows):
             return 0
-        # Delete exactly what was handed over: a message stored meanwhile
-        # has a larger id and stays.
-        yield self.run("deleteOffline", self._deleteOfflineTxn, uid, rows[-1][0])
-        return len(rows)
+        # Delete exactly what was handed over (a message stored meanwhile
+        # stays), by primary key; with C{keepAcked} those with a mid stay
+        # until acked (L{deleteOffline}).
+        ids = handedOver(rows, keepAcked)
+        yield self.run("deleteOffline", self._deleteIdsTxn, ids)
+        return len(ids)
 
-    def _fetchOfflineTxn(self, cursor, uid) -> list[tuple[int, str]]:
+    def _fetchOfflineTxn(self, cursor, uid, lock: str = "") -> list[tuple[int, str, str | None]]:
         cursor.execute(
-            self.q("SELECT id, payload FROM offline_messages WHERE userid = ? ORDER BY id"), (uid,)
+            self.q(f"SELECT id, payload, mid FROM offline_messages WHERE userid = ? ORDER BY id{lock}"), (uid,)
         )
-        return [(row[0], row[1]) for row in cursor.fetchall()]
+        return [(row[0], row[1], row[2]) for row in cursor.fetchall()]
 
-    def _deleteOfflineTxn(self, cursor, uid, lastId) -> None:
-        cursor.execute(
-            self.q("DELETE FROM offline_messages WHERE userid = ? AND id <= ?"), (uid, lastId)
-        )
+    def _deleteIdsTxn(self, cursor, ids) -> None:
+        # By primary key: a range over the user index (userid = ? AND id <=
+        # ?) takes gap locks, and concurrent logins deadlocked in InnoDB.
+        for start in range(0, len(ids), 500):
+            some = ids[start : start + 500]
+            cursor.execute(self.q(f"DELETE FROM offline_messages WHERE id IN ({', '.join('?' * len(some))})"), some)
+
+    def deleteOffline(self, uid: int, mids) -> defer.Deferred:
+        """Delete C{uid}'s offline copies of C{mids} (acked by the client)."""
+        mids = list(mids)
+        if not mids:
+            return defer.succeed(None)
+        return self.run("deleteAcked", self._deleteMidsTxn, uid, mids)
+
+    def _deleteMidsTxn(self, cursor, uid, mids) -> None:
+        for start in range(0, len(mids), 500):
+            some = mids[start : start + 500]
+            cursor.execute(
+                self.q(f"DELETE FROM offline_messages WHERE userid = ? AND mid IN ({', '.join('?' * len(some))})"),
+                [uid, *some],
+            )
 
     def peekOffline(self, uid: int) -> defer.Deferred:
         d = self._drainOffline()
         d.addCallback(lambda _: self.run("fetchOffline", self._fetchOfflineTxn, uid))
-        return d.addCallback(lambda rows: [payload for _, payload in rows])
+        return d.addCallback(lambda rows: [payload for _, payload, _ in rows])
+
+
+def handedOver(rows, keepAcked: bool) -> list[int]:
+    """The ids of the handed-over C{rows} to delete now: all, or with
+    C{keepAcked} those without a mid (notices: nobody acks them)."""
+    return [rowId for rowId, _, mid in rows if not (keepAcked and mid)]

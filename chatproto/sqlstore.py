@@ -81,6 +81,11 @@ SQLITE_MIGRATIONS = (
     ),
     # 2: friend requests (chatproto.sqlfriends)
     SQLITE_FRIEND_REQUESTS,
+    # 3: message ids: one offline copy per (recipient, mid) (chatproto.acks)
+    (
+        "ALTER TABLE offline_messages ADD COLUMN mid TEXT",
+        "CREATE UNIQUE INDEX offline_messages_mid ON offline_messages (userid, mid)",
+    ),
 )
 
 SQLITE = Dialect(

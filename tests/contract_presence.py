@@ -40,8 +40,14 @@ class RecordingReceiver:
         self.delivered = []
         self.stored = []
         self.kicked = []
+        self.origins = []
+        self.confirmations = []
 
-    def deliverLocal(self, uids, message, store):
+    def confirmed(self, entries):
+        self.confirmations.append(entries)
+
+    def deliverLocal(self, uids, message, store, origin=None):
+        self.origins.append(origin)
         missed = [uid for uid in uids if uid not in self.online]
         self.delivered += [(uid, message) for uid in uids if uid in self.online]
         if store:

@@ -165,6 +165,33 @@ class StoreContract:
         await self.store.takeOffline(a, lambda p: seen.append(p) or True)
         self.assertEqual(seen, [["in flight"]])
 
+    # --- message ids (chatproto.acks) ----------------------------------------
+
+    async def test_offlineOneCopyPerRecipientAndMid(self):
+        """A resent message (same mid) is stored once per recipient, in one
+        batch or in two; other recipients and messages without mid are
+        not affected."""
+        a, b = await self.users("alice", "bob")
+        one = '{"msgid":6,"msg":"hi","mid":"AAAA"}'
+        await self.store.storeOffline([(a, one), (a, one), (b, one), (a, "notice"), (a, "notice")])
+        await self.store.storeOffline([(a, one)])
+        self.assertEqual(await self.store.peekOffline(a), [one, "notice", "notice"])
+        self.assertEqual(await self.store.peekOffline(b), [one])
+
+    async def test_keepAckedUntilDeleted(self):
+        """takeOffline(keepAcked=True) deletes only what has no mid; the
+        rest goes when deleteOffline names its mids."""
+        a, b = await self.users("alice", "bob")
+        m1, m2 = '{"msgid":6,"mid":"M1"}', '{"msgid":6,"mid":"M2"}'
+        await self.store.storeOffline([(a, m1), (a, "notice"), (a, m2), (b, m1)])
+        seen = []
+        self.assertEqual(await self.store.takeOffline(a, lambda p: seen.append(p) or True, keepAcked=True), 1)
+        self.assertEqual(seen, [[m1, "notice", m2]])
+        self.assertEqual(await self.store.peekOffline(a), [m1, m2])
+        await self.store.deleteOffline(a, ["M1", "unknown"])
+        self.assertEqual(await self.store.peekOffline(a), [m2])
+        self.assertEqual(await self.store.peekOffline(b), [m1])
+
     # --- friend requests (chatproto.sqlfriends) -----------------------------
 
     async def test_friendRequestAccepted(self):

@@ -12,6 +12,7 @@ import os
 import signal
 import tempfile
 
+from twisted.internet import defer
 from twisted.trial import unittest
 
 from chatproto import messages as m
@@ -38,7 +39,17 @@ class SigtermTests(TCPClientsMixin, unittest.TestCase):
             30,
             what="twistd chat to listen",
         )
-        a = await self.registerAt(port, "alice")
+        # Listening comes before the schema migration ends: until then
+        # requests get errno 30 ("server is starting"), nothing done.
+        async def registerAlice():
+            client = await self.connectTo(port)
+            reply = await client.request({"msgid": m.REG_MSG, "name": "alice", "password": "pw-alice"})
+            client.transport.loseConnection()
+            return reply if reply["errno"] != m.E_UNAVAILABLE else None
+
+        reply = await until(lambda: defer.Deferred.fromCoroutine(registerAlice()), 30, 0.1, what="registration")
+        self.assertEqual(reply["errno"], 0, reply)
+        a = reply["id"]
         b = await self.registerAt(port, "bob")
         alice, _ = await self.loginAt(port, a, "alice")
         bob, _ = await self.loginAt(port, b, "bob")

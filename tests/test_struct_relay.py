@@ -128,9 +128,9 @@ class BatchingTests(unittest.TestCase):
         self.receiver.online = {1}
         original = self.receiver.deliverLocal
 
-        def deliverLocal(uids, message, store):
+        def deliverLocal(uids, message, store, origin=None):
             depths.append(self.receiver.writeBatch.depth)
-            return original(uids, message, store)
+            return original(uids, message, store, origin)
 
         self.receiver.deliverLocal = deliverLocal
         self.relay.received(json.dumps([[1, [1], {"m": 1}], [0, [1], {"m": 2}]]).encode())
