@@ -90,7 +90,7 @@ def startChat(name: str, workdir: str, db: str, redisPort: int) -> tuple[subproc
         "--name", name,
         "--db", db,
         "--redis", f"redis://127.0.0.1:{redisPort}/0",
-        "--scrypt-n", "16", "--idle-timeout", "0",
+        "--scrypt-n", "16", "--idle-timeout", "0", "--register-burst", "1000000",
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, cwd=workdir)
     waitFor(lambda: proc.poll() is not None or answersPing(port, b"PING\n", b"PONG"), 60, name)
