@@ -7,16 +7,15 @@ users, each one Lua script, and list the live servers.
 from __future__ import annotations
 
 from twisted.internet import defer
-from twisted.logger import Logger
 from zope.interface import implementer
 
+from chatproto.common.registry import parseServers
 from chatproto.interfaces import ClaimResult, IPresence, PresenceUnavailable, ServerInfo
 from chatproto.rediscluster import RedisCluster, parseLocation
 from chatproto.redisscripts import CLAIM, LOCATE, RELEASE
 
 __all__ = ["RedisCluster", "RedisPresence"]
 
-log = Logger()
 
 
 @implementer(IPresence)
@@ -77,30 +76,13 @@ class RedisPresence:
         declare."""
         cluster = self.cluster
         names = yield cluster.command("SMEMBERS", f"{cluster.prefix}servers")
+        names = sorted(names or ())
         entries = yield defer.gatherResults(
-            [cluster.command("HGETALL", f"{cluster.prefix}server:{name}") for name in sorted(names or ())],
+            [cluster.command("HGETALL", f"{cluster.prefix}server:{name}") for name in names],
             consumeErrors=True,
         ).addErrback(lambda f: f.value.subFailure if isinstance(f.value, defer.FirstError) else f)
-        return self._parse(entries)
-
-    def _parse(self, entries):
-        infos = []
-        for h in entries:
-            if not h:
-                continue
-            if isinstance(h, list):
-                h = dict(zip(h[::2], h[1::2]))
-            try:
-                infos.append(
-                    ServerInfo(
-                        h["name"],
-                        h.get("host", ""),
-                        int(h.get("port") or 0),
-                        int(h.get("weight") or 0),
-                        int(h.get("logins") or 0),
-                        {"updated": int(h.get("updated") or 0)},
-                    )
-                )
-            except (KeyError, ValueError):
-                log.warn("malformed registry entry {entry!r}", entry=h)
-        return sorted(infos, key=lambda s: s.name)
+        # The one registry reader (the balancer's too): chatproto.common.registry.
+        return [
+            ServerInfo(e.name, e.host, e.port, e.weight, e.logins or 0, {"updated": e.updated})
+            for e in parseServers(zip(names, entries))
+        ]
