@@ -92,18 +92,26 @@ class LoginFlow:
         if not await self.take(session, uid):
             return None
         self.registry.bind(session, uid, name)
-        session.acking = bool(request.args.get("ack"))
-        session.hold(uid)
+        # From here a nudge (offline messages to hand over now) waits until
+        # the login's own hand-over has ended: nothing is pushed before
+        # the login reply.
+        redelivery = self.delivery.redelivery
+        redelivery.begin(session)
         try:
-            if token is None:
-                token = await self.credentials.issueToken(uid, name)
-            if token is not None:
-                self.credentials.sessionTokens[session.sid] = token
-            count, friendIds = await self.handOver(session, request, uid, name, token)
-        except BaseException:
-            await self.logout(session, notify=False)
-            self.delivery.storeHeld(session)
-            raise
+            session.acking = bool(request.args.get("ack"))
+            session.hold(uid)
+            try:
+                if token is None:
+                    token = await self.credentials.issueToken(uid, name)
+                if token is not None:
+                    self.credentials.sessionTokens[session.sid] = token
+                count, friendIds = await self.handOver(session, request, uid, name, token)
+            except BaseException:
+                await self.logout(session, notify=False)
+                self.delivery.storeHeld(session)
+                raise
+        finally:
+            redelivery.end(session, uid)
         self.log.info(
             "[{uid}]{name} logged in ({how}) from {peer}, {count} offline messages",
             uid=uid,
@@ -168,12 +176,7 @@ class LoginFlow:
             session.unhold()
             return True
 
-        redelivery = self.delivery.redelivery
-        redelivery.begin(session)
-        try:
-            count = await storeCall(self.store.takeOffline(uid, handoff, keepAcked=acking))
-        finally:
-            redelivery.end(session, uid)
+        count = await storeCall(self.store.takeOffline(uid, handoff, keepAcked=acking))
         return count, friendIds
 
     async def loginAck(self, uid: int, name: str) -> tuple[dict, list[int]]:

@@ -418,6 +418,29 @@ class NudgeTests(unittest.TestCase):
         self.assertEqual(self.alice.request(chat(self.b, "hi"))["state"], "stored")
         self.assertEqual(calls, [[]])
 
+    def test_nudgeBeforeTheHandOverWaitsForTheLoginReply(self):
+        """A nudge that comes after the login has bound the session but
+        before its hand-over started (while the friends and groups are
+        read) pushes nothing before the login reply either."""
+        bob = self.h.connect()
+        store = self.h.service.store
+        original = store.getFriends
+        nudged = []
+
+        def getFriends(uid):
+            if not nudged:
+                nudged.append(True)
+                store.storeOffline([(uid, '{"msgid":6,"msg":"early","mid":"EARLY"}')])
+                self.h.service.delivery.deliverLocal([uid], {"nudge": 1}, False)
+            return original(uid)
+
+        store.getFriends = getFriends
+        bob.send({"msgid": 1, "id": self.b, "password": "secret"})
+        replies = bob.replies()
+        self.assertEqual(replies[0]["msgid"], m.LOGIN_MSG_ACK)
+        shown = [json.loads(p)["mid"] for p in replies[0]["offlinemsg"]] + [r.get("mid") for r in replies[1:]]
+        self.assertEqual(shown, ["EARLY"])
+
     def test_nudgeDuringLoginWaitsForItsReply(self):
         """A nudge that comes while a login hands over is carried out after
         it: nothing is pushed before the login reply."""
