@@ -63,7 +63,7 @@ class Options(IniOptions):
         ["config", "c", None, "ini file with a [chat] section"],
         ["name", None, None, "this server's name in the cluster (default: HOSTNAME:PORT)"],
         ["db", None, None, "sqlite:PATH (default sqlite:chat.sqlite3) or mysql://user:pass@host:port/db"],
-        ["redis", None, None, "redis://host:port/db: cluster presence and relay (default: in-process)"],
+        ["redis", None, None, "redis://[[user]:password@]host:port/db, rediss://..., or redis+sentinel://h1:26379,h2:26379/MASTER: cluster presence and relay (default: in-process)"],
         ["redis-prefix", None, None, "prefix of every Redis key and channel (default chat:)"],
         ["advertise", None, None, "HOST:PORT clients reach this server at, for the registry"],
         ["weight", None, None, "weight in the registry, for the balancer (default 1)"],
@@ -90,8 +90,7 @@ class Options(IniOptions):
     ]
 
     def opt_port(self, endpoint: str) -> None:
-        """Listen on this endpoint (repeatable; default tcp:6000; a bare
-        port number means tcp:PORT)."""
+        """Listen on this endpoint (repeatable; default tcp:6000; a bare port number means tcp:PORT)."""
         self["port"].append(endpoint)
 
     opt_p = opt_port
