@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import re
-import secrets
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -53,9 +53,27 @@ def midFor(uid: int, cid) -> str:
     return base64.urlsafe_b64encode(digest[:16]).decode("ascii").rstrip("=")
 
 
+#: Fresh mids made per read of the system's random source.
+MID_BATCH = 128
+
+
+def _freshMids():
+    # 33 random bytes are 44 base64url characters (no padding): two mids of
+    # 22 characters (132 random bits each).  One os.urandom call per batch
+    # instead of one per message (secrets.token_urlsafe reads os.urandom).
+    while True:
+        text = base64.urlsafe_b64encode(os.urandom(33 * MID_BATCH // 2)).decode("ascii")
+        for start in range(0, len(text), 22):
+            yield text[start : start + 22]
+
+
+_mids = _freshMids()
+
+
 def newMid() -> str:
-    """A fresh, unique mid (128 random bits), for a message without cid."""
-    return secrets.token_urlsafe(16)
+    """A fresh, unique mid (22 characters, 132 random bits from
+    C{os.urandom}), for a message without cid."""
+    return next(_mids)
 
 
 def midOf(payload: str) -> str | None:

@@ -67,15 +67,26 @@ def _limit(limiter, key, what: str) -> None:
         raise RequestError(m.E_THROTTLED, f"{what}; retry in {math.ceil(wait)} s")
 
 
+#: Pre-encoded acks of chats the fast path delivered, per recipient (made
+#: once; replies are never changed: a reply with a seq is a copy).
+_DELIVERED_ACKS: dict[int, m.Reply] = {}
+_MAX_DELIVERED_ACKS = 4096
+
+
 def _deliveredAck(toid: int) -> m.Reply:
     """The ack of a chat the fast path delivered, pre-encoded."""
-    return m.Reply(
-        b'{"msgid":12,"errno":0,"toid":%d,"state":"delivered"}' % toid,
-        msgid=m.ONE_CHAT_MSG_ACK,
-        errno=m.OK,
-        toid=toid,
-        state="delivered",
-    )
+    ack = _DELIVERED_ACKS.get(toid)
+    if ack is None:
+        if len(_DELIVERED_ACKS) >= _MAX_DELIVERED_ACKS:
+            _DELIVERED_ACKS.clear()
+        ack = _DELIVERED_ACKS[toid] = m.Reply(
+            b'{"msgid":12,"errno":0,"toid":%d,"state":"delivered"}' % toid,
+            msgid=m.ONE_CHAT_MSG_ACK,
+            errno=m.OK,
+            toid=toid,
+            state="delivered",
+        )
+    return ack
 
 
 class ChatService(service.Service):
@@ -217,10 +228,11 @@ class ChatService(service.Service):
         if request.spec.needsLogin and session.uid is None:
             raise RequestError(m.E_NOT_LOGGED_IN)
         result = getattr(self, "do_" + request.spec.name)(session, request)
-        if inspect.iscoroutine(result):
-            return self.shutdown.track(defer.Deferred.fromCoroutine(result))
+        # (A reply, the common case, before the costlier coroutine test.)
         if result is None or isinstance(result, dict):
             return result
+        if inspect.iscoroutine(result):
+            return self.shutdown.track(defer.Deferred.fromCoroutine(result))
         return self.shutdown.track(result)
 
     # --- handlers ----------------------------------------------------------

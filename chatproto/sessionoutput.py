@@ -111,16 +111,30 @@ class SessionOutput:
         if self._held is not None and not force:
             self._held.append((message, line))
             return True
-        if not force and (self._congested or self.unsentBytes() > self.maxPendingOutput):
+        if force:
+            self._write(self._encode(message, line))
+            return True
+        unsent = None if self._congested else self.unsentBytes()
+        if unsent is None or unsent > self.maxPendingOutput:
             self._overCap()
             return False
-        if self.dialect is JSON:
-            self._write((line if line is not None else encode(message)) + b"\n")
+        data = self._encode(message, line)
+        if batch.depth:
+            # Gathered, not sent: what is unsent grows by exactly this much.
+            self._write(data)
+            unsent += len(data)
         else:
-            self._write("".join(text + "\r\n" for text in textdialect.render(message)).encode("utf-8"))
-        if not force and self.unsentBytes() > self.maxPendingOutput:
+            self._write(data)
+            unsent = self.unsentBytes()
+        if unsent > self.maxPendingOutput:
             self._overCap()
         return True
+
+    def _encode(self, message: dict, line: bytes | None) -> bytes:
+        """C{message} as this session's dialect writes it."""
+        if self.dialect is JSON:
+            return (line if line is not None else encode(message)) + b"\n"
+        return "".join(text + "\r\n" for text in textdialect.render(message)).encode("utf-8")
 
     def unsentBytes(self) -> int:
         """Output not yet taken by the kernel: gathered for this read and
