@@ -115,7 +115,7 @@ class ProcessLimitTests(unittest.TestCase):
         for _ in range(100):
             reply = request(self.port, {"msgid": m.REG_MSG, "name": "a", "password": "pw"})
             self.assertEqual(reply["errno"], m.E_UNAVAILABLE)
-            if "Redis" in reply["errmsg"]:
+            if "waiting for Redis" in reply["errmsg"]:
                 break
             await sleep(0.1)
         self.assertIn(f"waiting for Redis at redis://:***@127.0.0.1:{redisPort}/0", reply["errmsg"])
