@@ -14,6 +14,8 @@ C{loginTimeout} seconds is closed; only complete lines reset the idle timer.
 
 from __future__ import annotations
 
+import inspect
+
 from collections import deque
 
 from twisted.internet import defer
@@ -250,33 +252,21 @@ class ChatProtocol(Replies, Backpressure, SessionOutput, LineReceiver, TimeoutMi
 
 
 class ChatFactory(Factory):
-    def __init__(
-        self,
-        service,
-        clock,
-        maxLength: int = 65536,
-        idleTimeout: float | None = 300,
-        loginTimeout: float | None = None,
-        outputHighWater: int = OUTPUT_HIGH_WATER,
-        outputCap: int = MAX_PENDING_OUTPUT,
-    ) -> None:
+    """
+    Builds a L{ChatProtocol} per connection.
+
+    @param settings: L{ChatProtocol}'s keyword settings (C{maxLength},
+        C{idleTimeout}, C{loginTimeout}, C{outputHighWater}, C{outputCap}),
+        checked here so that a wrong one fails at start-up.
+    """
+
+    def __init__(self, service, clock, **settings) -> None:
+        inspect.signature(ChatProtocol).bind(service, clock, **settings)
         self.service = service
         self.clock = clock
-        self.maxLength = maxLength
-        self.idleTimeout = idleTimeout
-        self.loginTimeout = loginTimeout
-        self.outputHighWater = outputHighWater
-        self.outputCap = outputCap
+        self.settings = settings
 
     def buildProtocol(self, addr):
-        p = ChatProtocol(
-            self.service,
-            self.clock,
-            self.maxLength,
-            self.idleTimeout,
-            self.loginTimeout,
-            self.outputHighWater,
-            self.outputCap,
-        )
+        p = ChatProtocol(self.service, self.clock, **self.settings)
         p.factory = self
         return p

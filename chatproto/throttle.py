@@ -122,7 +122,8 @@ class LoginThrottle:
             doublings = min(state.failures - self.allowed, _MAX_DOUBLINGS)
             state.until = now + min(self.baseDelay * 2.0**doublings, self.maxDelay)
 
-    # --- the finished-attempts API (kept until every caller uses admit) ------
+    # --- finished attempts only (the per-address throttle: a balancer's shared
+    # --- address must not cap honest login bursts by the checks in flight) ----
 
     def retryAfter(self, *keys) -> float:
         """Seconds until any of C{keys} may try again; 0 if allowed now."""

@@ -186,6 +186,12 @@ class _Account:
         self.entries: dict[str, _Entry] = {}
 
 
+def checkSettings(ttl: float, grace: float, maxPerUser: int) -> None:
+    """The settings every token store takes, checked once for both."""
+    if maxPerUser < 1 or ttl <= 0 or grace < 0:
+        raise ValueError("ttl must be > 0, grace >= 0 and maxPerUser >= 1")
+
+
 @implementer(ITokenStore)
 class MemoryTokenStore:
     """
@@ -199,8 +205,7 @@ class MemoryTokenStore:
     def __init__(
         self, clock, ttl: float = DEFAULT_TTL, grace: float = DEFAULT_GRACE, maxPerUser: int = DEFAULT_MAX_PER_USER
     ) -> None:
-        if maxPerUser < 1 or ttl <= 0 or grace < 0:
-            raise ValueError("ttl must be > 0, grace >= 0 and maxPerUser >= 1")
+        checkSettings(ttl, grace, maxPerUser)
         self.clock = clock
         self.ttl = ttl
         self.grace = grace

@@ -44,6 +44,7 @@ from chatproto.tokens import (
     DEFAULT_MAX_PER_USER,
     DEFAULT_TTL,
     ITokenStore,
+    checkSettings,
     Resumed,
     TokenStoreUnavailable,
     validUid,
@@ -239,8 +240,7 @@ class RedisTokenStore:
         grace: float = DEFAULT_GRACE,
         maxPerUser: int = DEFAULT_MAX_PER_USER,
     ) -> None:
-        if maxPerUser < 1 or ttl <= 0 or grace < 0:
-            raise ValueError("ttl must be > 0, grace >= 0 and maxPerUser >= 1")
+        checkSettings(ttl, grace, maxPerUser)
         self.connection = connection
         self.clock = clock
         self.prefix = prefix

@@ -22,6 +22,8 @@ from urllib.parse import quote, unquote, urlsplit
 import pymysql
 from twisted.internet import defer, reactor, task
 
+from chatproto.common.sentinel import encodeCommand
+
 
 def _mysqlSettings():
     """CHAT_TEST_MYSQL_URL (mysql://user:pass@host:port/, as .ci/run sets
@@ -242,11 +244,7 @@ class SyncRedis:
         self.sock.close()
 
     def __call__(self, *args):
-        out = [b"*%d\r\n" % len(args)]
-        for arg in args:
-            arg = arg if isinstance(arg, bytes) else str(arg).encode("utf-8")
-            out.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
-        self.sock.sendall(b"".join(out))
+        self.sock.sendall(encodeCommand(*args))
         return self._read()
 
     def _read(self):
@@ -403,19 +401,9 @@ class RedisReplica(RedisServer):
         super().__init__(directory)
         self.master = master
 
-    def start(self) -> defer.Deferred:
-        argv = [
-            REDIS_SERVER,
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--save", "",
-            "--appendonly", "no",
-            "--dir", self.directory,
-            "--daemonize", "no",
-            "--replicaof", "127.0.0.1", str(self.master.port),
-        ]  # fmt: skip
-        self.process = Process(argv, os.path.join(self.directory, "redis.log"))
-        return until(lambda: canConnect("127.0.0.1", self.port), 10, what="the replica to listen")
+    @property
+    def extraArgs(self) -> tuple:
+        return ("--replicaof", "127.0.0.1", str(self.master.port))
 
 
 class RedisSentinel:
