@@ -42,6 +42,8 @@ class Delivery:
     #: messages an acking session may leave unacked; one more logs it out
     maxUnacked = 1000
     onCongested = None
+    #: called with a session told of a new friend (its friend ids changed)
+    onFriendAdded = None
 
     def __init__(self, registry, store, relay, tasks, confirmations) -> None:
         self.registry = registry
@@ -60,6 +62,8 @@ class Delivery:
             return True
         if not session.send(message, line):
             return False
+        if message.get("msgid") == m.FRIEND_ADDED_NOTICE and self.onFriendAdded is not None:
+            self.onFriendAdded(session)
         mid = message.get("mid")
         if session.acking and mid is not None and message.get("msgid") in STORED_MSGIDS:
             entry = session.unacked.get(mid)

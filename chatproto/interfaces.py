@@ -115,9 +115,7 @@ class PresenceUnavailable(Exception):
 
 
 class IChatStore(Interface):
-    """
-    Accounts, friends, groups and offline messages.
-    """
+    """Accounts, friends, groups and offline messages."""
 
     def start():
         """
@@ -140,9 +138,7 @@ class IChatStore(Interface):
         """
 
     def getUser(uid):
-        """
-        @rtype: L{Deferred} firing with a L{User} or L{None}.
-        """
+        """@rtype: L{Deferred} firing with a L{User} or L{None}."""
 
     def getNames(uids):
         """
@@ -160,9 +156,7 @@ class IChatStore(Interface):
         """
 
     def getFriends(uid):
-        """
-        @rtype: L{Deferred} firing with a L{list} of C{(id, name)} sorted by id.
-        """
+        """@rtype: L{Deferred} firing with a L{list} of C{(id, name)} sorted by id."""
 
     def requestFriend(uid, friendId, now, since, cap):
         """
@@ -226,6 +220,10 @@ class IChatStore(Interface):
         @rtype: L{Deferred} firing with a L{list} of L{Group} (with members)
             that C{uid} belongs to, sorted by id.
         """
+
+    def getFriendsAndGroups(uid):
+        """L{Deferred} firing with C{(getFriends(uid), getUserGroups(uid))}
+        read in one transaction (what a login reply lists)."""
 
     def storeOffline(items):
         """

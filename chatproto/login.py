@@ -15,6 +15,7 @@ from chatproto import messages as m
 from chatproto.acks import Unacked, midOf
 from chatproto.credentials import Credentials
 from chatproto.interfaces import ClaimResult, Location, PresenceUnavailable
+from chatproto.logrepeat import SessionLog
 from chatproto.messages import RequestError, encode
 from chatproto.registry import OFFLINE, ONLINE
 from chatproto.sqloffline import pageOffline, pageWithin
@@ -57,6 +58,9 @@ class LoginFlow:
         self.onRelogin = onRelogin
         self.credentials = Credentials(store, hasher, clock, tokens, registry.names)
         self.slots = defer.DeferredSemaphore(self.maxLoginsInFlight)
+        #: session id -> friend ids read at login, for the logout's notice
+        self.friendIds: dict[str, list[int]] = {}
+        self.sessionLog = SessionLog(self.log, clock)
 
     #: Logins carried out at once; more wait their turn.  A reconnect storm
     #: (thousands of token logins in a second) then keeps the Redis and
@@ -106,20 +110,16 @@ class LoginFlow:
                 if token is not None:
                     self.credentials.sessionTokens[session.sid] = token
                 count, friendIds = await self.handOver(session, request, uid, name, token)
+                if session.uid == uid:
+                    self.friendIds[session.sid] = friendIds
             except BaseException:
                 await self.logout(session, notify=False)
                 self.delivery.storeHeld(session)
                 raise
         finally:
             redelivery.end(session, uid)
-        self.log.info(
-            "[{uid}]{name} logged in ({how}) from {peer}, {count} offline messages",
-            uid=uid,
-            name=name,
-            how=how,
-            peer=session.peerHost,
-            count=count,
-        )
+        line = "[{uid}]{name} logged in ({how}) from {peer}, {count} offline messages"
+        self.sessionLog.info("login", line, uid=uid, name=name, how=how, peer=session.peerHost, count=count)
         self.notifyFriends(uid, name, ONLINE, friendIds)
         return None
 
@@ -200,15 +200,12 @@ class LoginFlow:
         return ack, [f for f, _ in friends]
 
     async def friendsAndGroups(self, uid: int) -> tuple[list, list]:
-        """The user's friends and groups, both queries at once: one wait,
-        not two."""
-        groupsCall = self.store.getUserGroups(uid)
-        try:
-            friends = await storeCall(self.store.getFriends(uid))
-        except BaseException:
-            groupsCall.addErrback(lambda _: None)
-            raise
-        return friends, await storeCall(groupsCall)
+        """The user's friends and groups, read in one transaction."""
+        return await storeCall(self.store.getFriendsAndGroups(uid))
+
+    def forgetFriends(self, session) -> None:
+        """C{session}'s friends may have changed: its logout reads them."""
+        self.friendIds.pop(session.sid, None)
 
     def notifyFriends(self, uid: int, name: str, state: str, friendIds=None) -> None:
         async def notify():
@@ -253,6 +250,7 @@ class LoginFlow:
         revokes the session's token if the session is still open (a
         dropped, kicked or shut-down connection keeps it)."""
         token = self.credentials.sessionTokens.pop(session.sid, None)
+        friendIds = self.friendIds.pop(session.sid, None)
         uid = self.registry.unbind(session)
         # What it did not ack waits for its next login.
         self.delivery.storeUnacked(session)
@@ -262,10 +260,10 @@ class LoginFlow:
         if revoke and token is not None and session.connected:
             self.tasks.track(self.credentials.revokeToken(uid, token))
         released = await self.release(uid, session)
-        self.log.info("[{uid}] logged out", uid=uid)
+        self.sessionLog.info("logout", "[{uid}] logged out", uid=uid)
         # A session replaced by a newer login leaves its user online.
         if released and notify and uid not in self.registry.sessions:
-            self.notifyFriends(uid, session.name, OFFLINE)
+            self.notifyFriends(uid, session.name, OFFLINE, friendIds)
 
     async def logoutAll(self, reason: str) -> None:
         """Log every local user out (telling their friends), then close

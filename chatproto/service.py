@@ -126,6 +126,7 @@ class ChatService(service.Service):
         #: the --friend-requests policy (auto or approve)
         self.friendRequests = FriendRequests(friendRequests, self.registry, self.delivery, store, clock, self.tasks)
         self.loginFlow.friendRequests = self.friendRequests
+        self.delivery.onFriendAdded = self.loginFlow.forgetFriends
         self.groups = GroupHandlers(store, self.registry, self.delivery, self.friendRequests, self.now, self.mid)
         self.ready = ReadyGate()
         self.registerLimiter = TokenBucketLimiter(clock, burst=100, rate=1.0)  # per address
@@ -174,7 +175,12 @@ class ChatService(service.Service):
         if not self.running:
             return defer.succeed(None)
         super().stopService()
-        return defer.Deferred.fromCoroutine(self._stop()).addBoth(lambda result: (self.warnings.stop(), result)[1])
+        return defer.Deferred.fromCoroutine(self._stop()).addBoth(self._stopLogs)
+
+    def _stopLogs(self, result):
+        self.warnings.stop()
+        self.loginFlow.sessionLog.stop()
+        return result
 
     async def _stop(self) -> None:
         # Answer what was read, say goodbye, then log out (shutdown.py).
@@ -295,9 +301,11 @@ class ChatService(service.Service):
 
     # friends: the --friend-requests policy is chatproto.friendrequests'
     def do_addfriend(self, session, request):
+        self.loginFlow.forgetFriends(session)
         return self.friendRequests.addFriend(session, request.args["friendid"])
 
     def do_friendreply(self, session, request):
+        self.loginFlow.forgetFriends(session)
         return self.friendRequests.reply(session, request.args["id"], request.args["accept"])
 
     # groups: chatproto.groups

@@ -92,6 +92,9 @@ class StoreContract:
         self.assertEqual([g.id for g in groups], [gid, other])
         self.assertEqual([m.id for m in groups[1].members], [a, c])
         self.assertEqual(await self.store.getUserGroups(b + 1000), [])
+        await self.store.addFriend(a, b)
+        self.assertEqual(await self.store.getFriendsAndGroups(a), ([(b, "bob")], groups))
+        self.assertEqual(await self.store.getFriendsAndGroups(b + 1000), ([], []))
 
     async def test_groupNameTaken(self):
         [a] = await self.users("alice")

@@ -424,17 +424,17 @@ class NudgeTests(unittest.TestCase):
         read) pushes nothing before the login reply either."""
         bob = self.h.connect()
         store = self.h.service.store
-        original = store.getFriends
+        original = store.getFriendsAndGroups
         nudged = []
 
-        def getFriends(uid):
+        def getFriendsAndGroups(uid):
             if not nudged:
                 nudged.append(True)
                 store.storeOffline([(uid, '{"msgid":6,"msg":"early","mid":"EARLY"}')])
                 self.h.service.delivery.deliverLocal([uid], {"nudge": 1}, False)
             return original(uid)
 
-        store.getFriends = getFriends
+        store.getFriendsAndGroups = getFriendsAndGroups
         bob.send({"msgid": 1, "id": self.b, "password": "secret"})
         replies = bob.replies()
         self.assertEqual(replies[0]["msgid"], m.LOGIN_MSG_ACK)

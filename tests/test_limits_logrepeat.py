@@ -4,7 +4,7 @@ from twisted.internet.task import Clock
 from twisted.logger import Logger
 from twisted.trial import unittest
 
-from chatproto.logrepeat import RepeatedWarnings
+from chatproto.logrepeat import RepeatedWarnings, SessionLog
 
 
 class RepeatedWarningsTests(unittest.TestCase):
@@ -34,6 +34,47 @@ class RepeatedWarningsTests(unittest.TestCase):
         self.assertEqual(self.texts(), ["A", "B"])
         self.warnings.warn("a", "A")
         self.warnings.stop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class SessionLogTests(unittest.TestCase):
+    """Login and logout lines: one by one up to a burst per window, then
+    counted (a reconnect storm of thousands of logins is one line)."""
+
+    def setUp(self):
+        self.events = []
+        self.clock = Clock()
+        self.log = SessionLog(Logger(observer=self.events.append), self.clock)
+        self.log.burst = 3
+
+    def texts(self):
+        from twisted.logger import formatEvent
+
+        return [formatEvent(e) for e in self.events]
+
+    def test_burstThenCountedThenOneByOneAgain(self):
+        for uid in range(5000):
+            self.log.info("login", "[{uid}] logged in", uid=uid)
+        self.log.info("logout", "[{uid}] logged out", uid=7)
+        self.assertEqual(self.texts(), ["[0] logged in", "[1] logged in", "[2] logged in", "[7] logged out"])
+        self.clock.advance(10)
+        self.assertEqual(self.texts()[4:], ["4,997 more login lines not logged one by one in the last 10 s"])
+        self.log.info("login", "[{uid}] logged in", uid=1)
+        self.assertEqual(self.texts()[-1], "[1] logged in")
+        self.assertEqual(self.events[0]["log_level"].name, "info")
+
+    def test_quietRateLogsEverything(self):
+        for uid in range(10):
+            self.log.info("login", "[{uid}] logged in", uid=uid)
+            self.clock.advance(4)
+        self.assertEqual(len(self.texts()), 10)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_stopLogsTheCount(self):
+        for uid in range(5):
+            self.log.info("login", "[{uid}] logged in", uid=uid)
+        self.log.stop()
+        self.assertEqual(self.texts()[-1], "2 more login lines not logged one by one in the last 10 s")
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
 

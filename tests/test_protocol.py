@@ -377,8 +377,8 @@ class ChatTests(unittest.TestCase):
         """A chat that reaches a session between its registration and its
         login reply is held and written after the reply."""
         paused = defer.Deferred()
-        getFriends = self.h.store.getFriends
-        self.h.store.getFriends = lambda uid: paused.addCallback(lambda _: getFriends(uid))
+        getFriendsAndGroups = self.h.store.getFriendsAndGroups
+        self.h.store.getFriendsAndGroups = lambda uid: paused.addCallback(lambda _: getFriendsAndGroups(uid))
         bob = self.h.connect()
         bob.send({"msgid": 1, "id": self.b, "password": "secret"})
         self.assertEqual(bob.replies(), [])
@@ -391,7 +391,7 @@ class ChatTests(unittest.TestCase):
 
     def test_heldMessagesStoredIfLoginNeverCompletes(self):
         paused = defer.Deferred()
-        self.h.store.getFriends = lambda uid: paused
+        self.h.store.getFriendsAndGroups = lambda uid: paused
         bob = self.h.connect()
         bob.send({"msgid": 1, "id": self.b, "password": "secret"})
         self.alice.request({"msgid": 6, "toid": self.b, "msg": "kept"})
@@ -440,6 +440,45 @@ class FriendTests(unittest.TestCase):
         self.assertEqual(
             self.alice.replies(), [{"msgid": m.FRIEND_STATE_NOTICE, "id": self.b, "name": "bob", "state": "offline"}]
         )
+
+
+    def countFriendReads(self):
+        reads = []
+        getFriends = self.h.store.getFriends
+        self.h.store.getFriends = lambda uid: (reads.append(uid), getFriends(uid))[1]
+        return reads
+
+    def test_logoutUsesTheFriendsReadAtLogin(self):
+        """The offline notice at logout goes to the friends the login
+        reply listed, without reading them again."""
+        self.alice.request({"msgid": 7, "friendid": self.b})
+        bob = self.h.login(self.b)
+        self.alice.replies()
+        reads = self.countFriendReads()
+        bob.disconnect()
+        self.assertEqual(reads, [])
+        self.assertEqual(self.alice.replies()[-1]["state"], "offline")
+
+    def test_logoutReadsFriendsAgainAfterAddFriend(self):
+        """A friend added during the session is told of its logout: the
+        friends are read again."""
+        carol = self.h.register("carol")
+        self.h.login(carol).replies()
+        reads = self.countFriendReads()
+        self.alice.request({"msgid": 7, "friendid": carol})
+        self.alice.disconnect()
+        self.assertEqual(reads, [self.a])
+
+    def test_logoutReadsFriendsAgainAfterBeingAdded(self):
+        """Befriended by another session (FRIEND_ADDED_NOTICE, possibly
+        from another server): the friends are read again at logout."""
+        bob = self.h.login(self.b)
+        reads = self.countFriendReads()
+        bob.request({"msgid": 7, "friendid": self.a})
+        self.assertEqual(self.alice.replies()[-1]["msgid"], m.FRIEND_ADDED_NOTICE)
+        self.alice.disconnect()
+        self.assertEqual(reads, [self.a])
+        self.assertEqual(bob.replies()[-1], {"msgid": m.FRIEND_STATE_NOTICE, "id": self.a, "name": "alice", "state": "offline"})
 
 
 class GroupTests(unittest.TestCase):
