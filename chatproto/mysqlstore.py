@@ -310,6 +310,12 @@ class MySQLStore(SQLStore):
         state = _Handoff()
         try:
             count = yield self.run("takeOffline", self._takeOfflineTxn, uid, handoff, state, keepAcked)
+            if count is None:
+                # Nothing stored: handed over (the login reply sent) after
+                # the transaction, not while a database thread and its
+                # connection wait for the reactor thread.
+                yield defer.maybeDeferred(handoff, [])
+                return 0
         except StoreUnavailable:
             if not (state.called and state.taken):
                 raise
@@ -319,13 +325,16 @@ class MySQLStore(SQLStore):
             return 0
         return count
 
-    def _takeOfflineTxn(self, cursor, uid, handoff, state: _Handoff, keepAcked: bool) -> int:
+    def _takeOfflineTxn(self, cursor, uid, handoff, state: _Handoff, keepAcked: bool) -> int | None:
         if state.called:
             # Running again after a lost connection: never hand over twice,
             # only finish the (idempotent) deletion.
             if state.taken and state.ids:
                 self._deleteIdsTxn(cursor, state.ids)
             return len(state.ids)
+        cursor.execute(self.q("SELECT 1 FROM offline_messages WHERE userid = ? LIMIT 1"), (uid,))
+        if cursor.fetchone() is None:
+            return None  # the common case: the hand-over runs once this ends
         rows = self._fetchOfflineTxn(cursor, uid, " FOR UPDATE")
         state.called = True
         taken = threads.blockingCallFromThread(

@@ -1,7 +1,10 @@
 """
-One session per account, repaired: a server compares its sessions with the
-presence entries in Redis after every (re)connection, after every
-(re)subscription and on each registry refresh (every 2 s).
+One session per account, repaired: a server compares all its sessions with
+the presence entries in Redis after every (re)subscription, at start-up and
+whenever its registry entry was found gone (Redis restarted or failed
+over); on each registry refresh (every 2 s) it compares the next
+L{SLICE} of them, in rotation, so that the steady cost stays bounded
+however many users a server holds (10,000 sessions: a full turn in 20 s).
 
  - An entry that is missing, or names a server that is gone, is written
    again: Redis lost it (a restart, or a failover: replication is
@@ -26,6 +29,8 @@ log = Logger()
 
 #: sessions per script call
 CHUNK = 500
+#: sessions compared on a periodic refresh
+SLICE = 1000
 
 
 class SessionCheck:
@@ -36,21 +41,24 @@ class SessionCheck:
     def __init__(self, cluster) -> None:
         self.cluster = cluster
         self._running: defer.Deferred | None = None
-        self._again = False
+        self._again: bool | None = None  # None, or the next check's C{full}
+        #: the sessions of the periodic rotation not compared yet
+        self._rotation: list[tuple[int, str]] = []
 
-    def run(self) -> defer.Deferred:
-        """Check now; a check asked for while one runs runs once more
-        after it (with the sessions of that moment)."""
+    def run(self, full: bool = True) -> defer.Deferred:
+        """Check now (C{full}: every session, else the next L{SLICE}); a
+        check asked for while one runs runs once more after it (with the
+        sessions of that moment)."""
         if self._running is not None:
-            self._again = True
+            self._again = full or bool(self._again)
             return self._running
-        self._again = False
-        d = self._running = defer.Deferred.fromCoroutine(self._check())
+        self._again = None
+        d = self._running = defer.Deferred.fromCoroutine(self._check(full))
 
         def done(result):
             self._running = None
-            if self._again and not self.cluster.stopping:
-                return self.run()
+            if self._again is not None and not self.cluster.stopping:
+                return self.run(self._again)
             return result
 
         return d.addBoth(done)
@@ -70,12 +78,22 @@ class SessionCheck:
         d = p.ping().addCallback(subscribed)
         d.addErrback(lambda f: log.warn("checking sessions after subscribing: {error}", error=f.getErrorMessage()))
 
-    async def _check(self) -> None:
+    def _next(self, current: list) -> list[tuple[int, str]]:
+        """The next L{SLICE} of the rotation that are still sessions here."""
+        if not self._rotation:
+            self._rotation = current
+        some, self._rotation = self._rotation[-SLICE:], self._rotation[:-SLICE]
+        live = dict(current)
+        return [(uid, sid) for uid, sid in some if live.get(uid) == sid]
+
+    async def _check(self, full: bool = True) -> None:
         cluster = self.cluster
         receiver = cluster.relay.receiver
         if receiver is None:
             return
         sessions = list(receiver.localSessions())
+        if not full:
+            sessions = self._next(sessions)
         if not sessions:
             return
         sids = dict(sessions)

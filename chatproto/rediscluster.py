@@ -223,9 +223,10 @@ class RedisCluster:
             self._refresh()
 
     @defer.inlineCallbacks
-    def register(self):
+    def register(self, full: bool = True):
         """Write this server's registry entry, then check its sessions
-        against presence (L{checkSessions}).  Fires with whether the entry
+        against presence (L{checkSessions}; not C{full}: the next slice,
+        unless the entry was gone).  Fires with whether the entry
         existed."""
         if self.stopping:
             raise PresenceUnavailable(f"{self.name} is shutting down")
@@ -245,16 +246,16 @@ class RedisCluster:
         if not existed and self.registered is not None:
             log.info("the registry entry of {name} was gone (Redis restarted or failed over); re-asserting", name=self.name)
         self.registered = True
-        yield self.checkSessions()
+        yield self.sessionCheck.run(full or not existed)
         waiters, self._registeredWaiters = self._registeredWaiters, []
         for d in waiters:
             d.callback(None)
         return existed
 
-    def _refresh(self) -> defer.Deferred:
+    def _refresh(self, full: bool = True) -> defer.Deferred:
         if self.commands.protocol is None:
             return defer.succeed(None)
-        d = self.register()
+        d = self.register(full)
 
         def failed(f):
             self.registered = False
@@ -285,7 +286,7 @@ class RedisCluster:
         d = defer.Deferred()
         self._registeredWaiters.append(d)
         if self._refresher is None:
-            self._refresher = task.LoopingCall(self._refresh)
+            self._refresher = task.LoopingCall(self._refresh, full=False)
             self._refresher.clock = self.reactor
             self._refresher.start(self.refreshInterval, now=False)
         if self.commands.running:

@@ -83,6 +83,36 @@ class KickRepairTests(ClusterMixin, unittest.TestCase):
         await d
         self.assertEqual(await a.presence.locate([1]), {})
 
+    async def test_periodicRefreshComparesASliceInRotation(self):
+        """A periodic refresh compares the next SLICE sessions only (the
+        steady cost is bounded); lost entries are all written again within
+        one turn, and a refresh that finds the registry entry gone
+        compares every session at once."""
+        from chatproto import redischeck
+
+        self.patch(redischeck, "SLICE", 2)
+        receiver = SessionsReceiver({uid: f"s{uid}" for uid in range(1, 6)})
+        a = await self.startCluster("a", receiver)
+        for uid, sid in receiver.localSessions():
+            await a.presence.claim(uid, sid, False)
+        await a.checkSessions()  # the one after subscribing, if under way
+        for uid in range(1, 6):
+            self.redis("DEL", f"{self.prefix}user:{uid}")
+
+        async def entries():
+            return len(await a.presence.locate(list(range(1, 6))))
+
+        counts = []
+        for _ in range(3):
+            await a._refresh(full=False)
+            counts.append(await entries())
+        self.assertEqual(counts, [2, 4, 5])
+        for uid in range(1, 6):
+            self.redis("DEL", f"{self.prefix}user:{uid}")
+        self.redis("DEL", f"{self.prefix}server:a")
+        await a._refresh(full=False)
+        self.assertEqual(await entries(), 5)
+
     async def test_rejectAfterAnnouncedStop(self):
         """--on-relogin reject: while a lives and listens, a second login
         is refused; once a announced its stop, it succeeds at once."""

@@ -6,6 +6,7 @@ root), each test in its own database, dropped afterwards.
 from __future__ import annotations
 
 import json
+import sys
 
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
@@ -150,6 +151,34 @@ class MySQLSpecificTests(MySQLStoreMixin, unittest.TestCase):
         self.assertEqual(n, 50)
         self.assertEqual([json.loads(p)["n"] for p in taken], list(range(50)))
         self.assertEqual((yield store.peekOffline(uid)), [])
+
+    @defer.inlineCallbacks
+    def test_emptyMailboxHandedOverWithoutHoldingAConnection(self):
+        def chain(frame):
+            while frame is not None:
+                yield frame
+                frame = frame.f_back
+
+        """No offline messages (the usual login): the hand-over (the login
+        reply) runs after the transaction has ended, not while a database
+        thread and its connection wait for the reactor thread."""
+        store = yield self.makeStore()
+        uid = yield store.createUser("dave", "h")
+        busy = []
+
+        def handoff(payloads):
+            # Database threads waiting in blockingCallFromThread for this.
+            frames = sys._current_frames().values()
+            waiting = [f for f in frames if any(c.f_code.co_name == "blockingCallFromThread" for c in chain(f))]
+            busy.append((payloads, len(waiting)))
+            return True
+
+        n = yield store.takeOffline(uid, handoff)
+        self.assertEqual((n, busy), (0, [([], 0)]))
+        yield store.storeOffline([(uid, '"one"')])
+        n = yield store.takeOffline(uid, handoff)
+        # With messages, the exactly-once hand-over holds its rows locked.
+        self.assertEqual((n, busy[1]), (1, (['"one"'], 1)))
 
     @defer.inlineCallbacks
     def test_takeOfflineOnceAcrossServers(self):

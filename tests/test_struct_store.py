@@ -34,6 +34,9 @@ class FakeCursor:
     def fetchall(self):
         return self.rows
 
+    def fetchone(self):
+        return self.rows[0] if self.rows else None
+
     def close(self):
         pass
 
@@ -162,7 +165,8 @@ class HandoverRerunTests(unittest.TestCase):
         self.assertEqual(self.handedOver, [["m1", "m2"]])
         self.assertEqual(
             self.pool.connection.executed,
-            [("SELECT", (1,)), ("DELETE", [5, 7]), ("DELETE", [5, 7])],
+            # Any rows?  Then read them locked, and delete them.
+            [("SELECT", (1,)), ("SELECT", (1,)), ("DELETE", [5, 7]), ("DELETE", [5, 7])],
         )
 
     def test_deletedByPrimaryKey(self) -> None:
@@ -171,7 +175,7 @@ class HandoverRerunTests(unittest.TestCase):
         keepAcked, rows with a mid stay until acked."""
         d = self.store.takeOffline(1, self.handoff, keepAcked=True)
         self.assertEqual(self.successResultOf(d), 1)
-        self.assertEqual(self.pool.connection.executed, [("SELECT", (1,)), ("DELETE", [5])])
+        self.assertEqual(self.pool.connection.executed, [("SELECT", (1,)), ("SELECT", (1,)), ("DELETE", [5])])
 
     def test_handedOverButNotDeleted(self) -> None:
         """When the deletion never succeeds the messages stay (handed over
@@ -185,7 +189,7 @@ class HandoverRerunTests(unittest.TestCase):
     def test_notTakenNothingDeleted(self) -> None:
         d = self.store.takeOffline(1, lambda payloads: False)
         self.assertEqual(self.successResultOf(d), 0)
-        self.assertEqual(self.pool.connection.executed, [("SELECT", (1,))])
+        self.assertEqual(self.pool.connection.executed, [("SELECT", (1,)), ("SELECT", (1,))])
 
     def test_lostBeforeHandoverRetriesWhole(self) -> None:
         """A connection lost before the hand-over re-runs the SELECT; the
@@ -195,4 +199,5 @@ class HandoverRerunTests(unittest.TestCase):
         self.clock.advance(0.05)
         self.assertEqual(self.successResultOf(d), 2)
         self.assertEqual(self.handedOver, [["m1", "m2"]])
-        self.assertEqual([op for op, _ in self.pool.connection.executed], ["SELECT", "SELECT", "DELETE"])
+        # lost at the first (the check), then check, read locked, delete
+        self.assertEqual([op for op, _ in self.pool.connection.executed], ["SELECT", "SELECT", "SELECT", "DELETE"])
