@@ -221,9 +221,9 @@ class IChatStore(Interface):
             that C{uid} belongs to, sorted by id.
         """
 
-    def getFriendsAndGroups(uid):
-        """L{Deferred} firing with C{(getFriends(uid), getUserGroups(uid))}
-        read in one transaction (what a login reply lists)."""
+    def getLoginData(uid):
+        """L{Deferred} firing with C{(getFriends(uid), getUserGroups(uid),
+        any offline message for uid)}, read in one transaction."""
 
     def storeOffline(items):
         """

@@ -149,7 +149,7 @@ class LoginFlow:
     async def handOver(self, session, request, uid: int, name: str, token: str | None = None) -> tuple[int, list[int]]:
         """Send the login reply with the offline messages (deleted once
         written) and then what was held meanwhile."""
-        ack, friendIds = await self.loginAck(uid, name)
+        ack, friendIds, anyOffline = await self.loginAck(uid, name)
         if token is not None:
             ack["token"] = token
 
@@ -176,13 +176,19 @@ class LoginFlow:
             session.unhold()
             return True
 
+        if not anyOffline:
+            # None stored when the login read its friends (one that comes
+            # later waits for the next hand-over: a nudge or login).
+            handoff([])
+            return 0, friendIds
         count = await storeCall(self.store.takeOffline(uid, handoff, keepAcked=acking))
         return count, friendIds
 
-    async def loginAck(self, uid: int, name: str) -> tuple[dict, list[int]]:
+    async def loginAck(self, uid: int, name: str) -> tuple[dict, list[int], bool]:
         """The successful LOGIN_MSG_ACK (without offline messages and
-        token), and the friends' ids: the one place that builds it."""
-        friends, groups = await self.friendsAndGroups(uid)
+        token), the friends' ids, and whether any offline message waits:
+        the one place that builds it."""
+        friends, groups, anyOffline = await storeCall(self.store.getLoginData(uid))
         ids = {f for f, _ in friends} | {u.id for g in groups for u in g.members}
         states = await self.registry.states(ids)
         states = await self.friendRequests.visibleStates(uid, states, [f for f, _ in friends])
@@ -197,11 +203,7 @@ class LoginFlow:
             # Friend requests waiting for this user's answer (always empty in auto mode).
             "requests": await self.friendRequests.pending(uid),
         }
-        return ack, [f for f, _ in friends]
-
-    async def friendsAndGroups(self, uid: int) -> tuple[list, list]:
-        """The user's friends and groups, read in one transaction."""
-        return await storeCall(self.store.getFriendsAndGroups(uid))
+        return ack, [f for f, _ in friends], anyOffline
 
     def forgetFriends(self, session) -> None:
         """C{session}'s friends may have changed: its logout reads them."""

@@ -332,8 +332,7 @@ class MySQLStore(SQLStore):
             if state.taken and state.ids:
                 self._deleteIdsTxn(cursor, state.ids)
             return len(state.ids)
-        cursor.execute(self.q("SELECT 1 FROM offline_messages WHERE userid = ? LIMIT 1"), (uid,))
-        if cursor.fetchone() is None:
+        if not self._anyOfflineTxn(cursor, uid):
             return None  # the common case: the hand-over runs once this ends
         rows = self._fetchOfflineTxn(cursor, uid, " FOR UPDATE")
         state.called = True

@@ -194,6 +194,19 @@ class OfflineMessages:
         yield self.run("deleteOffline", self._deleteIdsTxn, ids)
         return len(ids)
 
+    def getLoginData(self, uid: int) -> defer.Deferred:
+        """Friends, groups and whether any offline message waits (after
+        those accepted so far are written), in one transaction."""
+        d = self._drainOffline()
+        return d.addCallback(lambda _: self.run("getLoginData", self._loginDataTxn, uid))
+
+    def _loginDataTxn(self, cursor, uid) -> tuple[list, list, bool]:
+        return self._getFriendsTxn(cursor, uid), self._getUserGroupsTxn(cursor, uid), self._anyOfflineTxn(cursor, uid)
+
+    def _anyOfflineTxn(self, cursor, uid) -> bool:
+        cursor.execute(self.q("SELECT 1 FROM offline_messages WHERE userid = ? LIMIT 1"), (uid,))
+        return cursor.fetchone() is not None
+
     def _fetchOfflineTxn(self, cursor, uid, lock: str = "") -> list[tuple[int, str, str | None]]:
         cursor.execute(
             self.q(f"SELECT id, payload, mid FROM offline_messages WHERE userid = ? ORDER BY id{lock}"), (uid,)

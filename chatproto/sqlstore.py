@@ -371,10 +371,6 @@ class SQLStore(OfflineMessages, FriendRequestsSQL):
     def getUserGroups(self, uid: int) -> defer.Deferred:
         return self.run("getUserGroups", self._getUserGroupsTxn, uid)
 
-    def getFriendsAndGroups(self, uid: int) -> defer.Deferred:
-        both = lambda cursor, uid: (self._getFriendsTxn(cursor, uid), self._getUserGroupsTxn(cursor, uid))  # noqa: E731
-        return self.run("getFriendsAndGroups", both, uid)
-
     def _getUserGroupsTxn(self, cursor, uid) -> list[Group]:
         cursor.execute(
             self.q(

@@ -93,8 +93,10 @@ class StoreContract:
         self.assertEqual([m.id for m in groups[1].members], [a, c])
         self.assertEqual(await self.store.getUserGroups(b + 1000), [])
         await self.store.addFriend(a, b)
-        self.assertEqual(await self.store.getFriendsAndGroups(a), ([(b, "bob")], groups))
-        self.assertEqual(await self.store.getFriendsAndGroups(b + 1000), ([], []))
+        self.assertEqual(await self.store.getLoginData(a), ([(b, "bob")], groups, False))
+        self.assertEqual(await self.store.getLoginData(b + 1000), ([], [], False))
+        await self.store.storeOffline([(a, '"x"')])
+        self.assertEqual(await self.store.getLoginData(a), ([(b, "bob")], groups, True))
 
     async def test_groupNameTaken(self):
         [a] = await self.users("alice")

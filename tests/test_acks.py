@@ -424,17 +424,17 @@ class NudgeTests(unittest.TestCase):
         read) pushes nothing before the login reply either."""
         bob = self.h.connect()
         store = self.h.service.store
-        original = store.getFriendsAndGroups
+        original = store.getLoginData
         nudged = []
 
-        def getFriendsAndGroups(uid):
+        def getLoginData(uid):
             if not nudged:
                 nudged.append(True)
                 store.storeOffline([(uid, '{"msgid":6,"msg":"early","mid":"EARLY"}')])
                 self.h.service.delivery.deliverLocal([uid], {"nudge": 1}, False)
             return original(uid)
 
-        store.getFriendsAndGroups = getFriendsAndGroups
+        store.getLoginData = getLoginData
         bob.send({"msgid": 1, "id": self.b, "password": "secret"})
         replies = bob.replies()
         self.assertEqual(replies[0]["msgid"], m.LOGIN_MSG_ACK)
@@ -458,8 +458,32 @@ class NudgeTests(unittest.TestCase):
             return original(uid, handoff, keepAcked)
 
         store.takeOffline = takeOffline
+        store.storeOffline([(self.b, '{"msgid":6,"msg":"first","mid":"FIRST"}')])
         bob.send({"msgid": 1, "id": self.b, "password": "secret"})
         replies = bob.replies()
         self.assertEqual(replies[0]["msgid"], m.LOGIN_MSG_ACK)
         shown = [json.loads(p)["mid"] for p in replies[0]["offlinemsg"]] + [r.get("mid") for r in replies[1:]]
-        self.assertEqual(shown, ["LATE"])
+        self.assertEqual(shown, ["FIRST", "LATE"])
+
+    def test_storedAfterTheLoginFoundNoneIsNudgedAfterTheReply(self):
+        """The login read an empty mailbox (and skips the hand-over's
+        transaction); a chat stored and nudged right after is pushed after
+        the login reply."""
+        bob = self.h.connect()
+        store = self.h.service.store
+        original = store.getLoginData
+
+        def getLoginData(uid):
+            def meanwhile(data):
+                store.storeOffline([(uid, '{"msgid":6,"msg":"late","mid":"LATE"}')])
+                self.h.service.delivery.deliverLocal([uid], {"nudge": 1}, False)
+                return data
+
+            return original(uid).addCallback(meanwhile)
+
+        store.getLoginData = getLoginData
+        bob.send({"msgid": 1, "id": self.b, "password": "secret"})
+        replies = bob.replies()
+        self.assertEqual((replies[0]["msgid"], replies[0]["offlinemsg"]), (m.LOGIN_MSG_ACK, []))
+        self.assertEqual([r.get("mid") for r in replies[1:]], ["LATE"])
+        self.assertEqual(self.successResultOf(store.peekOffline(self.b)), [])

@@ -377,8 +377,8 @@ class ChatTests(unittest.TestCase):
         """A chat that reaches a session between its registration and its
         login reply is held and written after the reply."""
         paused = defer.Deferred()
-        getFriendsAndGroups = self.h.store.getFriendsAndGroups
-        self.h.store.getFriendsAndGroups = lambda uid: paused.addCallback(lambda _: getFriendsAndGroups(uid))
+        getLoginData = self.h.store.getLoginData
+        self.h.store.getLoginData = lambda uid: paused.addCallback(lambda _: getLoginData(uid))
         bob = self.h.connect()
         bob.send({"msgid": 1, "id": self.b, "password": "secret"})
         self.assertEqual(bob.replies(), [])
@@ -391,7 +391,7 @@ class ChatTests(unittest.TestCase):
 
     def test_heldMessagesStoredIfLoginNeverCompletes(self):
         paused = defer.Deferred()
-        self.h.store.getFriendsAndGroups = lambda uid: paused
+        self.h.store.getLoginData = lambda uid: paused
         bob = self.h.connect()
         bob.send({"msgid": 1, "id": self.b, "password": "secret"})
         self.alice.request({"msgid": 6, "toid": self.b, "msg": "kept"})
