@@ -5,7 +5,9 @@ C{connect()}, wait for writability, read C{SO_ERROR}.
 This replaces C{connectTCP}'s Connector, resolution Deferreds and their
 extra C{connect()} and C{epoll_ctl} calls for backends given as IP
 literals; connect timeouts are kept in one L{ConnectDeadlines} queue per
-factory instead of one C{DelayedCall} per attempt.
+factory instead of one C{DelayedCall} per attempt.  For a lean client and a loopback
+backend, a connect the kernel completed inside the call (L{connectedNow})
+is handed over at once, without waiting for writability.
 """
 
 from __future__ import annotations

@@ -217,9 +217,9 @@ stream {{
 
     def startBalancer(self, target: str, twistd: list[str], env: dict[str, str],
                       treeOption: str | None, extra: list[str]) -> None:
-        if treeOption is not None:  # another source tree first on the path
-            env = dict(env, PYTHONPATH=os.path.abspath(getattr(self.args, treeOption))
-                       + os.pathsep + env["PYTHONPATH"])
+        tree = os.path.abspath(getattr(self.args, treeOption)) if treeOption else ROOT
+        # the tree first on the path, and as the current directory ("" leads sys.path)
+        env = dict(env, PYTHONPATH=tree + os.pathsep + env["PYTHONPATH"])
         backends = [w for port in REDIS_PORTS
                     for w in ("--backend", f"{HOST}:{port} max_fails=3 fail_timeout=30s")]
         p = self.spawn(twistd + [
@@ -228,12 +228,12 @@ stream {{
             *backends, "--status", f"tcp:{STATUS_PORTS[target]}:interface={HOST}",
             "--check-interval", "2s", "--check-send", r"PING\r\n", "--check-expect", "PONG",
             *extra,
-        ], env=env)
+        ], env=env, cwd=tree)
         # bulk test: a second balancer with the iperf3 backend
         self.spawn(twistd + [f"--logfile={self.tmp}/twistd-{target}-iperf.log", "balancer",
                              "--listen", f"tcp:{PORTS[target][1]}:interface={HOST}",
                              "--backend", f"{HOST}:{IPERF_PORT}", "--check-interval", "2s",
-                             *extra], env=env)
+                             *extra], env=env, cwd=tree)
         for port in PORTS[target]:
             waitPort(port)
         self.pids[target] = [p.pid]
