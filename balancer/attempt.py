@@ -40,7 +40,9 @@ class Attempt(protocol.ClientFactory):
         if sockaddr is None and f.rawConnect:
             sockaddr = peerSockaddr(self.peer)
         if sockaddr is not None:
-            self.connector = RawConnect(self, sockaddr[0], sockaddr[1], f.connectTimeout)
+            connector = RawConnect(self, sockaddr[0], sockaddr[1], f.connectTimeout)
+            if not self.done:  # (a loopback connect may be done already)
+                self.connector = connector
             return
         target = self.peer.extra.get("tcp")
         if target is not None:

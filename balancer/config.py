@@ -314,6 +314,7 @@ SCALARS: dict[str, tuple[Any, Any]] = {
     "proxy-protocol": (None, _proxyProtocol),
     "proxy-timeout": (600.0, parseDuration),
     "lean-dispatch": (True, _flag),
+    "half-close": (True, _flag),
     "status": (None, _statusEndpoint),
     "drain-timeout": (0.0, parseDuration),
     "workers": (1, _boundedInt(1, 256)),
@@ -344,6 +345,9 @@ class BalancerConfig:
     proxyTimeout: float = 600.0
     #: install the lean epoll dispatch loop (balancer.fastpoll)
     leanDispatch: bool = True
+    #: pass an EOF on as a half-close; False: an EOF from either side
+    #: closes both connections (nginx's proxy_half_close off)
+    halfClose: bool = True
     status: str | None = None
     drainTimeout: float = 0.0
     workers: int = 1

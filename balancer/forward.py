@@ -7,7 +7,10 @@ from a half go to C{other.send()}; when C{other} cannot take them all,
 this half is not read until C{other} has sent what it keeps
 (backpressure); an EOF read from a half becomes C{other.shutWrite()} once
 C{other} has nothing pending (half-close); and when both directions are
-done, or on an error, the pair is closed.  A client's half whose backend
+done, or on an error, the pair is closed.  Without half-close (C{halfClose}
+false, nginx's C{proxy_half_close off}) an EOF read from a half closes the
+pair as soon as C{other} has sent what was read before it.  A client's half
+whose backend
 is not connected yet (C{other is None}) holds what it reads
 (L{balancer.clientcore.ClientCore.hold}).
 
@@ -48,6 +51,7 @@ class Half:
 
     State the path keeps: C{other}; C{eof} (this socket's peer has finished
     sending); C{shut} (nothing more will be sent to this socket);
+    C{halfClose} (pass an EOF on; false: close the pair at an EOF);
     C{pending} (bytes this socket has not taken yet: truthy while any);
     C{rx} (reads, the proxy timeout's activity count).
 
@@ -62,6 +66,7 @@ class Half:
     other: Any
     eof: bool
     shut: bool
+    halfClose: bool
     pending: Any
     rx: int
 
@@ -81,6 +86,12 @@ class Half:
         This socket's peer has finished sending.
         """
         self.eof = True
+        if not self.halfClose:
+            # Nothing more goes to this socket: the pair is closed once
+            # other has sent what was read from it (below, or in drained()
+            # -> shutWrite()); bytes still on their way to this socket are
+            # not waited for (nginx's proxy_half_close off).
+            self.shut = True
         other = self.other
         if other is None or other.pending:
             # passed on once connected (ClientCore), or once other's

@@ -17,7 +17,8 @@ Python per connection.  Here, as in nginx:
    the source is not read until it is sent (backpressure); an EOF becomes
    C{shutdown(SHUT_WR)} of the other socket once its pending bytes are out
    (half-close), and the pair is closed when both directions are done, or
-   at once on an error.
+   at once on an error; with C{--no-half-close} an EOF closes the pair once
+   the bytes read before it are sent.
 
 Selection, retries, counting, draining, the early-data hold and the
 proxy timeout are shared with the Twisted path: a L{LeanClient} is an
@@ -98,6 +99,11 @@ class _Half(Half):
 
     def logPrefix(self) -> str:
         return "balancer"
+
+    @property
+    def halfClose(self) -> bool:
+        client = self.client
+        return client is None or client.factory.halfClose
 
     def startReading(self) -> None:
         if not self.reading:

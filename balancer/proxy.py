@@ -65,6 +65,7 @@ class BalancerFactory(protocol.Factory):
         tries: int | None = None,
         proxyProtocol: str | None = None,
         proxyTimeout: float = DEFAULT_PROXY_TIMEOUT,
+        halfClose: bool = True,
     ) -> None:
         _twisted.ensureChecked(reactor)
         self.reactor = reactor
@@ -74,6 +75,9 @@ class BalancerFactory(protocol.Factory):
         self.connectTimeout = connectTimeout
         self.tries = tries
         self.proxyProtocol = proxyProtocol
+        # pass an EOF on (False: close both connections at an EOF, as
+        # nginx's proxy_half_close off)
+        self.halfClose = halfClose
         self.accepted = 0
         self.rejected = 0
         self.connectFailures = 0

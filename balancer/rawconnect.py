@@ -5,12 +5,15 @@ C{connect()}, wait for writability, read C{SO_ERROR}.
 This replaces C{connectTCP}'s Connector, resolution Deferreds and their
 extra C{connect()} and C{epoll_ctl} calls for backends given as IP
 literals; connect timeouts are kept in one L{ConnectDeadlines} queue per
-factory instead of one C{DelayedCall} per attempt.
+factory instead of one C{DelayedCall} per attempt.  For a lean client and a loopback
+backend, a connect the kernel completed inside the call (L{connectedNow})
+is handed over at once, without waiting for writability.
 """
 
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import socket
 from collections import deque
@@ -94,6 +97,34 @@ def _newSocket(family: int, kind: int) -> socket.socket:
     return socket.SocketType(family, kind)
 
 
+_loopback: dict[str, bool] = {}
+
+
+def isLoopback(host: str) -> bool:
+    """
+    Whether C{host} (an IP literal) is a loopback address (cached).
+    """
+    try:
+        return _loopback[host]
+    except KeyError:
+        found = _loopback[host] = ipaddress.ip_address(host.split("%")[0]).is_loopback
+        return found
+
+
+def connectedNow(sock: socket.socket) -> bool:
+    """
+    Whether the non-blocking C{connect()} of C{sock} has completed already:
+    on loopback the kernel runs the whole handshake inside the call (unless
+    the backend's accept queue is full), so C{getpeername()} succeeds at
+    once and there is no need to wait for writability.
+    """
+    try:
+        sock.getpeername()
+    except OSError:
+        return False
+    return True
+
+
 @implementer(IWriteDescriptor)
 class RawConnect:
     """
@@ -127,9 +158,22 @@ class RawConnect:
             # as connectTCP does.
             self.timer = self.reactor.callLater(0, self._fail, err)
             return
+        if attempt.client.lean and isLoopback(addr[0]) and connectedNow(sock):
+            # Connected already: hand the socket over now, which saves the
+            # writability event, its epoll_ctl calls and SO_ERROR.
+            self.attempt = None
+            self._toLean(attempt)
+            return
         self.waiting = True
         factory.deadlines.add(self, timeout)
         self.fds.addWriter(self)
+
+    def _toLean(self, attempt: Any) -> None:
+        # The lean path forwards on the socket itself; the backend half
+        # takes over its reactor registration (LeanClient.linkBackend).
+        self.waiting = False
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        attempt.connected(self)
 
     def logPrefix(self) -> str:
         return "RawConnect"
@@ -146,11 +190,7 @@ class RawConnect:
             self.sock.close()
             return
         if attempt.client.lean:
-            # The lean path forwards on the socket itself; the backend half
-            # takes over its reactor registration (LeanClient.backendConnected).
-            self.waiting = False
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            attempt.connected(self)
+            self._toLean(attempt)
             return
         self._stop()
         from balancer.sides import BackendSide

@@ -99,7 +99,7 @@ class BalancerService(service.MultiService):
         self.pool = Pool(reactor, self.selector, CheckSettings.fromConfig(cfg), cfg.drainTimeout)
         self.factory = BalancerFactory(
             reactor, self.selector, cfg.connectTimeout, cfg.tries, cfg.proxyProtocol,
-            cfg.proxyTimeout,
+            cfg.proxyTimeout, cfg.halfClose,
         )
         self.factory.onFinished.append(self.pool.connectionEnded)
         self.pool.factory = self.factory
@@ -304,6 +304,7 @@ class BalancerService(service.MultiService):
         self.factory.tries = new.tries
         self.factory.proxyProtocol = new.proxyProtocol
         self.factory.proxyTimeout = new.proxyTimeout
+        self.factory.halfClose = new.halfClose
         self.pool.drainTimeout = new.drainTimeout
         self.pool.setChecks(CheckSettings.fromConfig(new))
         self.config = new

@@ -67,6 +67,7 @@ class _Side(Half, protocol.Protocol):
     _fastRead = False
     eof = False
     shut = False
+    halfClose = True  # the client's setting (ServerSide, BackendSide)
     pending = False  # the transport queues (and flushes before an EOF)
     rx = 0
 
@@ -179,6 +180,10 @@ class ServerSide(ClientCore, _Side):
         backend = self.backend
         return self.rx + (backend.rx if backend is not None else 0)
 
+    @property
+    def halfClose(self) -> bool:
+        return self.factory.halfClose
+
     # -- ClientCore's primitives over Twisted transports ---------------------------
 
     def pauseReading(self) -> None:
@@ -234,6 +239,12 @@ class BackendSide(_Side):
     def __init__(self, attempt: Any) -> None:
         self.attempt: Any = attempt
         self.peer = attempt.peer
+
+    @property
+    def halfClose(self) -> bool:
+        # the client's (its factory's) setting; read only once linked
+        other = self.other
+        return other is None or other.halfClose
 
     def connectionMade(self) -> None:
         self.tls = ISSLTransport.providedBy(self.transport)

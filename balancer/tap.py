@@ -67,6 +67,7 @@ class Options(usage.Options):
         self["listen"] = []
         self["backend"] = []
         self["lean-dispatch"] = None
+        self["half-close"] = None
         self.argv: list[str] = []
 
     def opt_listen(self, description: str) -> None:
@@ -94,6 +95,20 @@ class Options(usage.Options):
         Use the reactor's stock dispatch loop
         """
         self["lean-dispatch"] = False
+
+    def opt_half_close(self) -> None:
+        """
+        Pass an EOF on as a half-close: a client that shuts down its
+        writing side still gets the replies [default]
+        """
+        self["half-close"] = True
+
+    def opt_no_half_close(self) -> None:
+        """
+        An EOF from either side closes both connections once the bytes
+        read before it are sent (nginx's proxy_half_close off)
+        """
+        self["half-close"] = False
 
     def parseOptions(self, options: list[str] | None = None) -> None:
         self.argv = list(sys.argv[1:] if options is None else options)

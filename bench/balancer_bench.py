@@ -3,13 +3,18 @@
 Benchmark the balancer side by side with nginx `stream` (1 worker) and a
 direct connection, on loopback only.
 
-    .venv/bin/python bench/balancer_bench.py [--rounds 3] [--idle 9000]
-        [--targets direct,nginx,balancer] [--with-portforward]
+    .venv/bin/python bench/balancer_bench.py [--rounds 3] [--idle 9000] [--baseline TREE]
+        [--targets direct,nginx,balancer] [--with-portforward] [--half-close-pairs]
 
 Needs (installs nothing): redis-server, redis-benchmark, nginx, iperf3.
 Everything it starts (two redis-servers, nginx, the balancer, iperf3) runs on
 127.0.0.1 private ports and is stopped at the end.  Targets are interleaved
 and each figure is the median of --rounds runs.
+
+Targets: direct, nginx (proxy_half_close off, its default), balancer (half-close
+on, its default); --half-close-pairs adds nginx-hc (proxy_half_close on) and
+balancer-nohc (--no-half-close) to compare new connections like with like;
+--baseline TREE adds base (and base-nohc): the balancer of another tree (A/B).
 
 Figures:
   small      redis-benchmark -c 50 -t ping_inline,set,get: mean req/s of the 3
@@ -45,24 +50,30 @@ ROOT = os.path.dirname(HERE)
 HOST = "127.0.0.1"
 REDIS_PORTS = (17001, 17002)
 IPERF_PORT = 17003
-STATUS_PORT = 17281
 PORTS: dict[str, tuple[int, int]] = {}
+STATUS_PORTS: dict[str, int] = {}
+#: balancer targets: (source tree option, extra arguments)
+BALANCERS = {"balancer": (None, []), "balancer-nohc": (None, ["--no-half-close"]),
+             "base": ("baseline", []), "base-nohc": ("baseline", ["--no-half-close"])}
+#: (balancer target, target compared with, what is compared) for new connections
+PAIRS = (("balancer", "nginx-hc", "both half-close"),
+         ("balancer-nohc", "nginx", "both close at the first EOF"),
+         ("base", "nginx-hc", "baseline tree, both half-close"),
+         ("base-nohc", "nginx", "baseline tree, both close at the first EOF"),
+         ("balancer", "base", "A/B"), ("balancer-nohc", "base-nohc", "A/B"))
 
 
 def setPorts(base: int) -> None:
-    """
-    Every port the benchmark uses, from C{base} (default 17000).
-    """
-    global REDIS_PORTS, IPERF_PORT, STATUS_PORT
+    """Every port the benchmark uses, from C{base} (default 17000)."""
+    global REDIS_PORTS, IPERF_PORT
     REDIS_PORTS = (base + 1, base + 2)
     IPERF_PORT = base + 3
-    STATUS_PORT = base + 281
-    PORTS.update({  # target -> (redis proxy port, iperf proxy port)
-        "direct": (REDIS_PORTS[0], IPERF_PORT),
-        "nginx": (base + 100, base + 101),
-        "balancer": (base + 200, base + 201),
-        "portforward": (base + 300, base + 301),
-    })
+    # target -> (redis proxy port, iperf proxy port)
+    PORTS.update({"direct": (REDIS_PORTS[0], IPERF_PORT), "portforward": (base + 300, base + 301),
+                  "nginx": (base + 100, base + 101), "nginx-hc": (base + 110, base + 111)})
+    for i, target in enumerate(BALANCERS):  # balancer, balancer-nohc, base, base-nohc
+        PORTS[target] = (base + 200 + 10 * i, base + 201 + 10 * i)
+        STATUS_PORTS[target] = base + 281 + i
 
 
 setPorts(17000)
@@ -161,7 +172,7 @@ class Bench:
         for port in REDIS_PORTS + (IPERF_PORT,):
             waitPort(port)
         targets = self.args.targets
-        if "nginx" in targets:
+        if "nginx" in targets or "nginx-hc" in targets:
             conf = os.path.join(self.tmp, "nginx.conf")
             streamSo = "/usr/lib/nginx/modules/ngx_stream_module.so"
             load = f"load_module {streamSo};" if os.path.exists(streamSo) else ""
@@ -174,42 +185,26 @@ error_log {self.tmp}/nginx-error.log warn;
 worker_rlimit_nofile 19500;
 events {{ worker_connections 19000; }}
 stream {{
-    upstream redis {{
-        server {HOST}:{REDIS_PORTS[0]};
-        server {HOST}:{REDIS_PORTS[1]};
-    }}
+    upstream redis {{ server {HOST}:{REDIS_PORTS[0]}; server {HOST}:{REDIS_PORTS[1]}; }}
     upstream iperf {{ server {HOST}:{IPERF_PORT}; }}
     proxy_connect_timeout 1s;
     tcp_nodelay on;
     server {{ listen {HOST}:{PORTS['nginx'][0]} backlog=1024; proxy_pass redis; }}
     server {{ listen {HOST}:{PORTS['nginx'][1]}; proxy_pass iperf; }}
+    server {{ listen {HOST}:{PORTS['nginx-hc'][0]} backlog=1024; proxy_pass redis; proxy_half_close on; }}
+    server {{ listen {HOST}:{PORTS['nginx-hc'][1]}; proxy_pass iperf; proxy_half_close on; }}
 }}
 """)
             p = self.spawn([findTool("nginx"), "-c", conf, "-e", f"{self.tmp}/nginx-error.log"])
             waitPort(PORTS["nginx"][0])
             time.sleep(0.2)
-            self.pids["nginx"] = children(p.pid) or [p.pid]
+            self.pids["nginx"] = self.pids["nginx-hc"] = children(p.pid) or [p.pid]
         env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
         twistd = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
                   "-n", "--pidfile=", "-r", "epoll", "-l", os.path.join(self.tmp, "twistd.log")]
-        if "balancer" in targets:
-            redisBackends = []
-            for port in REDIS_PORTS:
-                redisBackends += ["--backend", f"{HOST}:{port} max_fails=3 fail_timeout=30s"]
-            p = self.spawn(twistd + [
-                "balancer", "--listen", f"tcp:{PORTS['balancer'][0]}:interface={HOST}",
-                *redisBackends, "--status", f"tcp:{STATUS_PORT}:interface={HOST}",
-                "--check-interval", "2s", "--check-send", r"PING\r\n", "--check-expect", "PONG",
-            ], env=env)
-            # bulk test: a second balancer with the iperf3 backend
-            self.spawn(twistd[:-2] + ["-l", os.path.join(self.tmp, "twistd-iperf.log"),
-                                      "balancer",
-                                      "--listen", f"tcp:{PORTS['balancer'][1]}:interface={HOST}",
-                                      "--backend", f"{HOST}:{IPERF_PORT}",
-                                      "--check-interval", "2s"], env=env)
-            waitPort(PORTS["balancer"][0])
-            waitPort(PORTS["balancer"][1])
-            self.pids["balancer"] = [p.pid]
+        for target, (treeOption, extra) in BALANCERS.items():
+            if target in targets:
+                self.startBalancer(target, twistd, env, treeOption, extra)
         if "portforward" in targets:
             p = self.spawn(twistd + ["portforward", "-p", f"tcp:{PORTS['portforward'][0]}:interface={HOST}",
                                      "-h", HOST, "-d", str(REDIS_PORTS[0])], env=env)
@@ -219,6 +214,29 @@ stream {{
             waitPort(PORTS["portforward"][0])
             self.pids["portforward"] = [p.pid]
         self.pids["direct"] = []
+
+    def startBalancer(self, target: str, twistd: list[str], env: dict[str, str],
+                      treeOption: str | None, extra: list[str]) -> None:
+        tree = os.path.abspath(getattr(self.args, treeOption)) if treeOption else ROOT
+        # the tree first on the path, and as the current directory ("" leads sys.path)
+        env = dict(env, PYTHONPATH=tree + os.pathsep + env["PYTHONPATH"])
+        backends = [w for port in REDIS_PORTS
+                    for w in ("--backend", f"{HOST}:{port} max_fails=3 fail_timeout=30s")]
+        p = self.spawn(twistd + [
+            f"--logfile={self.tmp}/twistd-{target}.log",
+            "balancer", "--listen", f"tcp:{PORTS[target][0]}:interface={HOST}",
+            *backends, "--status", f"tcp:{STATUS_PORTS[target]}:interface={HOST}",
+            "--check-interval", "2s", "--check-send", r"PING\r\n", "--check-expect", "PONG",
+            *extra,
+        ], env=env, cwd=tree)
+        # bulk test: a second balancer with the iperf3 backend
+        self.spawn(twistd + [f"--logfile={self.tmp}/twistd-{target}-iperf.log", "balancer",
+                             "--listen", f"tcp:{PORTS[target][1]}:interface={HOST}",
+                             "--backend", f"{HOST}:{IPERF_PORT}", "--check-interval", "2s",
+                             *extra], env=env, cwd=tree)
+        for port in PORTS[target]:
+            waitPort(port)
+        self.pids[target] = [p.pid]
 
     def stop(self) -> None:
         for p in reversed(self.procs):
@@ -240,16 +258,17 @@ stream {{
         ).stdout
         return list(csv.DictReader(io.StringIO(out)))
 
-    def small(self, target: str) -> tuple[float, float | None]:
-        port = PORTS[target][0]
-        n = self.args.requests
+    def withCpu(self, target: str, n: int, *extra: str) -> tuple[list[dict[str, str]], float | None]:
+        """redis-benchmark through C{target}, and the proxy's CPU us per C{n} (None: direct)"""
         pids = self.pids[target]
         cpu0 = cpuSeconds(pids) if pids else 0.0
-        rows = self.redisBenchmark(port, "-c", "50", "-n", str(n), "-t", "ping_inline,set,get")
-        cpu1 = cpuSeconds(pids) if pids else 0.0
-        rps = statistics.mean(float(r["rps"]) for r in rows)
-        cpuUs = (cpu1 - cpu0) * 1e6 / (n * len(rows)) if pids else None
-        return rps, cpuUs
+        rows = self.redisBenchmark(PORTS[target][0], *extra)
+        return rows, ((cpuSeconds(pids) - cpu0) * 1e6 / n if pids else None)
+
+    def small(self, target: str) -> tuple[float, float | None]:
+        n = self.args.requests
+        rows, cpu = self.withCpu(target, 3 * n, "-c", "50", "-n", str(n), "-t", "ping_inline,set,get")
+        return statistics.mean(float(r["rps"]) for r in rows), cpu
 
     def pipelined(self, target: str) -> float:
         rows = self.redisBenchmark(PORTS[target][0], "-c", "50", "-P", "16",
@@ -261,17 +280,10 @@ stream {{
         return float(rows[0]["p99_latency_ms"])
 
     def conns(self, target: str) -> tuple[float, float | None]:
-        """
-        New connections per second, and the proxy's CPU microseconds per
-        connection (C{None} for the direct target).
-        """
+        """New connections per second, and the proxy's CPU us per connection."""
         n = 20000
-        pids = self.pids[target]
-        cpu0 = cpuSeconds(pids) if pids else 0.0
-        rows = self.redisBenchmark(PORTS[target][0], "-c", "50", "-k", "0",
-                                    "-n", str(n), "-t", "ping_inline")
-        cpu1 = cpuSeconds(pids) if pids else 0.0
-        return float(rows[0]["rps"]), ((cpu1 - cpu0) * 1e6 / n if pids else None)
+        rows, cpu = self.withCpu(target, n, "-c", "50", "-k", "0", "-n", str(n), "-t", "ping_inline")
+        return float(rows[0]["rps"]), cpu
 
     def bulk(self, target: str) -> float:
         out = subprocess.run(
@@ -300,9 +312,7 @@ stream {{
 
     @staticmethod
     def _pingAll(socks: list[socket.socket]) -> None:
-        """
-        Make sure every connection is proxied through to a backend.
-        """
+        """Make sure every connection is proxied through to a backend."""
         ep = select.epoll()
         pending = {}
         for s in socks:
@@ -332,15 +342,21 @@ def main() -> int:
     ap.add_argument("--idle", type=int, default=9000,
                     help="idle connections for the RSS figure (the proxy needs 2 fds each)")
     ap.add_argument("--targets", default="direct,nginx,balancer")
-    ap.add_argument("--with-portforward", action="store_true",
-                    help="also measure a bare twisted portforward")
+    ap.add_argument("--with-portforward", action="store_true", help="also a twisted portforward")
+    ap.add_argument("--half-close-pairs", action="store_true",
+                    help="also measure targets nginx-hc and balancer-nohc (see above)")
+    ap.add_argument("--baseline", metavar="TREE", help="also measure the balancer of source "
+                    "tree TREE: targets base (and base-nohc with --half-close-pairs)")
     ap.add_argument("--only", default="small,pipelined,p99,conns,bulk,idle")
     ap.add_argument("--port-base", type=int, default=17000,
-                    help="ports used: BASE+1..3 (redis, iperf3), +100.. nginx, +200.. balancer, "
-                         "+281 status, +300.. portforward")
+                    help="ports used: BASE+1..3 (redis, iperf3), +100..111 nginx, "
+                         "+200..231 balancers, +281..284 status, +300.. portforward")
     args = ap.parse_args()
     setPorts(args.port_base)
     args.targets = args.targets.split(",") + (["portforward"] if args.with_portforward else [])
+    pairs = ["nginx-hc", "balancer-nohc"] if args.half_close_pairs else []
+    pairs += (["base", "base-nohc"] if pairs else ["base"]) if args.baseline else []
+    args.targets += [t for t in pairs if t not in args.targets]
     missing = [t for t in TOOLS if not findTool(t)]
     if missing:
         print("missing tools: " + ", ".join(missing))
@@ -359,29 +375,24 @@ def main() -> int:
         for rnd in range(args.rounds):
             for target in args.targets:
                 r = results[target]
-                if "small" in only:
-                    rps, cpu = bench.small(target)
-                    r.setdefault("small", []).append(rps)
-                    if cpu is not None:
-                        r.setdefault("cpu", []).append(cpu)
-                if "pipelined" in only:
-                    r.setdefault("pipelined", []).append(bench.pipelined(target))
-                if "p99" in only:
-                    r.setdefault("p99", []).append(bench.p99(target))
-                if "conns" in only:
-                    cps, cpu = bench.conns(target)
-                    r.setdefault("conns", []).append(cps)
-                    if cpu is not None:
-                        r.setdefault("conn_cpu", []).append(cpu)
-                if "bulk" in only:
-                    r.setdefault("bulk", []).append(bench.bulk(target))
+                # figure -> its CPU figure (small and conns measure the proxy's CPU too)
+                for name, cpuName in (("small", "cpu"), ("pipelined", None), ("p99", None),
+                                      ("conns", "conn_cpu"), ("bulk", None)):
+                    if name not in only:
+                        continue
+                    value = getattr(bench, name)(target)
+                    if cpuName is not None:
+                        value, cpu = value
+                        if cpu is not None:
+                            r.setdefault(cpuName, []).append(cpu)
+                    r.setdefault(name, []).append(value)
                 print(f"round {rnd + 1} {target}: " + ", ".join(
                     f"{k}={v[-1]:.4g}" for k, v in r.items()), flush=True)
         if "idle" in only:
             for target in args.targets:
-                try:
+                try:  # report what we have
                     kib = bench.idle(target)
-                except Exception as e:  # report what we have
+                except Exception as e:
                     print(f"idle connections through {target} failed: {e}")
                     continue
                 if kib is not None:
@@ -396,23 +407,20 @@ def main() -> int:
 def report(results: dict[str, dict[str, list[float]]], args: argparse.Namespace) -> None:
     cols = [("small", "small req/s", "{:,.0f}"), ("pipelined", "pipelined req/s", "{:,.0f}"),
             ("p99", "p99 ms", "{:.3f}"), ("conns", "new conn/s", "{:,.0f}"),
-            ("conn_cpu", "CPU us/conn", "{:.1f}"),
-            ("bulk", "bulk Gbit/s", "{:.2f}"), ("cpu", "CPU us/req", "{:.1f}"),
+            ("conn_cpu", "CPU us/conn", "{:.1f}"), ("bulk", "bulk Gbit/s", "{:.2f}"),
+            ("cpu", "CPU us/req", "{:.1f}"),
             ("idle", f"KiB/idle conn ({args.idle})", "{:.2f}")]
     med = {t: {k: statistics.median(v) for k, v in r.items()} for t, r in results.items()}
-    print()
-    print("| target | " + " | ".join(c[1] for c in cols) + " |")
+    print("\n| target | " + " | ".join(c[1] for c in cols) + " |")
     print("|---" * (len(cols) + 1) + "|")
     for t in results:
         cells = [c[2].format(med[t][c[0]]) if c[0] in med[t] else "-" for c in cols]
         print(f"| {t} | " + " | ".join(cells) + " |")
     if "nginx" in med and "balancer" in med:
         n, b, d = med["nginx"], med["balancer"], med.get("direct", {})
-        print()
-        print("balancer vs nginx-1 (targets):")
+        print("\nbalancer vs nginx-1 (targets):")
         checks = []
-        for key, target, better in (("small", 0.75, "ratio"), ("pipelined", 0.75, "ratio"),
-                                    ("conns", 0.9, "ratio"), ("bulk", 1.0, "ratio")):
+        for key, target in (("small", 0.75), ("pipelined", 0.75), ("conns", 0.9), ("bulk", 1.0)):
             if key in n and key in b:
                 ratio = b[key] / n[key]
                 checks.append((key, f"{ratio:.2f}x (target >= {target}x)", ratio >= target))
@@ -429,6 +437,13 @@ def report(results: dict[str, dict[str, list[float]]], args: argparse.Namespace)
             checks.append(("idle", f"{b['idle']:.2f} KiB/conn (target < 4)", b["idle"] < 4))
         for key, text, ok in checks:
             print(f"  {key:10s} {text:45s} {'MET' if ok else 'NOT MET'}")
+    pairs = [p for p in PAIRS if "conn_cpu" in med.get(p[0], {}) and "conn_cpu" in med.get(p[1], {})]
+    if pairs:
+        print("\nnew connections, like for like (targets >= 0.9x conn/s, <= 1.2x CPU/conn):")
+    for b, n, what in pairs:
+        ratio, cpu = med[b]["conns"] / med[n]["conns"], med[b]["conn_cpu"] / med[n]["conn_cpu"]
+        verdict = "" if what == "A/B" else " MET" if ratio >= 0.9 and cpu <= 1.2 else " NOT MET"
+        print(f"  {b} vs {n} ({what}): new conn/s {ratio:.2f}x, CPU/conn {cpu:.2f}x{verdict}")
 
 
 if __name__ == "__main__":

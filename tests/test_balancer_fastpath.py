@@ -259,6 +259,7 @@ def connected(factory, sock):
 
 class _Factory:
     proxyProtocol = None
+    halfClose = True
 
     def __init__(self):
         from balancer._twisted import fdOps
