@@ -49,7 +49,7 @@ done
 sleep 3   # the balancer's first discovery poll and health checks
 if [ -n "${STORM_PROFILE:-}" ]; then  # py-spy raw profile of chat2 from the kill on
     (while kill -0 "$CHAT1" 2>/dev/null; do sleep 0.05; done
-     "$(dirname "$PY")/py-spy" record -r 200 --threads -f raw -d 20 -p "$CHAT2" -o "$STORM_PROFILE" >/dev/null 2>&1) &
+     "$(dirname "$PY")/py-spy" record -r 200 --threads -f raw -d ${STORM_PROFILE_S:-20} -p "$CHAT2" -o "$STORM_PROFILE" >/dev/null 2>&1) &
 fi
 "$PY" bench/chatload.py --target 127.0.0.1:27700 --storm "$USERS" --kill-pid "$CHAT1" --pid "$CHAT2"
 echo "logs: $TMP"
