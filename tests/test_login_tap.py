@@ -56,3 +56,42 @@ class TokenWiringTests(unittest.TestCase):
         self.assertEqual((tokens.prefix, tokens.key(3)), ("x:", "x:tokens:3"))
         self.assertIsNone(tokens.connection())
         self.assertEqual([s for s in top if isinstance(s, TimerService)], [])
+
+
+class LeanDispatchTests(unittest.TestCase):
+    """The chat server dispatches through the balancer's lean epoll loop
+    while it runs (and gives the reactor its own loop back when it stops);
+    --no-lean-dispatch keeps the stock loop."""
+
+    def build(self, *extra):
+        options = Options()
+        options.parseOptions(["--port", "tcp:0", "--db", "sqlite::memory:", *extra])
+        return makeService(options, MemoryReactorClock())
+
+    def test_installedWhileRunning(self):
+        from twisted.internet import reactor
+
+        from chatproto.tap import LeanDispatch
+
+        [lean] = [s for s in self.build() if isinstance(s, LeanDispatch)]
+        lean.reactor = reactor  # an epoll reactor (the test's)
+        self.addCleanup(lambda: lean.running and lean.stopService())
+        self.assertNotIn("doPoll", vars(reactor))
+        lean.startService()
+        self.assertTrue(lean.installed)
+        self.assertIn("doPoll", vars(reactor))
+        lean.stopService()
+        self.assertNotIn("doPoll", vars(reactor))
+
+    def test_otherReactorKeepsItsLoop(self):
+        from chatproto.tap import LeanDispatch
+
+        [lean] = [s for s in self.build() if isinstance(s, LeanDispatch)]
+        lean.startService()
+        self.assertFalse(lean.installed)
+        lean.stopService()
+
+    def test_optOut(self):
+        from chatproto.tap import LeanDispatch
+
+        self.assertEqual([s for s in self.build("--no-lean-dispatch") if isinstance(s, LeanDispatch)], [])
