@@ -58,11 +58,37 @@ MYSQL_MIGRATION = _MYSQL_TABLE
 
 class FriendRequestsSQL:
     """
-    The friend-request half of L{chatproto.sqlstore.SQLStore} (a mixin: it
-    uses the store's C{run}, C{q} and C{dialect}).  Times are seconds since
+    The friends and friend requests of L{chatproto.sqlstore.SQLStore} (a
+    mixin: it uses the store's C{run}, C{q} and C{dialect}).  Times are seconds since
     the epoch, from the caller's clock; C{since} is the oldest creation
     time still valid (now minus the expiry).
     """
+
+    def addFriend(self, uid: int, friendId: int) -> defer.Deferred:
+        return self.run("addFriend", self._addFriendTxn, uid, friendId)
+
+    def _addFriendTxn(self, cursor, uid, friendId) -> bool:
+        cursor.execute(self.q("SELECT COUNT(*) FROM users WHERE id IN (?, ?)"), (uid, friendId))
+        if cursor.fetchone()[0] != len({uid, friendId}):
+            raise NoSuchUser(friendId)
+        insert = self.q("INSERT IGNORE INTO friends (userid, friendid) VALUES (?, ?)")
+        cursor.execute(insert, (uid, friendId))
+        new = cursor.rowcount > 0
+        cursor.execute(insert, (friendId, uid))
+        return new or cursor.rowcount > 0
+
+    def getFriends(self, uid: int) -> defer.Deferred:
+        return self.run("getFriends", self._getFriendsTxn, uid)
+
+    def _getFriendsTxn(self, cursor, uid) -> list[tuple[int, str]]:
+        cursor.execute(
+            self.q(
+                "SELECT u.id, u.name FROM friends f JOIN users u ON u.id = f.friendid"
+                " WHERE f.userid = ? ORDER BY u.id"
+            ),
+            (uid,),
+        )
+        return [(row[0], row[1]) for row in cursor.fetchall()]
 
     def requestFriend(self, uid: int, friendId: int, now: float, since: float, cap: int) -> defer.Deferred:
         return self.run("requestFriend", self._requestFriendTxn, uid, friendId, now, since, cap)

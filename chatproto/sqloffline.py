@@ -198,7 +198,7 @@ class OfflineMessages:
         """Friends, groups and whether any offline message waits (after
         those accepted so far are written), in one transaction."""
         d = self._drainOffline()
-        return d.addCallback(lambda _: self.run("getLoginData", self._loginDataTxn, uid))
+        return d.addCallback(lambda _: self.read("getLoginData", self._loginDataTxn, uid))
 
     def _loginDataTxn(self, cursor, uid) -> tuple[list, list, bool]:
         return self._getFriendsTxn(cursor, uid), self._getUserGroupsTxn(cursor, uid), self._anyOfflineTxn(cursor, uid)

@@ -26,7 +26,6 @@ from chatproto.interfaces import (
     IChatStore,
     NameTaken,
     NoSuchGroup,
-    NoSuchUser,
     User,
 )
 from chatproto.sqlfriends import SQLITE_MIGRATION as SQLITE_FRIEND_REQUESTS
@@ -153,12 +152,15 @@ class SQLStore(OfflineMessages, FriendRequestsSQL):
     """
     @param pool: has C{runInteraction(f, *args)} returning a Deferred and
         C{close()}; an L{adbapi.ConnectionPool} in production.
+    @param reads: runs read-only transactions in the reactor thread
+        (L{chatproto.sqlitereads.ReactorThreadReads}), or None.
     """
 
     log = Logger()
 
-    def __init__(self, pool, dialect: Dialect = SQLITE) -> None:
+    def __init__(self, pool, dialect: Dialect = SQLITE, reads=None) -> None:
         self.pool = pool
+        self.reads = reads
         self.dialect = dialect
         self._sql: dict[str, str] = {}
         self._offlineQueue: list[tuple[list, defer.Deferred]] = []
@@ -194,6 +196,16 @@ class SQLStore(OfflineMessages, FriendRequestsSQL):
 
         return d.addBoth(done)
 
+    def read(self, name: str, txn: Callable, *args) -> defer.Deferred:
+        """A read-only L{run}: at once in the reactor thread with C{reads}
+        (unless the database is busy)."""
+        if self.reads is not None:
+            try:
+                return defer.succeed(self.reads.run(txn, *args))
+            except sqlite3.OperationalError:
+                pass
+        return self.run(name, txn, *args)
+
     def _interact(self, name: str, txn: Callable, args, retryable: bool = True) -> defer.Deferred:
         """One interaction with the database (subclasses add retries)."""
         return self.pool.runInteraction(txn, *args)
@@ -212,6 +224,8 @@ class SQLStore(OfflineMessages, FriendRequestsSQL):
 
         def closePool(_):
             self.pool.close()
+            if self.reads is not None:
+                self.reads.close()
 
         return d.addBoth(closePool)
 
@@ -277,34 +291,6 @@ class SQLStore(OfflineMessages, FriendRequestsSQL):
             cursor.execute(self.q(f"SELECT id, name FROM users WHERE id IN ({marks})"), chunk)
             names.update((row[0], row[1]) for row in cursor.fetchall())
         return names
-
-    # --- friends -----------------------------------------------------------
-
-    def addFriend(self, uid: int, friendId: int) -> defer.Deferred:
-        return self.run("addFriend", self._addFriendTxn, uid, friendId)
-
-    def _addFriendTxn(self, cursor, uid, friendId) -> bool:
-        cursor.execute(self.q("SELECT COUNT(*) FROM users WHERE id IN (?, ?)"), (uid, friendId))
-        if cursor.fetchone()[0] != len({uid, friendId}):
-            raise NoSuchUser(friendId)
-        insert = self.q("INSERT IGNORE INTO friends (userid, friendid) VALUES (?, ?)")
-        cursor.execute(insert, (uid, friendId))
-        new = cursor.rowcount > 0
-        cursor.execute(insert, (friendId, uid))
-        return new or cursor.rowcount > 0
-
-    def getFriends(self, uid: int) -> defer.Deferred:
-        return self.run("getFriends", self._getFriendsTxn, uid)
-
-    def _getFriendsTxn(self, cursor, uid) -> list[tuple[int, str]]:
-        cursor.execute(
-            self.q(
-                "SELECT u.id, u.name FROM friends f JOIN users u ON u.id = f.friendid"
-                " WHERE f.userid = ? ORDER BY u.id"
-            ),
-            (uid,),
-        )
-        return [(row[0], row[1]) for row in cursor.fetchall()]
 
     # --- groups ------------------------------------------------------------
 

@@ -194,9 +194,11 @@ def _endpointArgs(endpoint: str) -> tuple[list[str], dict[str, str]]:
 
 def buildStore(dbURL, reactor):
     if dbURL.kind == "sqlite":
+        from chatproto.sqlitereads import ReactorThreadReads
         from chatproto.sqlstore import SQLStore, sqlitePool
 
-        return SQLStore(sqlitePool(dbURL.path, reactor))
+        reads = None if dbURL.path == ":memory:" else ReactorThreadReads(dbURL.path)
+        return SQLStore(sqlitePool(dbURL.path, reactor), reads=reads)
     from chatproto.mysqlstore import MySQLStore
 
     return MySQLStore.fromURL(dbURL, reactor)
