@@ -40,7 +40,7 @@ def _readyProtocol(base):
     return Protocol
 
 
-class CommandProtocol(_readyProtocol(txredisapi.RedisProtocol)):
+class CommandProtocol(_twisted.packedCommands(_readyProtocol(txredisapi.RedisProtocol))):
     pass
 
 

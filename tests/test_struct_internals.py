@@ -153,6 +153,26 @@ class CheckTests(unittest.TestCase):
         p.transport.loseConnection()
         self.assertFalse(_twisted.redisReady(p))
 
+    def test_packCommandPrivate(self) -> None:
+        """Commands on the cluster's command connection are encoded by
+        hiredis, byte for byte as txredisapi encodes them."""
+        from chatproto.redislink import CommandProtocol
+
+        self.assertTrue(_twisted.check().packCommand)
+        args = ("EVALSHA", "abc", 3, "\u00e9", b"\x00\xff", -1)
+        self.assertEqual(CommandProtocol()._build_command(*args), txredisapi.RedisProtocol()._build_command(*args))
+        self.assertIsNot(_twisted.packedCommands(txredisapi.RedisProtocol), txredisapi.RedisProtocol)
+
+    def test_packCommandFallback(self) -> None:
+        """Without txredisapi's C{_build_command}, or when hiredis encodes
+        differently, txredisapi's own encoding stays."""
+        import hiredis
+
+        self.patch(hiredis, "pack_command", lambda args: b"different")
+        self.assertFalse(_twisted.check().packCommand)
+        _twisted.reset(_twisted.Internals(packCommand=False))
+        self.assertIs(_twisted.packedCommands(txredisapi.RedisProtocol), txredisapi.RedisProtocol)
+
     def test_haproxyFallback(self) -> None:
         """Without Twisted's private PROXY wrapper, C{haproxy:} listens
         through the stock, public C{proxyEndpoint}."""
