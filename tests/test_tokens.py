@@ -251,9 +251,11 @@ class DefaultsTests(unittest.TestCase):
             self.assertRaises(ValueError, RedisTokenStore, None, Clock(), **kw)
 
     def test_tokensDiffer(self):
-        tokens = {newToken() for _ in range(1000)}
+        tokens = {newToken() for _ in range(1000)}  # across batches of os.urandom
         self.assertEqual(len(tokens), 1000)
         self.assertTrue(all(wellFormed(t) and ":" not in t for t in tokens))
+        # 256 bits: 43 characters of base64url, no padding
+        self.assertEqual({len(t) for t in tokens}, {43})
 
 
 class MemoryTokenStoreTests(TokenStoreContract, unittest.TestCase):
