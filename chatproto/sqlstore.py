@@ -365,7 +365,11 @@ class SQLStore(OfflineMessages, FriendRequestsSQL):
             ),
             (uid,),
         )
-        groups = cursor.fetchall()
+        return self._withMembers(cursor, uid, cursor.fetchall())
+
+    def _withMembers(self, cursor, uid, groups) -> list[Group]:
+        """C{groups} (rows of id, name, description, all of C{uid}'s) as
+        L{Group}s with their members."""
         if not groups:
             return []
         cursor.execute(
