@@ -407,10 +407,14 @@ def registerAndLogin(loop: "Loop", args, targets, run_id: str, wantTokens: bool 
     uids = []
     for start in range(0, args.clients, 1000):
         batch = range(start, min(args.clients, start + 1000))
-        replies = loop.request(
-            registrars[0],
-            [json.dumps({"msgid": 4, "name": f"b{run_id}-{i}", "password": "pw"}).encode() for i in batch],
-        )
+        lines = [json.dumps({"msgid": 4, "name": f"b{run_id}-{i}", "password": "pw"}).encode() for i in batch]
+        replies = loop.request(registrars[0], lines)
+        # A server answers PING before its store is up, and errno 30
+        # ("starting") to the rest: wait for it.
+        deadline = time.monotonic() + 30
+        while all(r.get("errno") == 30 for r in replies) and time.monotonic() < deadline:
+            time.sleep(0.1)
+            replies = loop.request(registrars[0], lines)
         for reply in replies:
             if reply.get("errno") != 0:
                 raise SystemExit(f"register failed: {reply}")
