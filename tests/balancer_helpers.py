@@ -192,3 +192,25 @@ def startBackends(test: Any, *names: str) -> list[EchoBackend]:
     for b in backends:
         test.addCleanup(b.stop)
     return backends
+
+
+@implementer(IHalfCloseableProtocol)
+class AnswerAtEOF(protocol.Protocol):
+    """
+    A backend that answers what it got once the client has finished
+    (C{b"got " + data}), then closes.
+    """
+
+    def connectionMade(self):
+        self.got = b""
+        getattr(self.factory, "conns", []).append(self)
+
+    def dataReceived(self, data):
+        self.got += data
+
+    def readConnectionLost(self):
+        self.transport.write(b"got " + self.got)
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self):
+        pass

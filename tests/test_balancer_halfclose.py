@@ -20,7 +20,7 @@ from balancer import tap
 from balancer.config import BalancerConfig
 from balancer.sides import BackendSide, ServerSide
 
-from tests.balancer_helpers import connect, makeConfig, startBalancer, waitFor
+from tests.balancer_helpers import AnswerAtEOF, connect, makeConfig, startBalancer, waitFor
 
 
 def parse(*argv: str) -> BalancerConfig:
@@ -208,27 +208,6 @@ class LeanPathTests(SynchronousTestCase):
 
 
 @implementer(IHalfCloseableProtocol)
-class _AnswerAtEOF(protocol.Protocol):
-    """
-    A backend that answers what it got once the client has finished.
-    """
-
-    def connectionMade(self):
-        self.got = b""
-        self.factory.conns.append(self)
-
-    def dataReceived(self, data):
-        self.got += data
-
-    def readConnectionLost(self):
-        self.transport.write(b"got " + self.got)
-        self.transport.loseConnection()
-
-    def writeConnectionLost(self):
-        pass
-
-
-@implementer(IHalfCloseableProtocol)
 class _ByeThenListen(protocol.Protocol):
     """
     A backend that says bye and shuts down its writing side at once, then
@@ -296,7 +275,7 @@ class EndToEndTests(TestCase):
         balancer closed both connections at the EOF (with half-close the
         client gets "got question").
         """
-        factory, addr = self.backend(_AnswerAtEOF)
+        factory, addr = self.backend(AnswerAtEOF)
         svc = yield startBalancer(self, makeConfig([addr], checkInterval=0, halfClose=False))
         client = yield connect(svc.port)
         client.transport.write(b"question")
@@ -344,7 +323,7 @@ class EndToEndTests(TestCase):
 
     @defer.inlineCallbacks
     def test_reload_turns_it_off(self):
-        factory, addr = self.backend(_AnswerAtEOF)
+        factory, addr = self.backend(AnswerAtEOF)
         svc = yield startBalancer(self, makeConfig([addr], checkInterval=0))
         self.assertTrue(svc.factory.halfClose)
         svc.apply(makeConfig([addr], checkInterval=0, halfClose=False))

@@ -301,23 +301,7 @@ class TransparencyTests(TestCase):
         The client's EOF is passed on at once as a half-close: the backend
         still gets to answer after it, then both connections close.
         """
-        from zope.interface import implementer
-        from twisted.internet.interfaces import IHalfCloseableProtocol
-
-        @implementer(IHalfCloseableProtocol)
-        class AnswerAtEOF(Protocol):
-            def connectionMade(self):
-                self.got = b""
-
-            def dataReceived(self, data):
-                self.got += data
-
-            def readConnectionLost(self):
-                self.transport.write(b"got " + self.got)
-                self.transport.loseConnection()
-
-            def writeConnectionLost(self):
-                pass
+        from tests.balancer_helpers import AnswerAtEOF
 
         factory = Factory.forProtocol(AnswerAtEOF)
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
