@@ -57,8 +57,25 @@ class HAProxyEndpoint:
         return self.wrapped.listen(wrapping)
 
 
-def serverEndpoint(reactor: Any, description: str) -> Any:
-    """The endpoint for C{--port DESCRIPTION}."""
+#: endpoint types that take a C{backlog=} argument
+BACKLOG_TYPES = ("tcp", "tcp6", "ssl")
+
+
+def withBacklog(description: str, backlog: int | None) -> str:
+    """C{description} with C{backlog=BACKLOG} added when its type takes one
+    and it names none (Twisted's default is 50, which a reconnect storm
+    overflows)."""
+    inner = description[len("haproxy:") :] if description.startswith("haproxy:") else description
+    kind = inner.split(":", 1)[0]
+    if backlog is None or kind not in BACKLOG_TYPES or "backlog=" in inner:
+        return description
+    return f"{description}:backlog={backlog}"
+
+
+def serverEndpoint(reactor: Any, description: str, backlog: int | None = None) -> Any:
+    """The endpoint for C{--port DESCRIPTION} (C{backlog}: the listen
+    backlog unless the description gives one)."""
+    description = withBacklog(description, backlog)
     if description.startswith("haproxy:"):
         return HAProxyEndpoint(serverFromString(reactor, description[len("haproxy:") :]))
     return serverFromString(reactor, description)

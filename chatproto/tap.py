@@ -58,6 +58,7 @@ class Options(IniOptions):
         "register-rate": "1",
         "kdf-queue": "64",
         "token-ttl": str(7 * 86400),
+        "backlog": "1024",
     }
     optParameters = [
         ["config", "c", None, "ini file with a [chat] section"],
@@ -87,6 +88,7 @@ class Options(IniOptions):
         ["kdf-threads", None, None, "threads hashing passwords (default: the number of cores)"],
         ["kdf-queue", None, None, "password checks that may wait for a thread; more are refused (default 64)"],
         ["token-ttl", None, None, "seconds a resume token lives unused; each use renews it (default 604800: 7 days)"],
+        ["backlog", None, None, "listen backlog of tcp:/ssl: ports that name none (default 1024)"],
     ]
 
     optFlags = [
@@ -129,6 +131,7 @@ class Options(IniOptions):
         number(self, "kdf-threads", int, 1, 256)
         number(self, "kdf-queue", int, 0, 100_000)
         number(self, "token-ttl", float, 60, 365 * day)
+        number(self, "backlog", int, 1, 65535)
         self["db-url"] = parseDatabaseURL(self["db"])
         checkDatabasePath(self["db-url"])
         self["redis-url"] = parseRedisURL(self["redis"]) if self["redis"] else None
@@ -344,7 +347,7 @@ def makeService(options, reactor=None) -> service.MultiService:
     endpoints = []
     for description in options["port"]:
         try:
-            endpoint = serverEndpoint(reactor, description)
+            endpoint = serverEndpoint(reactor, description, options["backlog"])
         except Exception as e:  # any parser's error: one line, no traceback
             raise SystemExit(f"cannot use --port {description}: {describeFailure(Failure(e))}") from None
         endpoints.append(CheckedEndpoint(endpoint, description, startFailed))

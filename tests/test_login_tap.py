@@ -95,3 +95,37 @@ class LeanDispatchTests(unittest.TestCase):
         from chatproto.tap import LeanDispatch
 
         self.assertEqual([s for s in self.build("--no-lean-dispatch") if isinstance(s, LeanDispatch)], [])
+
+
+class BacklogTests(unittest.TestCase):
+    """--backlog (default 1024) for tcp:/ssl: ports that name none: a
+    reconnect storm overflows Twisted's default of 50."""
+
+    def backlogs(self, *argv):
+        from twisted.internet.protocol import Factory
+
+        from chatproto.endpoints import serverEndpoint
+
+        options = Options()
+        options.parseOptions(["--db", "sqlite::memory:", *argv])
+        reactor = MemoryReactorClock()
+        for description in options["port"]:
+            serverEndpoint(reactor, description, options["backlog"]).listen(Factory())
+        return [port[2] for port in reactor.tcpServers]  # (port, factory, backlog, interface)
+
+    def test_defaultAndOption(self):
+        self.assertEqual(self.backlogs("--port", "tcp:0"), [1024])
+        self.assertEqual(self.backlogs("--port", "tcp:0", "--backlog", "4096"), [4096])
+
+    def test_descriptionWins(self):
+        self.assertEqual(self.backlogs("--port", "tcp:0:backlog=7", "--port", "haproxy:tcp:0"), [7, 1024])
+
+    def test_otherEndpointsUntouched(self):
+        from chatproto.endpoints import withBacklog
+
+        self.assertEqual(withBacklog("unix:/tmp/s", 1024), "unix:/tmp/s")
+        self.assertEqual(withBacklog("ssl:0:privateKey=k.pem", 9), "ssl:0:privateKey=k.pem:backlog=9")
+
+    def test_badBacklog(self):
+        for value in ("0", "70000", "x"):
+            self.assertRaises(usage.UsageError, Options().parseOptions, ["--db", "sqlite::memory:", "--backlog", value])
