@@ -1,8 +1,8 @@
 """
 One session per account, repaired: a server compares all its sessions with
-the presence entries in Redis after every (re)subscription, at start-up and
-whenever its registry entry was found gone (Redis restarted or failed
-over); on each registry refresh (every 2 s) it compares the next
+the presence entries in Redis after every (re)connection and
+(re)subscription, and whenever its registry entry was found gone (Redis
+restarted or failed over); on each other registry refresh (every 2 s) it compares the next
 L{SLICE} of them, in rotation, so that the steady cost stays bounded
 however many users a server holds (10,000 sessions: a full turn in 20 s).
 
