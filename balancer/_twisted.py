@@ -303,12 +303,6 @@ def endpointFields(endpoint: Any) -> tuple[int, str, int, Any] | None:
         return None
 
 
-def setBacklog(endpoint: Any, backlog: int) -> None:
-    """The backlog of a parsed C{tcp:}/C{ssl:} server endpoint (if allowed)."""
-    if features.endpointFields and hasattr(endpoint, "_backlog"):
-        endpoint._backlog = backlog
-
-
 class _EpollFDs:
     """L{fdOps} kept in an epoll reactor's state: its C{_add}/C{_remove}, leaner."""
 

@@ -20,6 +20,7 @@ from twisted.internet.endpoints import (
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from balancer import _twisted
+from chatproto.common.endpointstr import withBacklog
 
 
 class SocketEndpoint:
@@ -89,12 +90,10 @@ def serverEndpoint(
     Twisted's endpoint internals (L{balancer._twisted.endpointFields}) the
     parsed endpoint is used as it is (C{--workers} then fails).
     """
-    endpoint = serverFromString(reactor, description)
+    endpoint = serverFromString(reactor, withBacklog(description, backlog))
     isTCP = isinstance(endpoint, (TCP4ServerEndpoint, TCP6ServerEndpoint))
     isSSL = isinstance(endpoint, SSL4ServerEndpoint)
     if isTCP or isSSL:
-        if "backlog=" not in description:
-            _twisted.setBacklog(endpoint, backlog)
         fields = _twisted.endpointFields(endpoint) if (reusePort or lean) else None
         if fields is None:
             if reusePort:

@@ -18,6 +18,7 @@ from twisted.internet.interfaces import IHalfCloseableProtocol, IStreamServerEnd
 from zope.interface import implementer
 
 from chatproto import _twisted
+from chatproto.common.endpointstr import withBacklog
 
 
 def halfCloseable(wrapperBase):
@@ -55,21 +56,6 @@ class HAProxyEndpoint:
         if wrapping is None:
             return _twisted.haproxyEndpoint(self.wrapped).listen(factory)
         return self.wrapped.listen(wrapping)
-
-
-#: endpoint types that take a C{backlog=} argument
-BACKLOG_TYPES = ("tcp", "tcp6", "ssl")
-
-
-def withBacklog(description: str, backlog: int | None) -> str:
-    """C{description} with C{backlog=BACKLOG} added when its type takes one
-    and it names none (Twisted's default is 50, which a reconnect storm
-    overflows)."""
-    inner = description[len("haproxy:") :] if description.startswith("haproxy:") else description
-    kind = inner.split(":", 1)[0]
-    if backlog is None or kind not in BACKLOG_TYPES or "backlog=" in inner:
-        return description
-    return f"{description}:backlog={backlog}"
 
 
 def serverEndpoint(reactor: Any, description: str, backlog: int | None = None) -> Any:

@@ -121,7 +121,7 @@ class BacklogTests(unittest.TestCase):
         self.assertEqual(self.backlogs("--port", "tcp:0:backlog=7", "--port", "haproxy:tcp:0"), [7, 1024])
 
     def test_otherEndpointsUntouched(self):
-        from chatproto.endpoints import withBacklog
+        from chatproto.common.endpointstr import withBacklog
 
         self.assertEqual(withBacklog("unix:/tmp/s", 1024), "unix:/tmp/s")
         self.assertEqual(withBacklog("ssl:0:privateKey=k.pem", 9), "ssl:0:privateKey=k.pem:backlog=9")

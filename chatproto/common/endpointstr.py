@@ -30,3 +30,17 @@ def splitEndpoint(description: str) -> tuple[list[str], dict[str, str]]:
         else:
             args.append(part)
     return args, kwargs
+
+
+#: endpoint types that take a C{backlog=} argument
+BACKLOG_TYPES = ("tcp", "tcp6", "ssl")
+
+
+def withBacklog(description: str, backlog: int | None) -> str:
+    """C{description} with C{backlog=BACKLOG} added when its type (after an
+    optional C{haproxy:}) takes one and it names none: Twisted's default is
+    50, which a reconnect storm overflows."""
+    inner = description[len("haproxy:") :] if description.startswith("haproxy:") else description
+    if backlog is None or inner.split(":", 1)[0] not in BACKLOG_TYPES or "backlog" in splitEndpoint(inner)[1]:
+        return description
+    return f"{description}:backlog={backlog}"
