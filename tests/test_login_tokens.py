@@ -65,6 +65,20 @@ class UnavailableTokens(MemoryTokenStore):
         return super().issue(uid, name)
 
 
+class HeldTokens(MemoryTokenStore):
+    """A token store whose checks wait until the test fires them
+    (C{held}: their Deferreds, in order)."""
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.held: list[defer.Deferred] = []
+
+    def resume(self, uid, token):
+        d = defer.Deferred()
+        self.held.append(d)
+        return d.addCallback(lambda _: MemoryTokenStore.resume(self, uid, token))
+
+
 class TokenLoginTests(unittest.TestCase):
     def setUp(self):
         self.h = TokenHarness()
@@ -225,15 +239,9 @@ class TokenLoginTests(unittest.TestCase):
 
     def test_parallelWrongTokensThrottled(self):
         """The same for tokens, whose check is held in the store."""
-        held = []
-
-        class SlowTokens(MemoryTokenStore):
-            def resume(self, uid, token):
-                d = defer.Deferred()
-                held.append(d)
-                return d.addCallback(lambda _: MemoryTokenStore.resume(self, uid, token))
-
-        h = TokenHarness(tokens=SlowTokens(Clock()))
+        tokenStore = HeldTokens(Clock())
+        held = tokenStore.held
+        h = TokenHarness(tokens=tokenStore)
         uid = h.register("carol")
         clients = [h.connect(host=f"10.0.3.{i}") for i in range(8)]
         for client in clients:
@@ -248,15 +256,9 @@ class TokenLoginTests(unittest.TestCase):
         """Sixty honest token logins at once from one address (a balancer
         without PROXY headers) all succeed: checks in flight are counted
         per account, not per address."""
-        held = []
-
-        class SlowTokens(MemoryTokenStore):
-            def resume(self, uid, token):
-                d = defer.Deferred()
-                held.append(d)
-                return d.addCallback(lambda _: MemoryTokenStore.resume(self, uid, token))
-
-        h = TokenHarness(tokens=SlowTokens(Clock()))
+        tokenStore = HeldTokens(Clock())
+        held = tokenStore.held
+        h = TokenHarness(tokens=tokenStore)
         tokens = {}
         for i in range(60):
             uid = h.register(f"u{i}")
@@ -283,15 +285,9 @@ class TokenLoginTests(unittest.TestCase):
     def test_loginsInFlightBounded(self):
         """A burst of token logins: at most maxLoginsInFlight are carried
         out at once; the rest wait their turn and then succeed."""
-        held = []
-
-        class SlowTokens(MemoryTokenStore):
-            def resume(self, uid, token):
-                d = defer.Deferred()
-                held.append(d)
-                return d.addCallback(lambda _: MemoryTokenStore.resume(self, uid, token))
-
-        h = TokenHarness(tokens=SlowTokens(Clock()))
+        tokenStore = HeldTokens(Clock())
+        held = tokenStore.held
+        h = TokenHarness(tokens=tokenStore)
         h.service.loginFlow.slots = defer.DeferredSemaphore(3)
         tokens = {}
         for i in range(5):
