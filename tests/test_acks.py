@@ -257,8 +257,9 @@ class _SilentRelay(LocalRelay):
         return defer.succeed(list(uids) if self.missed else [])
 
 
-class SenderSideTests(unittest.TestCase):
-    """The sending server's wait for a remote recipient's server."""
+class _SilentRelayMixin:
+    """alice logged in on a server whose relay never confirms (bob is
+    elsewhere, as far as the relay says)."""
 
     def setUp(self):
         self.h = AckHarness()
@@ -266,6 +267,10 @@ class SenderSideTests(unittest.TestCase):
         self.h.service.relay = self.h.service.delivery.relay = self.relay
         self.a, self.b = self.h.register("alice"), self.h.register("bob")
         self.alice = self.h.login(self.a)
+
+
+class SenderSideTests(_SilentRelayMixin, unittest.TestCase):
+    """The sending server's wait for a remote recipient's server."""
 
     def test_confirmationTimeoutStores(self):
         self.alice.send(chat(self.b, "hi", cid="t"))
@@ -380,16 +385,9 @@ class ImmediateAnswersTests(unittest.TestCase):
         self.assertEqual(self.flushLoggedErrors(), [])
 
 
-class NudgeTests(unittest.TestCase):
+class NudgeTests(_SilentRelayMixin, unittest.TestCase):
     """A chat stored as a fallback for a user who is logged in (elsewhere,
     or here again) is handed over to that session at once."""
-
-    def setUp(self):
-        self.h = AckHarness()
-        self.relay = _SilentRelay()
-        self.h.service.relay = self.h.service.delivery.relay = self.relay
-        self.a, self.b = self.h.register("alice"), self.h.register("bob")
-        self.alice = self.h.login(self.a)
 
     def test_timeoutFallbackHandedToSessionNowHere(self):
         """bob's server (as the relay says) never confirms; meanwhile bob
