@@ -80,7 +80,7 @@ def startRedis(workdir: str) -> tuple[subprocess.Popen, int]:
     return proc, port
 
 
-def startChat(name: str, workdir: str, db: str, redisPort: int) -> tuple[subprocess.Popen, int]:
+def startChat(name: str, workdir: str, db: str, redisPort: int, extra=()) -> tuple[subprocess.Popen, int]:
     port = freePort()
     twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -91,6 +91,7 @@ def startChat(name: str, workdir: str, db: str, redisPort: int) -> tuple[subproc
         "--db", db,
         "--redis", f"redis://127.0.0.1:{redisPort}/0",
         "--scrypt-n", "16", "--idle-timeout", "0", "--register-burst", "1000000",
+        *extra,
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, cwd=workdir)
     waitFor(lambda: proc.poll() is not None or answersPing(port, b"PING\n", b"PONG"), 60, name)
@@ -178,6 +179,13 @@ def main(argv=None) -> None:
     ap.add_argument("--only", choices=("single", "cross"), help="run one half only")
     ap.add_argument("--json", help="write the results to this file")
     ap.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="pass ARG to both `twistd chat` (repeatable; e.g. --server-arg=--pipeline-depth=1)",
+    )
+    ap.add_argument(
         "--quiet",
         type=float,
         default=0.3,
@@ -192,9 +200,9 @@ def main(argv=None) -> None:
     try:
         redis, redisPort = startRedis(workdir)
         procs.append(redis)
-        chat1, port1 = startChat("bench1", workdir, dbURL, redisPort)
+        chat1, port1 = startChat("bench1", workdir, dbURL, redisPort, args.server_arg)
         procs.append(chat1)
-        chat2, port2 = startChat("bench2", workdir, dbURL, redisPort)
+        chat2, port2 = startChat("bench2", workdir, dbURL, redisPort, args.server_arg)
         procs.append(chat2)
         print(f"redis-server :{redisPort} pid {redis.pid}; bench1 :{port1} pid {chat1.pid}; bench2 :{port2} pid {chat2.pid}")
         args.ourPids = [redis.pid, chat1.pid, chat2.pid]

@@ -147,7 +147,7 @@ class Confirmations:
         self.clock = clock
         self.serverName = serverName
         self.relay = relay
-        #: (uid, mid) -> [Deferred, ...] waiting for its state
+        #: (uid, mid) -> [callable, ...] waiting for its state
         self.pending: dict[tuple[int, str], list] = {}
         self._timers: dict[tuple[int, str], object] = {}
         #: server -> [[uid, mid, state], ...] to send at the end of this turn
@@ -159,12 +159,19 @@ class Confirmations:
     def expect(self, uid: int, mid: str) -> defer.Deferred:
         """A Deferred firing with the state of (C{uid}, C{mid}): the first
         reported, or L{TIMEOUT}."""
-        key = (uid, mid)
         d = defer.Deferred()
-        self.pending.setdefault(key, []).append(d)
-        if key not in self._timers:
-            self._timers[key] = self.clock.callLater(self.timeout, self.resolve, uid, mid, TIMEOUT)
+        self.expectCall(uid, mid, d.callback)
         return d
+
+    def expectCall(self, uid: int, mid: str, call) -> None:
+        """L{expect} with a plain callback: C{call(state)}, once."""
+        key = (uid, mid)
+        waiting = self.pending.get(key)
+        if waiting is None:
+            self.pending[key] = [call]
+            self._timers[key] = self.clock.callLater(self.timeout, self.resolve, uid, mid, TIMEOUT)
+        else:
+            waiting.append(call)
 
     def resolve(self, uid: int, mid: str, state: str) -> None:
         """(C{uid}, C{mid}) is C{state}; nothing when nobody waits (a late
@@ -173,8 +180,8 @@ class Confirmations:
         timer = self._timers.pop(key, None)
         if timer is not None and timer.active():
             timer.cancel()
-        for d in self.pending.pop(key, ()):
-            d.callback(state)
+        for call in self.pending.pop(key, ()):
+            call(state)
 
     def stopWaiting(self) -> None:
         """The server stops: everything pending times out now, and what is

@@ -2,7 +2,8 @@
 Backpressure for a session: when its client's requests are read.
 
 Reading from the client pauses while requests queue behind a slow one
-(L{BACKLOG_PAUSE} lines), and while more than the high-water mark of output
+(L{BACKLOG_PAUSE} lines; behind L{chatproto.pipeline.PIPELINE_DEPTH}
+unanswered chats too), and while more than the high-water mark of output
 waits unsent: the transport pauses the session's L{OutputValve} past it
 (its C{bufferSize} is the mark) and resumes it once everything is sent, and
 within one read the output gathered counts too.  Lines that arrive
@@ -21,7 +22,7 @@ BACKLOG_PAUSE = 64
 class Backpressure:
     """
     A mixin of L{chatproto.protocol.ChatProtocol}: it uses the protocol's
-    C{transport}, C{connected}, C{_busy}, C{_backlog}, C{_readPauses},
+    C{transport}, C{connected}, C{_busy}, C{_backlog}, C{pipelineFull}, C{_readPauses},
     C{_outputPaused}, C{_outBytes}, C{outputHighWater}, C{callLater},
     C{_process} and C{_closeIfDone}.
     """
@@ -52,7 +53,7 @@ class Backpressure:
         self.transport.loseConnection()
 
     def lineReceived(self, line) -> None:
-        if self._busy is not None or self._backlog or self._outputBlocked():
+        if self._busy is not None or self._backlog or self._outputBlocked() or (self._slots and self.pipelineFull()):
             self._backlog.append(line)
             if len(self._backlog) >= BACKLOG_PAUSE:
                 self._pauseReading("backlog")
@@ -108,7 +109,13 @@ class Backpressure:
             return
         self._draining = True
         try:
-            while self._backlog and self._busy is None and self.connected and not self._outputBlocked():
+            while (
+                self._backlog
+                and self._busy is None
+                and self.connected
+                and not self._outputBlocked()
+                and not self.pipelineFull()
+            ):
                 self._process(self._backlog.popleft())
         finally:
             self._draining = False

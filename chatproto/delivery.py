@@ -20,7 +20,9 @@ from chatproto.acks import DELIVERED, MISSED, STORED, TIMEOUT, Unacked
 from chatproto.interfaces import IRelayReceiver
 from chatproto.messages import RequestError, encode
 from chatproto.output import batch
+from chatproto.pipeline import Pipelined
 from chatproto.redeliver import NUDGE, Redelivery, isNudge
+from chatproto.remotechat import RemoteChat
 from chatproto.tasks import storeCall
 
 #: Messages kept offline when their recipient cannot take them now.
@@ -75,7 +77,7 @@ class Delivery:
                 entry.origins.append(origin)
         return True
 
-    async def deliver(self, uids, message: dict, store: bool) -> list[int]:
+    async def deliver(self, uids, message: dict, store: bool, routed=None) -> list[int]:
         """
         Deliver C{message} to C{uids}: local sessions directly, the rest
         through the relay; what nobody takes is stored offline when
@@ -83,6 +85,10 @@ class Delivery:
         recipient's server confirmed it (or stored it, or did not answer
         within the confirmation timeout: then it is stored here).
 
+        @param routed: a Deferred fired once every copy has its place in
+            line: pushed to a local session, handed to a recipient's
+            server, or stored offline (L{chatproto.pipeline}); what comes
+            after is waiting for confirmations.
         @return: the uids whose copy was stored offline (here or by the
             recipient's server).
         """
@@ -104,7 +110,7 @@ class Delivery:
             if waiting is not None:
                 confirmations.resolve(uid, mid, MISSED)
             remote.append(uid)
-        missed, offline = [], set()
+        missed, storedNow = [], []
         if remote:
             if mid is not None:
                 # Before publishing: a confirmation may come back first.
@@ -115,11 +121,16 @@ class Delivery:
                 # The relay is down: whoever is elsewhere gets it offline.
                 self.log.warn("relay unavailable ({error}); storing for {n} users", error=e, n=len(remote))
                 missed = remote
-            if mid is not None:
-                # Nobody has them: offline (no nudge needed).
+            if mid is not None and missed:
+                # Nobody has them: offline now, before the connection's next
+                # chat is routed (no nudge needed).
                 for uid in missed:
                     confirmations.resolve(uid, mid, MISSED)
-                missed, offline = [], set(missed)
+                    waits.pop(uid, None)
+                storedNow, missed = missed, []
+                await storeCall(self.store.storeOffline([(uid, line.decode("utf-8")) for uid in storedNow]))
+        if routed is not None:
+            routed.callback(None)
         storedThere = []
         for uid, waiting in waits.items():
             state = await waiting
@@ -132,8 +143,8 @@ class Delivery:
         if missed:
             await storeCall(self.store.storeOffline([(uid, line.decode("utf-8")) for uid in missed]))
             # Not confirmed: the user may be logged in elsewhere by now.
-            self.nudge([uid for uid in missed if uid not in offline])
-        return list(missed) + storedThere
+            self.nudge(missed)
+        return storedNow + missed + storedThere
 
     def nudge(self, uids) -> None:
         """Messages were stored for C{uids}, who may be logged in (on any
@@ -141,17 +152,31 @@ class Delivery:
         if uids:
             self.tasks.track(defer.Deferred.fromCoroutine(self.deliver(uids, NUDGE, store=False)))
 
-    async def deliverChat(self, toid: int, out: dict) -> dict:
+    def chat(self, toid: int, out: dict, elsewhere: bool) -> Pipelined:
+        """A one-to-one chat the fast path did not deliver (no local legacy
+        session took it), as a L{Pipelined}.  C{elsewhere}: C{toid} has no
+        session here; a known user is then L{RemoteChat}'s."""
+        if elsewhere and toid in self.registry.names:
+            return RemoteChat(self, toid, out).start(out)
+        routed = defer.Deferred()
+        return Pipelined(routed, defer.Deferred.fromCoroutine(self.deliverChat(toid, out, routed)))
+
+    async def deliverChat(self, toid: int, out: dict, routed=None) -> dict:
         """A one-to-one chat the fast path (a local legacy session that took
         it) did not deliver: check the user exists, relay or store it; the
-        sender's ack."""
-        names = self.registry.names
-        if toid not in names:
-            found = await storeCall(self.store.getNames([toid]))
-            if toid not in found:
-                raise RequestError(m.E_NO_SUCH_USER, f"no user with id {toid}")
-            names.update(found)
-        stored = await self.deliver([toid], out, store=True)
+        sender's ack.  C{routed} fires once it is routed (L{deliver}), or
+        failed."""
+        try:
+            names = self.registry.names
+            if toid not in names:
+                found = await storeCall(self.store.getNames([toid]))
+                if toid not in found:
+                    raise RequestError(m.E_NO_SUCH_USER, f"no user with id {toid}")
+                names.update(found)
+            stored = await self.deliver([toid], out, True, routed)
+        finally:
+            if routed is not None and not routed.called:
+                routed.callback(None)
         state = "stored" if stored else "delivered"
         return {"msgid": m.ONE_CHAT_MSG_ACK, "errno": m.OK, "toid": toid, "state": state}
 

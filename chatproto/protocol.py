@@ -3,9 +3,11 @@ The wire: one connection, two dialects.
 
 A line starting with C{{} is the JSON dialect; any other line is a text
 command.  Requests of one connection are carried out one at a time, in
-order, so a client may pipeline (log in and chat without waiting); while one
-waits on storage, later lines queue and, past a limit, reading from that
-client pauses, as it does while too much output waits for the client
+order, so a client may pipeline (log in and chat without waiting); a chat
+waiting for the recipient's server lets the next request start once it is
+routed, and its reply still leaves in order (L{chatproto.pipeline}).  While
+a request waits on storage, later lines queue and, past a limit, reading
+from that client pauses, as it does while too much output waits for the client
 (L{chatproto.backpressure}).  An exception in one line's handler is logged
 and answered with an error, never fatal to the connection
 (L{chatproto.replies}).  A connection that has not logged in within
@@ -33,6 +35,7 @@ from chatproto.framing import TOO_LONG, LineFramer
 from chatproto.interfaces import IChatSession
 from chatproto.messages import RequestError
 from chatproto.output import batch, rawSocket
+from chatproto.pipeline import PIPELINE_DEPTH, PIPELINED, Pipeline
 from chatproto.replies import Replies
 from chatproto.sessionoutput import JSON, TEXT, SessionOutput
 
@@ -50,7 +53,7 @@ ABORT_AFTER = 30
 
 
 @implementer(IHalfCloseableProtocol, IChatSession)
-class ChatProtocol(Replies, Backpressure, SessionOutput, LineReceiver, TimeoutMixin):
+class ChatProtocol(Pipeline, Replies, Backpressure, SessionOutput, LineReceiver, TimeoutMixin):
     """
     A session: a connection and, once logged in, a user.
 
@@ -81,6 +84,7 @@ class ChatProtocol(Replies, Backpressure, SessionOutput, LineReceiver, TimeoutMi
         loginTimeout: float | None = None,
         outputHighWater: int = OUTPUT_HIGH_WATER,
         outputCap: int = MAX_PENDING_OUTPUT,
+        pipelineDepth: int = PIPELINE_DEPTH,
     ) -> None:
         self.service = service
         self.callLater = clock.callLater  # TimeoutMixin's timer
@@ -89,6 +93,7 @@ class ChatProtocol(Replies, Backpressure, SessionOutput, LineReceiver, TimeoutMi
         self.loginTimeout = loginTimeout
         self.outputHighWater = outputHighWater
         self.maxPendingOutput = outputCap
+        self.pipelineDepth = pipelineDepth
         self.dialect = JSON
         self.sid = service.newSessionId()
         self._framer = LineFramer(maxLength)
@@ -154,7 +159,7 @@ class ChatProtocol(Replies, Backpressure, SessionOutput, LineReceiver, TimeoutMi
         self._loseConnection()
 
     def _closeIfDone(self) -> None:
-        if self._inputEnded and self._busy is None and not self._backlog and self.connected:
+        if self._inputEnded and self._busy is None and not self._backlog and not self._slots and self.connected:
             self.flushOutput()
             self._loseConnection()
 
@@ -215,30 +220,32 @@ class ChatProtocol(Replies, Backpressure, SessionOutput, LineReceiver, TimeoutMi
         self._drain()
 
     def _dispatch(self, line):
+        """Carry out C{line}: a chat at once, anything else once the chats
+        before it are answered (L{chatproto.pipeline})."""
         if line is TOO_LONG:
-            self.lineLengthExceeded(line)
-            return None
+            return self.inTurn(self.lineLengthExceeded, line)
         if line.lstrip()[:1] == b"{":
             self.dialect = JSON
             try:
                 request = m.parseJSON(line)
             except RequestError as e:
-                self.send(m.error(e.errno, e.errmsg, e.reqmsgid, e.seq))
-                return None
-            return self._execute(request)
+                return self.inTurn(self.send, m.error(e.errno, e.errmsg, e.reqmsgid, e.seq))
+            if request.spec.name in PIPELINED:
+                return self._execute(request)
+            return self.inTurn(self._execute, request)
         self.dialect = TEXT
         text = line.decode("utf-8", "replace")
         try:
             request = textdialect.parseText(text)
         except RequestError as e:
-            self.send(m.error(e.errno, e.errmsg))
-            return None
+            return self.inTurn(self.send, m.error(e.errno, e.errmsg))
         if request == textdialect.HELP_COMMAND:
-            self._write(textdialect.HELP.replace("\n", "\r\n").encode() + b"\r\n")
-            return None
+            return self.inTurn(self._write, textdialect.HELP.replace("\n", "\r\n").encode() + b"\r\n")
         if request == textdialect.QUIT_COMMAND:
-            return self._quit()
-        return self._execute(request)
+            return self.inTurn(self._quit)
+        if request.spec.name in PIPELINED:
+            return self._execute(request)
+        return self.inTurn(self._execute, request)
 
     def _quit(self):
         def close(_=None):

@@ -12,12 +12,14 @@ from __future__ import annotations
 from chatproto import messages as m
 from chatproto.interfaces import PresenceUnavailable, StoreUnavailable
 from chatproto.messages import Request, RequestError
+from chatproto.pipeline import Pipelined
 
 
 class Replies:
     """
     A mixin of L{chatproto.protocol.ChatProtocol}: it uses the protocol's
-    C{service}, C{reply}, C{send}, C{connected}, C{log} and C{peerHost}.
+    C{service}, C{reply}, C{send}, C{connected}, C{log}, C{peerHost} and
+    C{startPipelined} (L{chatproto.pipeline}).
     """
 
     def _execute(self, request: Request):
@@ -30,23 +32,29 @@ class Replies:
         if result is None or isinstance(result, dict):
             self.reply(request, result)
             return None
+        if type(result) is Pipelined:
+            return self.startPipelined(request, result)
         return result.addCallbacks(
             lambda reply: self.reply(request, reply),
             lambda failure: self._failed(request, failure),
         )
 
     def _failed(self, request: Request, failure) -> None:
+        self.reply(request, self._failureReply(request, failure))
+
+    def _failureReply(self, request: Request, failure) -> dict:
+        """The error reply for a failed request (an unexpected failure is
+        logged with its traceback)."""
         if failure.check(RequestError):
-            self._replyError(request, failure.value)
-        elif failure.check(StoreUnavailable, PresenceUnavailable):
+            return _errorReply(request, failure.value)
+        if failure.check(StoreUnavailable, PresenceUnavailable):
             # Expected: an outage, answered without a traceback.
-            self._replyError(request, RequestError(m.E_UNAVAILABLE, f"temporarily unavailable: {failure.value}"))
-        else:
-            self.log.failure("request {name} from {peer}", failure, name=request.spec.name, peer=self.peerHost)
-            self._replyError(request, RequestError(m.E_INTERNAL))
+            return _errorReply(request, RequestError(m.E_UNAVAILABLE, f"temporarily unavailable: {failure.value}"))
+        self.log.failure("request {name} from {peer}", failure, name=request.spec.name, peer=self.peerHost)
+        return _errorReply(request, RequestError(m.E_INTERNAL))
 
     def _replyError(self, request: Request, error: RequestError) -> None:
-        self.reply(request, {"msgid": request.spec.ack, "errno": error.errno, "errmsg": error.errmsg})
+        self.reply(request, _errorReply(request, error))
 
     def _unexpected(self, failure) -> None:
         """A failure that escaped the request's own error handling (e.g.
@@ -55,3 +63,7 @@ class Replies:
         if self.connected:
             self.send(m.error(m.E_INTERNAL), force=True)
 
+
+
+def _errorReply(request: Request, error: RequestError) -> dict:
+    return {"msgid": request.spec.ack, "errno": error.errno, "errmsg": error.errmsg}

@@ -29,7 +29,7 @@ from twisted.logger import Logger
 
 from chatproto import _twisted
 from chatproto import messages as m
-from chatproto.acks import Confirmations, checkCid, checkMids, midFor, newMid
+from chatproto.acks import DELIVERED, Confirmations, checkCid, checkMids, midFor, newMid
 from chatproto.delivery import Delivery
 from chatproto.friendrequests import AUTO, FriendRequests
 from chatproto.groups import GroupHandlers
@@ -38,7 +38,9 @@ from chatproto.listening import describeFailure
 from chatproto.login import LoginFlow
 from chatproto.logrepeat import RepeatedWarnings
 from chatproto.messages import RequestError
+from chatproto.pipeline import Pipelined
 from chatproto.ratelimit import TokenBucketLimiter
+from chatproto.remotechat import ackOf
 from chatproto.registry import SessionRegistry
 from chatproto.shutdown import GracefulStop
 from chatproto.tasks import BackgroundTasks, ReadyGate, storeCall
@@ -65,28 +67,6 @@ def _limit(limiter, key, what: str) -> None:
     wait = limiter.take(key)
     if wait > 0:
         raise RequestError(m.E_THROTTLED, f"{what}; retry in {math.ceil(wait)} s")
-
-
-#: Pre-encoded acks of chats the fast path delivered, per recipient (made
-#: once; replies are never changed: a reply with a seq is a copy).
-_DELIVERED_ACKS: dict[int, m.Reply] = {}
-_MAX_DELIVERED_ACKS = 4096
-
-
-def _deliveredAck(toid: int) -> m.Reply:
-    """The ack of a chat the fast path delivered, pre-encoded."""
-    ack = _DELIVERED_ACKS.get(toid)
-    if ack is None:
-        if len(_DELIVERED_ACKS) >= _MAX_DELIVERED_ACKS:
-            _DELIVERED_ACKS.clear()
-        ack = _DELIVERED_ACKS[toid] = m.Reply(
-            b'{"msgid":12,"errno":0,"toid":%d,"state":"delivered"}' % toid,
-            msgid=m.ONE_CHAT_MSG_ACK,
-            errno=m.OK,
-            toid=toid,
-            state="delivered",
-        )
-    return ack
 
 
 class ChatService(service.Service):
@@ -226,7 +206,8 @@ class ChatService(service.Service):
         """
         Carry out C{request} for C{session}.
 
-        @return: a reply L{dict}, L{None}, or a Deferred of either.
+        @return: a reply L{dict}, L{None}, a Deferred of either, or a
+            L{Pipelined} (a chat: L{chatproto.pipeline}).
         @raise RequestError: for an error reply.
         """
         if not self.ready.isReady and request.spec.name != "ping":
@@ -239,6 +220,9 @@ class ChatService(service.Service):
             return result
         if inspect.iscoroutine(result):
             return self.shutdown.track(defer.Deferred.fromCoroutine(result))
+        if type(result) is Pipelined:
+            self.shutdown.track(result.done)
+            return result
         return self.shutdown.track(result)
 
     # --- handlers ----------------------------------------------------------
@@ -286,9 +270,13 @@ class ChatService(service.Service):
         target = self.registry.sessions.get(toid)
         if target is not None and not target.acking and target.send(out, m.encodeChat(out)):
             # The fast path: no I/O but the write.
-            return self.friendRequests.chatAck(session, toid, _deliveredAck(toid))
-        d = defer.Deferred.fromCoroutine(self.delivery.deliverChat(toid, out))
-        return d.addCallback(lambda ack: self.friendRequests.chatAck(session, toid, ack))
+            return self.friendRequests.chatAck(session, toid, ackOf(toid, DELIVERED))
+        # Elsewhere, offline or acking: the connection's next request starts
+        # once this one is routed (chatproto.pipeline).
+        result = self.delivery.chat(toid, out, target is None)
+        if self.friendRequests.approve:
+            result.done.addCallback(lambda ack: self.friendRequests.chatAck(session, toid, ack))
+        return result
 
     @staticmethod
     def mid(session, request) -> str:

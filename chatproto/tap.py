@@ -59,6 +59,7 @@ class Options(IniOptions):
         "kdf-queue": "64",
         "token-ttl": str(7 * 86400),
         "backlog": "1024",
+        "pipeline-depth": "64",
     }
     optParameters = [
         ["config", "c", None, "ini file with a [chat] section"],
@@ -89,6 +90,12 @@ class Options(IniOptions):
         ["kdf-queue", None, None, "password checks that may wait for a thread; more are refused (default 64)"],
         ["token-ttl", None, None, "seconds a resume token lives unused; each use renews it (default 604800: 7 days)"],
         ["backlog", None, None, "listen backlog of tcp:/ssl: ports that name none (default 1024)"],
+        [
+            "pipeline-depth",
+            None,
+            None,
+            "chats of one connection sent on before the earlier ones are answered, at most (default 64; 1: one at a time)",
+        ],
     ]
 
     optFlags = [
@@ -118,6 +125,7 @@ class Options(IniOptions):
             raise usage.UsageError("--scrypt-n must be a power of two")
         number(self, "output-high-water", int, 1024, 2**30)
         number(self, "output-cap", int, 1024, 2**30)
+        number(self, "pipeline-depth", int, 1, 10_000)
         if self["output-cap"] < self["output-high-water"]:
             raise usage.UsageError("--output-cap must be at least --output-high-water")
         number(self, "mailbox-max-messages", int, 1, 10_000_000)
@@ -393,6 +401,7 @@ def makeService(options, reactor=None) -> service.MultiService:
         loginTimeout=options["login-timeout"] or None,
         outputHighWater=options["output-high-water"],
         outputCap=options["output-cap"],
+        pipelineDepth=options["pipeline-depth"],
     )
     for endpoint in endpoints:
         StreamServerEndpointService(endpoint, factory).setServiceParent(top)

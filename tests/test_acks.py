@@ -414,7 +414,7 @@ class NudgeTests(_SilentRelayMixin, unittest.TestCase):
         calls = []
         self.h.service.delivery.nudge = calls.append
         self.assertEqual(self.alice.request(chat(self.b, "hi"))["state"], "stored")
-        self.assertEqual(calls, [[]])
+        self.assertEqual([uid for uids in calls for uid in uids], [])
 
     def test_nudgeBeforeTheHandOverWaitsForTheLoginReply(self):
         """A nudge that comes after the login has bound the session but

@@ -13,6 +13,7 @@ from twisted.internet import reactor
 from twisted.trial import unittest
 
 from chatproto import messages as m
+from chatproto.acks import midFor
 from chatproto.tap import Options, makeService
 from tests.chat_helpers import TCPClientsMixin, listeningPorts
 from tests.cluster_helpers import (
@@ -88,6 +89,23 @@ class CrossServerChatTests(ClusterTestCase):
             bob.send({"msgid": m.ONE_CHAT_MSG, "toid": a, "msg": f"m{i}"})
         received = [(await alice.nextOf(m.ONE_CHAT_MSG))["msg"] for _ in range(30)]
         self.assertEqual(received, [f"m{i}" for i in range(30)])
+
+    async def test_pipelinedChatsInOrder(self):
+        """bob sends 30 chats and a ping back to back (chatproto.pipeline):
+        alice gets the chats in order, bob gets 30 acks in order, then the
+        pong."""
+        a, b = await self.register("alice"), await self.register("bob", 1)
+        alice, _ = await self.login(a, "alice", 0)
+        bob, _ = await self.login(b, "bob", 1)
+        for i in range(30):
+            bob.send({"msgid": m.ONE_CHAT_MSG, "toid": a, "msg": f"m{i}", "cid": i})
+        bob.send({"msgid": m.PING_MSG})
+        replies = [await bob.next() for _ in range(31)]
+        self.assertEqual([r["msgid"] for r in replies], [m.ONE_CHAT_MSG_ACK] * 30 + [m.PONG_MSG])
+        self.assertEqual({(r["toid"], r["state"]) for r in replies[:30]}, {(a, "delivered")})
+        received = [await alice.nextOf(m.ONE_CHAT_MSG) for _ in range(30)]
+        self.assertEqual([r["msg"] for r in received], [f"m{i}" for i in range(30)])
+        self.assertEqual([r["mid"] for r in received], [midFor(b, i) for i in range(30)])
 
     async def test_offlineAcrossServers(self):
         """Messages to a user who is offline are stored and handed over at
