@@ -135,6 +135,9 @@ class ChatProtocol(Pipeline, Replies, Backpressure, SessionOutput, LineReceiver,
             if call is not None and call.active():
                 call.cancel()
         self._backlog.clear()
+        # Requests waiting for earlier chats' answers are dropped with the
+        # lines behind them; the chats themselves go on.
+        self._answeredWaiters = None
         self.service.disconnected(self)
 
     def _loginTimedOut(self) -> None:

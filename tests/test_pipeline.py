@@ -196,6 +196,20 @@ class PipelineTests(unittest.TestCase):
         self.assertEqual([s.split('"msg":"')[1].split('"')[0] for s in stored], ["m0", "m1", "m2"])
 
 
+    def test_requestsWaitingAreDroppedWithTheConnection(self):
+        """A request waiting behind a chat is not carried out once the
+        connection is gone (as for any queued line); the chat goes on."""
+        handled = []
+        service = self.h.service
+        real = service.handle
+        service.handle = lambda session, request: handled.append(request.spec.name) or real(session, request)
+        self.sendChats(1)
+        self.alice.send({"msgid": m.FRIEND_LIST_MSG})
+        self.alice.disconnect()
+        self.confirm(self.b, 0)
+        self.assertEqual(handled, ["chat"])
+        self.assertEqual(self.alice.protocol.unanswered(), 0)
+
 class RemoteChatFailureTests(unittest.TestCase):
     """chatproto.remotechat: a chat to a user elsewhere when the relay or
     the store fails; the connection goes on either way."""
@@ -246,3 +260,4 @@ class RemoteChatFailureTests(unittest.TestCase):
         self.assertEqual(self.alice.reply()["state"], "stored")
         self.assertEqual(nudged, [[self.b]])
         self.assertEqual(len(self.h.stored(self.b)), 1)
+
