@@ -110,7 +110,7 @@ class Delivery:
             if waiting is not None:
                 confirmations.resolve(uid, mid, MISSED)
             remote.append(uid)
-        missed, storedNow = [], []
+        missed, storedNow, offline = [], [], set()
         if remote:
             if mid is not None:
                 # Before publishing: a confirmation may come back first.
@@ -122,13 +122,19 @@ class Delivery:
                 self.log.warn("relay unavailable ({error}); storing for {n} users", error=e, n=len(remote))
                 missed = remote
             if mid is not None and missed:
-                # Nobody has them: offline now, before the connection's next
-                # chat is routed (no nudge needed).
+                # Nobody has them: offline (no nudge needed).
                 for uid in missed:
                     confirmations.resolve(uid, mid, MISSED)
-                    waits.pop(uid, None)
-                storedNow, missed = missed, []
-                await storeCall(self.store.storeOffline([(uid, line.decode("utf-8")) for uid in storedNow]))
+                if routed is not None:
+                    # Now, before the connection's next chat is routed.
+                    for uid in missed:
+                        waits.pop(uid, None)
+                    storedNow = missed
+                    await storeCall(self.store.storeOffline([(uid, line.decode("utf-8")) for uid in storedNow]))
+                else:
+                    # With the others below, in one call.
+                    offline = set(missed)
+                missed = []
         if routed is not None:
             routed.callback(None)
         storedThere = []
@@ -143,7 +149,7 @@ class Delivery:
         if missed:
             await storeCall(self.store.storeOffline([(uid, line.decode("utf-8")) for uid in missed]))
             # Not confirmed: the user may be logged in elsewhere by now.
-            self.nudge(missed)
+            self.nudge([uid for uid in missed if uid not in offline])
         return storedNow + missed + storedThere
 
     def nudge(self, uids) -> None:

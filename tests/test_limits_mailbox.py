@@ -13,6 +13,7 @@ from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from chatproto import messages as m
+from chatproto.acks import Confirmations
 from chatproto.config import parseDatabaseURL
 from chatproto.mysqlstore import MySQLStore
 from chatproto.sqloffline import LOGIN_PAGE_MESSAGES, MailboxFull, pageOffline
@@ -119,6 +120,28 @@ class SenderTests(unittest.TestCase):
             self.h.store.storeOffline([(self.b, f"old{i}")])
         ack = alice.request({"msgid": m.GROUP_CHAT_MSG, "groupid": gid, "msg": "hi"})
         self.assertEqual((ack["errno"], ack["delivered"], ack["stored"], ack["full"]), (0, 0, 1, 1))
+
+    def test_groupChatFullMailboxDoesNotDropTheUnconfirmed(self):
+        """bob's mailbox is full and carol is elsewhere, on a server that
+        never confirms: after the wait carol's copy is stored here all the
+        same (one store call for both, as before pipelining)."""
+        alice = self.h.login(self.a)
+        gid = alice.request({"msgid": m.CREATE_GROUP_MSG, "groupname": "g", "groupdesc": ""})["groupid"]
+        for uid in (self.b, self.c):
+            client = self.h.login(uid)
+            client.request({"msgid": m.ADD_GROUP_MSG, "groupid": gid})
+            client.request({"msgid": m.LOGINOUT_MSG})
+        for i in range(2):
+            self.h.store.storeOffline([(self.b, f"old{i}")])
+        # The relay: nobody has bob; carol is taken by a server that never confirms.
+        delivery = self.h.service.delivery
+        delivery.relay.deliver = lambda uids, message, store, line=None: defer.succeed([u for u in uids if u == self.b])
+        alice.send({"msgid": m.GROUP_CHAT_MSG, "groupid": gid, "msg": "hi"})
+        self.assertEqual(alice.replies(), [])
+        self.h.clock.advance(Confirmations.timeout)
+        ack = alice.reply()
+        self.assertEqual((ack["errno"], ack["stored"], ack["full"]), (0, 1, 1))
+        self.assertEqual(len(self.h.store.peekOffline(self.c).result), 1)
 
 
 class LoginPagingTests(unittest.TestCase):

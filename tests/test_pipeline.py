@@ -33,7 +33,10 @@ class _RecordingRelay(LocalRelay):
         return defer.succeed([])
 
 
-class PipelineTests(unittest.TestCase):
+class _RecordingRelayMixin:
+    """alice, bob and carol registered, alice logged in here; the relay
+    says bob and carol are elsewhere."""
+
     def setUp(self):
         self.h = AckHarness()
         self.relay = _RecordingRelay()
@@ -41,6 +44,9 @@ class PipelineTests(unittest.TestCase):
         self.a, self.b = self.h.register("alice"), self.h.register("bob")
         self.c = self.h.register("carol")
         self.alice = self.h.login(self.a)
+
+
+class PipelineTests(_RecordingRelayMixin, unittest.TestCase):
 
     def confirm(self, uid, cid, state="delivered"):
         self.h.service.delivery.confirmed([[uid, midFor(self.a, cid), state]])
@@ -210,16 +216,9 @@ class PipelineTests(unittest.TestCase):
         self.assertEqual(handled, ["chat"])
         self.assertEqual(self.alice.protocol.unanswered(), 0)
 
-class RemoteChatFailureTests(unittest.TestCase):
+class RemoteChatFailureTests(_RecordingRelayMixin, unittest.TestCase):
     """chatproto.remotechat: a chat to a user elsewhere when the relay or
     the store fails; the connection goes on either way."""
-
-    def setUp(self):
-        self.h = AckHarness()
-        self.relay = _RecordingRelay()
-        self.h.service.relay = self.h.service.delivery.relay = self.relay
-        self.a, self.b = self.h.register("alice"), self.h.register("bob")
-        self.alice = self.h.login(self.a)
 
     def test_relayDownStores(self):
         """The relay fails (Redis down): the chat is stored offline here,
