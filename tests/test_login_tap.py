@@ -129,3 +129,25 @@ class BacklogTests(unittest.TestCase):
     def test_badBacklog(self):
         for value in ("0", "70000", "x"):
             self.assertRaises(usage.UsageError, Options().parseOptions, ["--db", "sqlite::memory:", "--backlog", value])
+
+
+class PipelineDepthOptionTests(unittest.TestCase):
+    """--pipeline-depth (default 64) reaches every connection."""
+
+    def depth(self, *argv):
+        from chatproto.protocol import ChatFactory
+
+        options = Options()
+        options.parseOptions(["--port", "tcp:0", "--db", "sqlite::memory:", *argv])
+        top = makeService(options, MemoryReactorClock())
+        [factory] = {s.factory for s in top if isinstance(getattr(s, "factory", None), ChatFactory)}
+        return factory.buildProtocol(None).pipelineDepth
+
+    def test_defaultAndOption(self):
+        self.assertEqual(self.depth(), 64)
+        self.assertEqual(self.depth("--pipeline-depth", "1"), 1)
+
+    def test_badDepth(self):
+        for value in ("0", "10001", "x"):
+            argv = ["--db", "sqlite::memory:", "--pipeline-depth", value]
+            self.assertRaises(usage.UsageError, Options().parseOptions, argv)
