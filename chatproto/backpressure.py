@@ -53,7 +53,7 @@ class Backpressure:
         self.transport.loseConnection()
 
     def lineReceived(self, line) -> None:
-        if self._busy is not None or self._backlog or self._outputBlocked() or (self._slots and self.pipelineFull()):
+        if self._busy is not None or self._backlog or self._outputBlocked() or self.pipelineFull():
             self._backlog.append(line)
             if len(self._backlog) >= BACKLOG_PAUSE:
                 self._pauseReading("backlog")

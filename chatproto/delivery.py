@@ -163,7 +163,7 @@ class Delivery:
         session took it), as a L{Pipelined}.  C{elsewhere}: C{toid} has no
         session here; a known user is then L{RemoteChat}'s."""
         if elsewhere and toid in self.registry.names:
-            return RemoteChat(self, toid, out).start(out)
+            return RemoteChat(self, toid, out).start()
         routed = defer.Deferred()
         return Pipelined(routed, defer.Deferred.fromCoroutine(self.deliverChat(toid, out, routed)))
 

@@ -233,9 +233,7 @@ class ChatProtocol(Pipeline, Replies, Backpressure, SessionOutput, LineReceiver,
                 request = m.parseJSON(line)
             except RequestError as e:
                 return self.inTurn(self.send, m.error(e.errno, e.errmsg, e.reqmsgid, e.seq))
-            if request.spec.name in PIPELINED:
-                return self._execute(request)
-            return self.inTurn(self._execute, request)
+            return self._carryOut(request)
         self.dialect = TEXT
         text = line.decode("utf-8", "replace")
         try:
@@ -246,6 +244,9 @@ class ChatProtocol(Pipeline, Replies, Backpressure, SessionOutput, LineReceiver,
             return self.inTurn(self._write, textdialect.HELP.replace("\n", "\r\n").encode() + b"\r\n")
         if request == textdialect.QUIT_COMMAND:
             return self.inTurn(self._quit)
+        return self._carryOut(request)
+
+    def _carryOut(self, request):
         if request.spec.name in PIPELINED:
             return self._execute(request)
         return self.inTurn(self._execute, request)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from chatproto import messages as m
 from chatproto.acks import DELIVERED, MISSED, STORED
@@ -56,11 +55,12 @@ class RemoteChat:
     L{Pipelined} the protocol waits on.
     """
 
-    __slots__ = ("delivery", "toid", "mid", "line", "routed", "done", "offline")
+    __slots__ = ("delivery", "toid", "out", "mid", "line", "routed", "done", "offline")
 
     def __init__(self, delivery, toid: int, out: dict) -> None:
         self.delivery = delivery
         self.toid = toid
+        self.out = out
         self.mid = out["mid"]
         self.line = m.encodeChat(out)
         self.routed = defer.Deferred()
@@ -68,12 +68,12 @@ class RemoteChat:
         #: nobody had the user: stored here before routing
         self.offline = False
 
-    def start(self, out: dict) -> Pipelined:
+    def start(self) -> Pipelined:
         delivery = self.delivery
         # Before publishing: a confirmation may come back first.
         delivery.confirmations.expectCall(self.toid, self.mid, self.confirmed)
         try:
-            d = delivery.relay.deliver([self.toid], out, True, self.line)
+            d = delivery.relay.deliver([self.toid], self.out, True, self.line)
         except Exception as e:  # noqa: BLE001 (a relay that raises is down)
             d = defer.fail(e)
         d.addCallbacks(self.handedOver, self.relayDown)
@@ -95,31 +95,32 @@ class RemoteChat:
         self.offline = True
         self.delivery.confirmations.resolve(self.toid, self.mid, MISSED)
         d = self._store()
-        d.addBoth(self._storedNow)
+        d.addBoth(self._route)
+        d.addCallback(self._stored)
+        d.chainDeferred(self.done)
 
-    def _storedNow(self, result) -> None:
+    def _route(self, result):
+        """Stored (or failed to): the connection's next chat may go."""
         self.routed.callback(None)
-        if isinstance(result, Failure):
-            self.done.errback(result)
-        else:
-            self.done.callback(ackOf(self.toid, STORED))
+        return result
 
     def confirmed(self, state: str) -> None:
         if self.offline:
             return
-        if state == DELIVERED:
-            self.done.callback(ackOf(self.toid, DELIVERED))
-        elif state == STORED:
-            self.done.callback(ackOf(self.toid, STORED))
-        else:
-            # Missed there, or no confirmation: stored here; the user may be
-            # logged in elsewhere by now.
-            d = self._store()
-            d.addCallback(self._storedAfterAll)
-            d.chainDeferred(self.done)
+        if state in (DELIVERED, STORED):
+            self.done.callback(ackOf(self.toid, state))
+            return
+        # Missed there, or no confirmation: stored here; the user may be
+        # logged in elsewhere by now.
+        d = self._store()
+        d.addCallback(self._storedAfterAll)
+        d.chainDeferred(self.done)
 
     def _storedAfterAll(self, _) -> m.Reply:
         self.delivery.nudge([self.toid])
+        return ackOf(self.toid, STORED)
+
+    def _stored(self, _) -> m.Reply:
         return ackOf(self.toid, STORED)
 
     def _store(self) -> defer.Deferred:
