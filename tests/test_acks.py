@@ -218,13 +218,18 @@ class NulSessionPagingTests(unittest.TestCase):
     """The tutorial client reads 1,024 bytes at a time: its login reply
     stays within that, the rest of the offline messages follow as pushes."""
 
-    def test_loginReplyWithin1024Bytes(self):
+    def eightStoredForBob(self):
+        """Eight chats stored for bob; a connection for him, not logged in."""
         h = AckHarness()
         a, b = h.register("alice"), h.register("bob")
         alice = h.login(a)
         for n in range(8):
             alice.request(chat(b, f"message number {n} " + "x" * 40))
         bob = h.connect()
+        return h, b, bob
+
+    def test_loginReplyWithin1024Bytes(self):
+        h, b, bob = self.eightStoredForBob()
         bob.send({"msgid": 1, "id": b, "password": "secret"}, b"\0")
         data = bob.transport.value()
         first = data.split(b"\n")[0]
@@ -237,12 +242,7 @@ class NulSessionPagingTests(unittest.TestCase):
         self.assertEqual(h.stored(b), [])
 
     def test_newlineSessionKeepsBigPage(self):
-        h = AckHarness()
-        a, b = h.register("alice"), h.register("bob")
-        alice = h.login(a)
-        for n in range(8):
-            alice.request(chat(b, f"message number {n} " + "x" * 40))
-        bob = h.connect()
+        h, b, bob = self.eightStoredForBob()
         login = bob.request({"msgid": 1, "id": b, "password": "secret"})
         self.assertEqual(len(login["offlinemsg"]), 8)
 

@@ -55,7 +55,10 @@ def alive(pid: int) -> bool:
         return False
 
 
-class StartupFailureTests(unittest.TestCase):
+class _BalancerProcess:
+    """Runs `twistd balancer` (a backend that never answers, no checks),
+    killed at cleanup if still running."""
+
     def runBalancer(self, *args: str, daemon: bool = False):
         exited = Exited()
         argv = [TWISTD]
@@ -76,6 +79,8 @@ class StartupFailureTests(unittest.TestCase):
         self.addCleanup(cleanup)
         return exited
 
+
+class StartupFailureTests(_BalancerProcess, unittest.TestCase):
     def busyPort(self) -> int:
         s = socket.socket()
         s.bind(("127.0.0.1", 0))
@@ -121,24 +126,14 @@ class StartupFailureTests(unittest.TestCase):
             self.assertNotIn("Traceback", out)
 
 
-class StopSignalTests(unittest.TestCase):
+class StopSignalTests(_BalancerProcess, unittest.TestCase):
     async def test_sigtermStopsWithoutLoggingFromTheHandler(self):
         """SIGTERM ends twistd balancer cleanly (exit 0), through the
         handler that only stops the reactor: Twisted's own handler logs
         "Received SIGTERM" from inside the signal handler, which can
         deadlock against the log file's lock."""
         port = freePort()
-        exited = Exited()
-        argv = [TWISTD, "-n", "--pidfile=", "balancer", "--backend", "127.0.0.1:1",
-                "--check-interval", "0", "--listen", f"tcp:{port}:interface=127.0.0.1"]  # fmt: skip
-        process = reactor.spawnProcess(exited, TWISTD, argv, env=env())
-
-        def cleanup():
-            if not exited.ended.called:
-                process.signalProcess("KILL")
-                return exited.ended
-
-        self.addCleanup(cleanup)
+        exited = self.runBalancer("--listen", f"tcp:{port}:interface=127.0.0.1")
 
         def serving() -> bool:
             # The port listens before the reactor runs (and installs the
@@ -152,7 +147,7 @@ class StopSignalTests(unittest.TestCase):
                 return False
 
         await until(serving, 30, what="the balancer to serve")
-        process.signalProcess("TERM")
+        exited.transport.signalProcess("TERM")
         self.assertEqual(await exited.ended, 0)
         out = exited.output.decode()
         self.assertNotIn("Received SIGTERM", out)

@@ -107,9 +107,9 @@ class SenderTests(unittest.TestCase):
         self.assertEqual(self.flushLoggedErrors(), [])
         self.assertEqual(alice.request({"msgid": m.PING_MSG}), {"msgid": m.PONG_MSG})
 
-    def test_groupChatCountsFullMailboxes(self):
-        """A full member's mailbox does not stop a group chat: the others
-        get it and the ack counts the full ones."""
+    def groupWithBobFull(self):
+        """alice (logged in), bob and carol (logged out) in a group; bob's
+        mailbox is full."""
         alice = self.h.login(self.a)
         gid = alice.request({"msgid": m.CREATE_GROUP_MSG, "groupname": "g", "groupdesc": ""})["groupid"]
         for uid in (self.b, self.c):
@@ -118,6 +118,12 @@ class SenderTests(unittest.TestCase):
             client.request({"msgid": m.LOGINOUT_MSG})
         for i in range(2):
             self.h.store.storeOffline([(self.b, f"old{i}")])
+        return alice, gid
+
+    def test_groupChatCountsFullMailboxes(self):
+        """A full member's mailbox does not stop a group chat: the others
+        get it and the ack counts the full ones."""
+        alice, gid = self.groupWithBobFull()
         ack = alice.request({"msgid": m.GROUP_CHAT_MSG, "groupid": gid, "msg": "hi"})
         self.assertEqual((ack["errno"], ack["delivered"], ack["stored"], ack["full"]), (0, 0, 1, 1))
 
@@ -125,14 +131,7 @@ class SenderTests(unittest.TestCase):
         """bob's mailbox is full and carol is elsewhere, on a server that
         never confirms: after the wait carol's copy is stored here all the
         same (one store call for both, as before pipelining)."""
-        alice = self.h.login(self.a)
-        gid = alice.request({"msgid": m.CREATE_GROUP_MSG, "groupname": "g", "groupdesc": ""})["groupid"]
-        for uid in (self.b, self.c):
-            client = self.h.login(uid)
-            client.request({"msgid": m.ADD_GROUP_MSG, "groupid": gid})
-            client.request({"msgid": m.LOGINOUT_MSG})
-        for i in range(2):
-            self.h.store.storeOffline([(self.b, f"old{i}")])
+        alice, gid = self.groupWithBobFull()
         # The relay: nobody has bob; carol is taken by a server that never confirms.
         delivery = self.h.service.delivery
         delivery.relay.deliver = lambda uids, message, store, line=None: defer.succeed([u for u in uids if u == self.b])
