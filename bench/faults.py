@@ -75,9 +75,16 @@ class NoAcks(Exception):
 
 
 def register(port: int, name: str) -> int:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(json.dumps({"msgid": 4, "name": name, "password": "pw"}).encode() + b"\n")
-        reply = json.loads(s.makefile("rb").readline())
+    # A server answers PING before its store is up, and errno 30
+    # ("starting") to the rest: wait for it (up to 30 s).
+    deadline = time.monotonic() + 30
+    while True:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(json.dumps({"msgid": 4, "name": name, "password": "pw"}).encode() + b"\n")
+            reply = json.loads(s.makefile("rb").readline())
+        if reply.get("errno") != 30 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     if reply.get("errno") != 0:
         raise SystemExit(f"cannot register {name}: {reply}")
     return reply["id"]
@@ -85,6 +92,21 @@ def register(port: int, name: str) -> int:
 
 def line(obj: dict) -> bytes:
     return json.dumps(obj).encode() + b"\n"
+
+
+async def pushedChats(reader, quiet: float | None = None):
+    """The chats pushed on a session's connection until it ends (or
+    nothing comes for C{quiet} s)."""
+    while True:
+        try:
+            data = await (reader.readline() if quiet is None else asyncio.wait_for(reader.readline(), quiet))
+        except (asyncio.TimeoutError, OSError):
+            return
+        if not data:
+            return
+        message = json.loads(data)
+        if message.get("msgid") == ONE_CHAT_MSG:
+            yield message
 
 
 def numberOf(text: str) -> tuple[int, int] | None:
@@ -158,16 +180,8 @@ class Run:
         start = time.monotonic()
         for payload in login.get("offlinemsg", []):
             self.shownMessage(json.loads(payload).get("msg", ""), later=True)
-        while True:
-            try:
-                data = await (reader.readline() if quiet is None else asyncio.wait_for(reader.readline(), quiet))
-            except (asyncio.TimeoutError, OSError):
-                return
-            if not data:
-                return
-            message = json.loads(data)
-            if message.get("msgid") == ONE_CHAT_MSG:
-                self.shownMessage(message.get("msg", ""), later=False, sessionStart=start)
+        async for message in pushedChats(reader, quiet):
+            self.shownMessage(message.get("msg", ""), later=False, sessionStart=start)
 
     def showPush(self, push: dict, sessionStart: float, handedOver: bool) -> str | None:
         """
@@ -261,18 +275,10 @@ class Run:
         mids = [self.showPush(json.loads(p), start, handedOver=True) for p in login.get("offlinemsg", [])]
         if any(m is not None for m in mids):
             writer.write(line({"msgid": PUSH_ACK, "mids": [m for m in mids if m is not None]}))
-        while True:
-            try:
-                data = await (reader.readline() if quiet is None else asyncio.wait_for(reader.readline(), quiet))
-            except (asyncio.TimeoutError, OSError):
-                return
-            if not data:
-                return
-            message = json.loads(data)
-            if message.get("msgid") == ONE_CHAT_MSG:
-                mid = self.showPush(message, start, handedOver=False)
-                if mid is not None:
-                    writer.write(line({"msgid": PUSH_ACK, "mids": [mid]}))
+        async for message in pushedChats(reader, quiet):
+            mid = self.showPush(message, start, handedOver=False)
+            if mid is not None:
+                writer.write(line({"msgid": PUSH_ACK, "mids": [mid]}))
 
     async def sender(self, uid: int, toid: int, interval: float, home: int) -> None:
         """Legacy: no resend."""
