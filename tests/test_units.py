@@ -195,7 +195,7 @@ class OpenFilesLimitTests(unittest.TestCase):
             resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
 
         code = (
-            "import resource; from chatproto.limits import raiseOpenFilesLimit;"
+            "import resource; from chatproto.common.rlimits import raiseOpenFilesLimit;"
             "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0], raiseOpenFilesLimit(),"
             " resource.getrlimit(resource.RLIMIT_NOFILE)[0])"
         )
