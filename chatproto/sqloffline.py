@@ -237,9 +237,17 @@ class OfflineMessages:
     def _deleteIdsTxn(self, cursor, ids) -> None:
         # By primary key: a range over the user index (userid = ? AND id <=
         # ?) takes gap locks, and concurrent logins deadlocked in InnoDB.
-        for start in range(0, len(ids), 500):
-            some = ids[start : start + 500]
-            cursor.execute(self.q(f"DELETE FROM offline_messages WHERE id IN ({', '.join('?' * len(some))})"), some)
+        self._deleteInTxn(cursor, "id", ids)
+
+    def _deleteInTxn(self, cursor, column: str, values, userid=None) -> None:
+        """Delete the offline rows whose C{column} is one of C{values} (and
+        whose userid is C{userid}, if given), 500 values per statement."""
+        where = "" if userid is None else "userid = ? AND "
+        for start in range(0, len(values), 500):
+            some = values[start : start + 500]
+            placeholders = ", ".join("?" * len(some))
+            query = self.q(f"DELETE FROM offline_messages WHERE {where}{column} IN ({placeholders})")
+            cursor.execute(query, some if userid is None else [userid, *some])
 
     def deleteOffline(self, uid: int, mids) -> defer.Deferred:
         """Delete C{uid}'s offline copies of C{mids} (acked by the client)."""
@@ -249,12 +257,7 @@ class OfflineMessages:
         return self.run("deleteAcked", self._deleteMidsTxn, uid, mids)
 
     def _deleteMidsTxn(self, cursor, uid, mids) -> None:
-        for start in range(0, len(mids), 500):
-            some = mids[start : start + 500]
-            cursor.execute(
-                self.q(f"DELETE FROM offline_messages WHERE userid = ? AND mid IN ({', '.join('?' * len(some))})"),
-                [uid, *some],
-            )
+        self._deleteInTxn(cursor, "mid", mids, uid)
 
     def peekOffline(self, uid: int) -> defer.Deferred:
         d = self._drainOffline()

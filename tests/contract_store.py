@@ -197,6 +197,20 @@ class StoreContract:
         self.assertEqual(await self.store.peekOffline(a), [m2])
         self.assertEqual(await self.store.peekOffline(b), [m1])
 
+    async def test_deletesMoreThanOneStatementHolds(self):
+        """Deletion by id and by mid goes 500 values per statement: 1,200
+        handed over (no mid) and 1,200 acked (by mid) all go, and only
+        the user's own rows."""
+        a, b = await self.users("alice", "bob")
+        acked = [f'{{"msgid":6,"mid":"M{i}"}}' for i in range(1200)]
+        await self.store.storeOffline([(a, f"n{i}") for i in range(1200)] + [(a, p) for p in acked] + [(b, acked[0])])
+        count = await self.store.takeOffline(a, lambda p: True, keepAcked=True)
+        self.assertEqual(count, 1200)
+        self.assertEqual(await self.store.peekOffline(a), acked)
+        await self.store.deleteOffline(a, [f"M{i}" for i in range(1200)])
+        self.assertEqual(await self.store.peekOffline(a), [])
+        self.assertEqual(await self.store.peekOffline(b), [acked[0]])
+
     # --- friend requests (chatproto.sqlfriends) -----------------------------
 
     async def test_friendRequestAccepted(self):
