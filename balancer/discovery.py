@@ -33,7 +33,7 @@ from balancer import _twisted
 from balancer.config import BackendSpec, ConfigError
 from chatproto.common.redisurl import RedisURL, parseRedisURL
 from chatproto.common.registry import ServerEntry, readRegistry
-from chatproto.common.sentinel import MasterNotFound, masterAddress
+from chatproto.common.sentinel import masterAddress, roleOf
 
 #: longest wait between reconnection attempts to Redis
 MAX_RECONNECT_DELAY = 5.0
@@ -55,14 +55,6 @@ def parseTarget(url: str) -> RedisURL:
 
 class NotMaster(Exception):
     """The server the sentinels named is not (or no longer) the master."""
-
-
-def roleOf(reply: Any) -> str:
-    """The first field of a C{ROLE} reply, as text."""
-    kind = reply[0] if isinstance(reply, (list, tuple)) and reply else reply
-    if isinstance(kind, bytes):
-        kind = kind.decode("ascii", "replace")
-    return str(kind)
 
 
 def _abandonable(d: defer.Deferred, dispose: Callable[[Any], Any]) -> defer.Deferred:
@@ -94,9 +86,7 @@ def _dropQuietly(conn: Any) -> None:
 
 
 #: failures after which a Sentinel-found connection is dropped at once
-_CONNECTION_GONE = (
-    NotMaster, MasterNotFound, txredisapi.ConnectionError, error.ConnectionLost, error.ConnectionDone,
-)
+_CONNECTION_GONE = (NotMaster, txredisapi.ConnectionError, error.ConnectionLost, error.ConnectionDone)
 
 
 def toBackends(
@@ -174,8 +164,8 @@ class RedisDiscovery(service.Service):
             username=t.username,
             ssl_context_factory=self._tls(),
             convertNumbers=False,
-            connectTimeout=max(1.0, self.interval),
-            replyTimeout=max(2.0, 2 * self.interval),
+            connectTimeout=self.connectTimeout(),
+            replyTimeout=self.pollTimeout(),
         )
         # keep trying, but not too slowly once Redis is back
         _twisted.setRedisMaxDelay(conn, MAX_RECONNECT_DELAY)
@@ -203,8 +193,7 @@ class RedisDiscovery(service.Service):
         t = self.target
         return txredisapi.Connection(
             host, port, dbid=t.db, reconnect=False, password=t.password, username=t.username,
-            convertNumbers=False, connectTimeout=self.connectTimeout(),
-            replyTimeout=max(2.0, 2 * self.interval),
+            convertNumbers=False, connectTimeout=self.connectTimeout(), replyTimeout=self.pollTimeout(),
         )
 
     @defer.inlineCallbacks
@@ -282,7 +271,7 @@ class RedisDiscovery(service.Service):
         self.lastErrorTime = self.reactor.seconds()
         if self.running and (
             self.consecutiveErrors % RECONNECT_AFTER == 0
-            or (self.sentinel and self.conn is not None and f.check(*_CONNECTION_GONE))
+            or (self.sentinel and f.check(*_CONNECTION_GONE))
         ):
             self.reconnect()
         if self.consecutiveErrors == 1 or self.consecutiveErrors % 60 == 0:

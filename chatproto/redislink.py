@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from chatproto import _twisted
-from chatproto.common.sentinel import masterAddress
+from chatproto.common.sentinel import masterAddress, roleOf
 
 log = Logger()
 
@@ -174,9 +174,7 @@ class Link(protocol.ClientFactory):
         self._accept(p)
 
     def _roleChecked(self, p, role) -> None:
-        kind = role[0] if isinstance(role, (list, tuple)) and role else role
-        if isinstance(kind, bytes):
-            kind = kind.decode("ascii", "replace")
+        kind = roleOf(role)
         if kind != "master":
             log.warn(
                 "Redis {link} connection: {host}:{port} is a {role}, not the master; asking the sentinels again",

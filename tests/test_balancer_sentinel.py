@@ -21,7 +21,8 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from balancer.config import buildConfig
-from balancer.discovery import RedisDiscovery, roleOf
+from balancer.discovery import RedisDiscovery
+from chatproto.common.sentinel import roleOf
 from chatproto.common.sentinel import MasterNotFound
 from tests.cluster_helpers import SentinelGroup, SyncRedis, until
 

@@ -23,6 +23,15 @@ class MasterNotFound(Exception):
     """No sentinel named a master (all unreachable, or the name unknown)."""
 
 
+def roleOf(reply) -> str:
+    """The first field of a C{ROLE} reply (C{master}, C{slave}, C{sentinel}),
+    as text."""
+    kind = reply[0] if isinstance(reply, (list, tuple)) and reply else reply
+    if isinstance(kind, bytes):
+        kind = kind.decode("ascii", "replace")
+    return str(kind)
+
+
 def encodeCommand(*args) -> bytes:
     """A RESP command."""
     out = [b"*%d\r\n" % len(args)]
