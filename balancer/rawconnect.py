@@ -13,6 +13,7 @@ is handed over at once, without waiting for writability.
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import os
 import socket
@@ -97,18 +98,13 @@ def _newSocket(family: int, kind: int) -> socket.socket:
     return socket.SocketType(family, kind)
 
 
-_loopback: dict[str, bool] = {}
-
-
+@functools.lru_cache(maxsize=4096)
 def isLoopback(host: str) -> bool:
     """
-    Whether C{host} (an IP literal) is a loopback address (cached).
+    Whether C{host} (an IP literal) is a loopback address (cached, for at
+    most 4,096 addresses: backends come and go with discovery).
     """
-    try:
-        return _loopback[host]
-    except KeyError:
-        found = _loopback[host] = ipaddress.ip_address(host.split("%")[0]).is_loopback
-        return found
+    return ipaddress.ip_address(host.split("%")[0]).is_loopback
 
 
 def connectedNow(sock: socket.socket) -> bool:
