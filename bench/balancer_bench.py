@@ -200,17 +200,19 @@ stream {{
             time.sleep(0.2)
             self.pids["nginx"] = self.pids["nginx-hc"] = children(p.pid) or [p.pid]
         env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        # each process names its own log file (-l)
         twistd = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-                  "-n", "--pidfile=", "-r", "epoll", "-l", os.path.join(self.tmp, "twistd.log")]
+                  "-n", "--pidfile=", "-r", "epoll"]
         for target, (treeOption, extra) in BALANCERS.items():
             if target in targets:
                 self.startBalancer(target, twistd, env, treeOption, extra)
         if "portforward" in targets:
-            p = self.spawn(twistd + ["portforward", "-p", f"tcp:{PORTS['portforward'][0]}:interface={HOST}",
+            p = self.spawn(twistd + ["-l", os.path.join(self.tmp, "twistd.log"), "portforward",
+                                     "-p", f"tcp:{PORTS['portforward'][0]}:interface={HOST}",
                                      "-h", HOST, "-d", str(REDIS_PORTS[0])], env=env)
-            self.spawn(twistd[:-2] + ["-l", os.path.join(self.tmp, "twistd-pf.log"), "portforward",
-                                      "-p", f"tcp:{PORTS['portforward'][1]}:interface={HOST}",
-                                      "-h", HOST, "-d", str(IPERF_PORT)], env=env)
+            self.spawn(twistd + ["-l", os.path.join(self.tmp, "twistd-pf.log"), "portforward",
+                                 "-p", f"tcp:{PORTS['portforward'][1]}:interface={HOST}",
+                                 "-h", HOST, "-d", str(IPERF_PORT)], env=env)
             waitPort(PORTS["portforward"][0])
             self.pids["portforward"] = [p.pid]
         self.pids["direct"] = []
