@@ -113,6 +113,13 @@ class LoopbackShortcutTests(SynchronousTestCase):
         self.assertFalse(rawconnect.isLoopback("10.0.0.1"))
         self.assertFalse(rawconnect.isLoopback("fe80::1%eth0"))
 
+    def test_loopback_cache_is_bounded(self):
+        """Backends come and go with discovery: the cache of addresses
+        keeps at most 4,096."""
+        for i in range(5000):
+            rawconnect.isLoopback(f"10.{i >> 8}.{i & 255}.1")
+        self.assertEqual(rawconnect.isLoopback.cache_info().currsize, 4096)
+
     def test_connected_now(self):
         addr = self.listener()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
