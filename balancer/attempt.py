@@ -32,17 +32,17 @@ class Attempt(protocol.ClientFactory):
         self.deferred: Any = None
         self.done = False
 
-    def start(self, sockaddr: tuple[int, Any] | None = None) -> None:
+    def start(self, sockaddr: tuple[int, Any] | None = None, started: Any = None) -> None:
         """
-        Connect; C{sockaddr} is the peer's L{peerSockaddr} if known.
+        Connect; C{sockaddr} is the peer's L{peerSockaddr} if known, and
+        C{started} what L{balancer.rawconnect.connectStart} returned for it
+        if the connect is under way already.
         """
         f = self.factory
         if sockaddr is None and f.rawConnect:
             sockaddr = peerSockaddr(self.peer)
         if sockaddr is not None:
-            connector = RawConnect(self, sockaddr[0], sockaddr[1], f.connectTimeout)
-            if not self.done:  # (a loopback connect may be done already)
-                self.connector = connector
+            self.connector = RawConnect(self, sockaddr[0], sockaddr[1], f.connectTimeout, started)
             return
         target = self.peer.extra.get("tcp")
         if target is not None:

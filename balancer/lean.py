@@ -218,15 +218,21 @@ class LeanClient(ClientCore, _Half):
 
     def linkBackend(self, connect: Any) -> None:
         """
-        L{balancer.rawconnect.RawConnect} C{connect} connected its socket:
-        the socket, watched for writability while connecting, is now
-        watched for reading by the backend half.
+        C{connect}, a L{balancer.rawconnect.RawConnect}, connected its
+        socket: the socket, watched for writability while connecting, is
+        now watched for reading by the backend half.  Or C{connect} is a
+        socket connected at once (L{BalancerFactory.dispatch}), not watched
+        yet.
         """
-        backend = _Half(connect.sock, self.fds, self)
+        if isinstance(connect, socket.SocketType):
+            backend = _Half(connect, self.fds, self)
+            self.fds.addReader(backend)
+        else:
+            backend = _Half(connect.sock, self.fds, self)
+            self.fds.writerToReader(connect, backend)
         self.backend = self.other = backend
         backend.other = self
         backend.reading = True
-        self.fds.writerToReader(connect, backend)
 
     def toTwisted(self) -> ServerSide:
         """

@@ -22,6 +22,7 @@ The modules of the data path, one job each:
 
 from __future__ import annotations
 
+from socket import IPPROTO_TCP, TCP_NODELAY
 from typing import Any
 
 from twisted.internet import error, protocol
@@ -34,7 +35,12 @@ from balancer.attempt import Attempt
 from balancer.idletimeout import IdleSweep
 from balancer.interfaces import IProxiedClient
 from balancer.proxyheader import proxyHeader
-from balancer.rawconnect import ConnectDeadlines, peerSockaddr
+from balancer.rawconnect import (
+    ConnectDeadlines,
+    connectStart,
+    isLoopback,
+    peerSockaddr,
+)
 from balancer.selection import Peer, Selector
 from balancer.sides import ServerSide
 
@@ -154,9 +160,22 @@ class BalancerFactory(protocol.Factory):
             client = client.toTwisted()
         tried.add(peer)
         peer.connectionStarted()
+        started = None
+        if client.lean:
+            # On loopback the kernel completes the handshake inside the
+            # non-blocking connect() (unless the backend's accept queue is
+            # full): the backend socket is then linked at once, without an
+            # Attempt, a RawConnect or a writability event.
+            family, addr = sockaddr
+            started = sock, _, connected = connectStart(family, addr, isLoopback(addr[0]))
+            if connected:
+                sock.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
+                self.attemptSucceeded(peer)
+                client.backendConnected(sock, peer)
+                return
         attempt = Attempt(self, client, peer)
         client.attempt = attempt
-        attempt.start(sockaddr)
+        attempt.start(sockaddr, started)
 
     def attemptSucceeded(self, peer: Peer) -> None:
         peer.total += 1

@@ -5,9 +5,10 @@ C{connect()}, wait for writability, read C{SO_ERROR}.
 This replaces C{connectTCP}'s Connector, resolution Deferreds and their
 extra C{connect()} and C{epoll_ctl} calls for backends given as IP
 literals; connect timeouts are kept in one L{ConnectDeadlines} queue per
-factory instead of one C{DelayedCall} per attempt.  For a lean client and a loopback
-backend, a connect the kernel completed inside the call (L{connectedNow})
-is handed over at once, without waiting for writability.
+factory instead of one C{DelayedCall} per attempt.  For a lean client and a
+loopback backend, L{balancer.proxy.BalancerFactory.dispatch} first tries
+L{connectStart}: a connect the kernel completed inside the call is linked
+at once, without a L{RawConnect} or a writability event.
 """
 
 from __future__ import annotations
@@ -107,18 +108,35 @@ def isLoopback(host: str) -> bool:
     return ipaddress.ip_address(host.split("%")[0]).is_loopback
 
 
-def connectedNow(sock: socket.socket) -> bool:
+def connectStart(family: int, addr: Any, loopback: bool = False) -> tuple[Any, int, bool]:
     """
-    Whether the non-blocking C{connect()} of C{sock} has completed already:
-    on loopback the kernel runs the whole handshake inside the call (unless
-    the backend's accept queue is full), so C{getpeername()} succeeds at
-    once and there is no need to wait for writability.
+    A non-blocking socket and its C{connect()} to C{addr}: C{(sock, 0,
+    connected)} when connected or connecting, C{(sock, errno, False)} when
+    the connect failed at once, C{(None, errno, False)} when no socket
+    could be made.
+
+    For a C{loopback} address the kernel runs the whole handshake inside
+    the call (unless the backend's accept queue is full), so the socket is
+    often C{connected} at once: a second C{connect()} tells (0 or
+    C{EISCONN}), without the address formatting of C{getpeername()}.
     """
     try:
-        sock.getpeername()
-    except OSError:
-        return False
-    return True
+        # the C socket type (public as SocketType): no Python wrapper
+        sock = _newSocket(family, _NONBLOCKING_STREAM)
+    except OSError as e:  # EMFILE...
+        return None, e.errno or errno.EMFILE, False
+    err = sock.connect_ex(addr)
+    if not err:
+        return sock, 0, True
+    if err in _IN_PROGRESS:
+        if not loopback:
+            return sock, 0, False
+        err = sock.connect_ex(addr)
+        if not err or err == errno.EISCONN:
+            return sock, 0, True
+        if err in _IN_PROGRESS or err == errno.EALREADY:
+            return sock, 0, False
+    return sock, err, False
 
 
 @implementer(IWriteDescriptor)
@@ -131,7 +149,13 @@ class RawConnect:
     the error C{connectTCP} would have given.
     """
 
-    def __init__(self, attempt: Any, family: int, addr: Any, timeout: float) -> None:
+    def __init__(
+        self, attempt: Any, family: int, addr: Any, timeout: float, started: Any = None
+    ) -> None:
+        """
+        Connect to C{addr}, or go on with C{started}: what L{connectStart}
+        returned for it, not connected yet.
+        """
         self.attempt: Any = attempt
         self.addr = addr
         self.waiting = False  # watched for writability
@@ -139,26 +163,16 @@ class RawConnect:
         self.reactor = factory.reactor
         self.fds = factory.fds
         self.timer: Any = None
-        try:
-            # the C socket type (public as SocketType): no Python wrapper
-            self.sock = sock = _newSocket(family, _NONBLOCKING_STREAM)
-        except OSError as e:  # EMFILE...: as connectTCP reports it
-            self.sock = None
-            reason = Failure(error.ConnectBindError(e.errno, e.strerror))
+        self.sock, err, _ = started or connectStart(family, addr)
+        if self.sock is None:  # EMFILE...: as connectTCP reports it
+            reason = Failure(error.ConnectBindError(err, os.strerror(err)))
             self.timer = self.reactor.callLater(0, self._failed, reason)
             return
-        self.fileno = sock.fileno
-        err = sock.connect_ex(addr)
-        if err and err not in _IN_PROGRESS:
+        self.fileno = self.sock.fileno
+        if err:
             # Failed at once (ENETUNREACH...): report it on the next turn,
             # as connectTCP does.
             self.timer = self.reactor.callLater(0, self._fail, err)
-            return
-        if attempt.client.lean and isLoopback(addr[0]) and connectedNow(sock):
-            # Connected already: hand the socket over now, which saves the
-            # writability event, its epoll_ctl calls and SO_ERROR.
-            self.attempt = None
-            self._toLean(attempt)
             return
         self.waiting = True
         factory.deadlines.add(self, timeout)

@@ -87,12 +87,12 @@ class Peer:
                 self.effectiveWeight = weight
 
     def usable(self, now: float) -> bool:
-        return (
-            not self.down
-            and not self.draining
-            and self.active.up
-            and self.passive.available(now)
-        )
+        if self.down or self.draining:
+            return False
+        active = self.active
+        if active.health < active.rise:  # not active.up (inlined: called per connection)
+            return False
+        return self.passive.available(now)
 
     @property
     def state(self) -> str:
@@ -187,8 +187,11 @@ class Selector:
         for peer in self.peers:
             if peer in tried or not peer.usable(now):
                 continue
-            (backup if peer.backup else primary).append(peer)
-        return _checkedFirst(primary), _checkedFirst(backup)
+            if peer.backup:
+                backup.append(peer)
+            else:
+                primary.append(peer)
+        return _checkedFirst(primary), _checkedFirst(backup) if backup else backup
 
     def pick(self, tried: Collection[Peer] = ()) -> Peer | None:
         """

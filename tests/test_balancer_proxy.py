@@ -322,21 +322,25 @@ class TransparencyTests(TestCase):
         and intact once it is.
         """
         from balancer import attempt as attemptmod
+        from balancer import proxy, rawconnect
 
         realStart = attemptmod.Attempt.start
         started = []
         self.patch(attemptmod.Attempt, "start",
-                   lambda attempt, sockaddr=None: started.append((attempt, sockaddr)))
+                   lambda attempt, *args: started.append((attempt, args)))
+        # no loopback shortcut: the lean client's connect is an Attempt too
+        self.patch(proxy, "connectStart",
+                   lambda family, addr, loopback=False: rawconnect.connectStart(family, addr))
         (a,) = startBackends(self, "a")
         svc = yield startBalancer(self, makeConfig([a.address], checkInterval=0))
         client = yield connect(svc.port)
         client.transport.write(b"early-")
         client.transport.write(b"bird")
-        [(attempt, sockaddr)] = yield waitFor(lambda: started)
+        [(attempt, args)] = yield waitFor(lambda: started)
         proxied = attempt.client
         yield waitFor(lambda: proxied.held is not None and proxied.held.size == 10)
         self.assertEqual((a.received, proxied.peer), (0, None))
-        realStart(attempt, sockaddr)
+        realStart(attempt, *args)
         yield waitFor(lambda: bytes(client.data) == b"early-bird")
         self.assertIsNone(proxied.held)
         self.assertEqual(a.received, 10)
@@ -484,6 +488,27 @@ class LeanPathTests(TestCase):
         yield client.done
         yield waitFor(lambda: not svc.factory.clients)
         self.assertEqual(svc.pool.peers[a.address].conns, 0)
+
+    @defer.inlineCallbacks
+    def test_loopback_backend_linked_at_once(self):
+        """
+        On loopback the kernel completes the handshake inside connect():
+        the backend socket is linked to the lean client at once, without
+        an Attempt, a RawConnect or a connect deadline.
+        """
+        from balancer import attempt as attemptmod
+
+        attempts = []
+        realInit = attemptmod.Attempt.__init__
+        self.patch(attemptmod.Attempt, "__init__",
+                   lambda attempt, *args: (attempts.append(attempt), realInit(attempt, *args)))
+        (a,) = startBackends(self, "a")
+        svc = yield startBalancer(self, makeConfig([a.address], checkInterval=0))
+        data = yield roundtrip(svc.port, b"at once")
+        self.assertEqual(data, b"at once")
+        self.assertEqual(attempts, [])
+        self.assertEqual(list(svc.factory.deadlines.queue), [])
+        self.assertEqual((svc.pool.peers[a.address].total, a.served), (1, 1))
 
     @defer.inlineCallbacks
     def test_host_name_backend_hands_over_to_twisted(self):
