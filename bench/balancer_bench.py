@@ -4,12 +4,13 @@ Benchmark the balancer side by side with nginx `stream` (1 worker) and a
 direct connection, on loopback only.
 
     .venv/bin/python bench/balancer_bench.py [--rounds 3] [--idle 9000] [--baseline TREE]
-        [--targets direct,nginx,balancer] [--with-portforward] [--half-close-pairs]
+        [--targets direct,nginx,balancer] [--with-portforward] [--half-close-pairs] [--no-pin]
 
 Needs (installs nothing): redis-server, redis-benchmark, nginx, iperf3.
 Everything it starts (two redis-servers, nginx, the balancer, iperf3) runs on
-127.0.0.1 private ports and is stopped at the end.  Targets are interleaved
-and each figure is the median of --rounds runs.
+127.0.0.1 private ports and is stopped at the end.  Targets are interleaved,
+each round starting one target later than the one before, and each figure is
+the median of --rounds runs.
 
 Targets: direct, nginx (proxy_half_close off, its default), balancer (half-close
 on, its default); --half-close-pairs adds nginx-hc (proxy_half_close on) and
@@ -21,7 +22,12 @@ Figures:
   pipelined  the same with -P 16
   p99        redis-benchmark -c 1 -t ping_inline: p99 latency (ms)
   conn/s     redis-benchmark -c 50 -k 0 -t ping_inline: one connection per request
-  conn-cpu   proxy CPU per new connection (us) in the conn/s run
+  conn-cpu   proxy CPU per new connection (us) in the conn/s run, and its user
+             part (the rest is the kernel's, which on loopback includes part
+             of the peers' TCP work); with --pin (the default) the proxy
+             runs alone on the last CPU during the conn/s run, and
+             redis-benchmark and the redis-servers on the others, so that
+             where the scheduler puts them does not move the figure
   bulk       iperf3 -t 3 through the proxy (Gbit/s)
   cpu-us     proxy CPU (utime+stime from /proc/PID/stat) per small request
   idle KiB   proxy RSS growth per idle proxied connection (--idle of them)
@@ -97,13 +103,20 @@ def waitPort(port: int, timeout: float = 10.0) -> None:
     raise RuntimeError(f"nothing listening on {port}")
 
 
-def cpuSeconds(pids: list[int]) -> float:
-    total = 0
+def cpuTimes(pids: list[int]) -> tuple[float, float]:
+    """user and system CPU seconds of C{pids}"""
+    user = system = 0
     for pid in pids:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / os.sysconf("SC_CLK_TCK")
+        user += int(fields[11])  # utime
+        system += int(fields[12])  # stime
+    tick = os.sysconf("SC_CLK_TCK")
+    return user / tick, system / tick
+
+
+def cpuSeconds(pids: list[int]) -> float:
+    return sum(cpuTimes(pids))
 
 
 def rssKib(pids: list[int]) -> int:
@@ -114,6 +127,17 @@ def rssKib(pids: list[int]) -> int:
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1])
     return total
+
+
+def setAffinity(pids: list[int], cpus: set[int]) -> None:
+    """Run every thread of C{pids} (0: this process) on C{cpus} only."""
+    for pid in pids:
+        tids = [0] if pid == 0 else [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        for tid in tids:
+            try:
+                os.sched_setaffinity(tid, cpus)
+            except OSError:  # a thread that ended meanwhile
+                pass
 
 
 def children(pid: int) -> list[int]:
@@ -281,11 +305,28 @@ stream {{
         rows = self.redisBenchmark(PORTS[target][0], "-c", "1", "-n", "20000", "-t", "ping_inline")
         return float(rows[0]["p99_latency_ms"])
 
-    def conns(self, target: str) -> tuple[float, float | None]:
-        """New connections per second, and the proxy's CPU us per connection."""
+    def conns(self, target: str) -> tuple[float, float | None, float | None]:
+        """New connections per second, and the proxy's CPU and user CPU us
+        per connection.  With --pin the proxy runs on the last CPU and
+        everything else (redis-benchmark, the redis-servers) on the others
+        meanwhile."""
         n = 20000
-        rows, cpu = self.withCpu(target, n, "-c", "50", "-k", "0", "-n", str(n), "-t", "ping_inline")
-        return float(rows[0]["rps"]), cpu
+        pids = self.pids[target]
+        allCpus = os.sched_getaffinity(0)
+        pinned = self.args.pin and len(allCpus) >= 2
+        if pinned:
+            proxyCpu = {max(allCpus)}
+            others = [0] + [p.pid for p in self.procs[:len(REDIS_PORTS)]]
+            setAffinity(others, allCpus - proxyCpu)
+            setAffinity(pids, proxyCpu)
+        try:
+            user0 = cpuTimes(pids)[0] if pids else 0.0
+            rows, cpu = self.withCpu(target, n, "-c", "50", "-k", "0", "-n", str(n), "-t", "ping_inline")
+            user = (cpuTimes(pids)[0] - user0) * 1e6 / n if pids else None
+        finally:
+            if pinned:
+                setAffinity(others + pids, allCpus)
+        return float(rows[0]["rps"]), cpu, user
 
     def bulk(self, target: str) -> float:
         out = subprocess.run(
@@ -350,6 +391,9 @@ def main() -> int:
     ap.add_argument("--baseline", metavar="TREE", help="also measure the balancer of source "
                     "tree TREE: targets base (and base-nohc with --half-close-pairs)")
     ap.add_argument("--only", default="small,pipelined,p99,conns,bulk,idle")
+    ap.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
+                    help="during conns, the proxy on the last CPU and the rest on the others "
+                         "(default: on, with 2 CPUs or more)")
     ap.add_argument("--port-base", type=int, default=17000,
                     help="ports used: BASE+1..3 (redis, iperf3), +100..111 nginx, "
                          "+200..231 balancers, +281..284 status, +300.. portforward")
@@ -375,7 +419,11 @@ def main() -> int:
     try:
         bench.start()
         for rnd in range(args.rounds):
-            for target in args.targets:
+            # each round starts one target later: every target takes every
+            # place in the order (what ran before, its TIME_WAIT sockets and
+            # the page cache, is the same for all over the rounds)
+            shift = rnd % len(args.targets)
+            for target in args.targets[shift:] + args.targets[:shift]:
                 r = results[target]
                 # figure -> its CPU figure (small and conns measure the proxy's CPU too)
                 for name, cpuName in (("small", "cpu"), ("pipelined", None), ("p99", None),
@@ -384,9 +432,11 @@ def main() -> int:
                         continue
                     value = getattr(bench, name)(target)
                     if cpuName is not None:
-                        value, cpu = value
+                        value, cpu, *user = value
                         if cpu is not None:
                             r.setdefault(cpuName, []).append(cpu)
+                        if user and user[0] is not None:
+                            r.setdefault(cpuName + "_user", []).append(user[0])
                     r.setdefault(name, []).append(value)
                 print(f"round {rnd + 1} {target}: " + ", ".join(
                     f"{k}={v[-1]:.4g}" for k, v in r.items()), flush=True)
@@ -409,7 +459,8 @@ def main() -> int:
 def report(results: dict[str, dict[str, list[float]]], args: argparse.Namespace) -> None:
     cols = [("small", "small req/s", "{:,.0f}"), ("pipelined", "pipelined req/s", "{:,.0f}"),
             ("p99", "p99 ms", "{:.3f}"), ("conns", "new conn/s", "{:,.0f}"),
-            ("conn_cpu", "CPU us/conn", "{:.1f}"), ("bulk", "bulk Gbit/s", "{:.2f}"),
+            ("conn_cpu", "CPU us/conn", "{:.1f}"), ("conn_cpu_user", "of it user", "{:.1f}"),
+            ("bulk", "bulk Gbit/s", "{:.2f}"),
             ("cpu", "CPU us/req", "{:.1f}"),
             ("idle", f"KiB/idle conn ({args.idle})", "{:.2f}")]
     med = {t: {k: statistics.median(v) for k, v in r.items()} for t, r in results.items()}
