@@ -48,9 +48,9 @@ for _ in $(seq 120); do
 done
 redis-cli -p $port ping >/dev/null || { echo "the balancer did not start: $tmp" >&2; KEEP=1; exit 1; }
 redis-benchmark -p $port -c 50 -k 0 -n 1000 -t ping_inline -q >/dev/null 2>&1
-callgrind_control -z $vg >/dev/null
+callgrind_control -z $vg >/dev/null 2>&1
 redis-benchmark -p $port -c 50 -k 0 -n "$n" -t ping_inline -q >/dev/null 2>&1
-callgrind_control -d $vg >/dev/null
+callgrind_control -d $vg >/dev/null 2>&1
 sleep 1
 out="$tmp/callgrind.$vg.1"
 total=$(awk '/^summary:/ {print $2}' "$out")
