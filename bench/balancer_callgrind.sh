@@ -11,7 +11,8 @@
 # balancer of TREE under callgrind on $BASE_PORT (BASE_PORT default 22400),
 # warms up with 1,000 connections, zeroes the counters, opens CONNECTIONS
 # connections with `redis-benchmark -c 50 -k 0 -t ping_inline`, dumps the
-# counters and prints "Ir per connection".  Set KEEP=1 to keep the callgrind
+# counters and prints "Ir per connection".  BALANCER_ARGS adds options to the
+# balancer (e.g. BALANCER_ARGS=--no-half-close).  Set KEEP=1 to keep the callgrind
 # file (for callgrind_annotate).  Needs valgrind, redis-server,
 # redis-benchmark and the project's .venv.
 set -euo pipefail
@@ -39,7 +40,7 @@ PYTHONPATH=$tree valgrind --tool=callgrind --compress-strings=no --compress-pos=
     "$here/.venv/bin/python" -c "from twisted.scripts.twistd import run; run()" \
     -n --pidfile= -r epoll -l "$tmp/balancer.log" balancer \
     --listen tcp:$port:interface=127.0.0.1 --backend 127.0.0.1:$backend \
-    --check-interval 0 >"$tmp/valgrind.log" 2>&1 &
+    --check-interval 0 ${BALANCER_ARGS:-} >"$tmp/valgrind.log" 2>&1 &
 vg=$!
 pids+=($vg)
 for _ in $(seq 120); do
