@@ -12,7 +12,8 @@
 # Chat servers run with --scrypt-n 16 (the storm measures the login path,
 # not the KDF) and listen with backlog=4096 (10,000 simultaneous set-up
 # logins overflow the default backlog of 50); the balancer runs two workers
-# (10,000 proxied connections need 20,000 descriptors).
+# (10,000 proxied connections need 20,000 descriptors).  STORM_CHAT_ARGS adds
+# options to both chat servers (e.g. STORM_CHAT_ARGS="--gc-intervals off").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 USERS=${1:-10000}
@@ -31,7 +32,7 @@ ulimit -n "$(ulimit -Hn)"
 chat() {  # NAME PORT
     "$TWISTD" --pidfile "" -n --logfile "$TMP/$1.log" chat --name "$1" \
         --port "tcp:$2:interface=127.0.0.1:backlog=4096" --db "$MYSQL_URL" --redis "$REDIS_URL" \
-        --scrypt-n 16 --idle-timeout 0 --register-burst 1000000 &
+        --scrypt-n 16 --idle-timeout 0 --register-burst 1000000 ${STORM_CHAT_ARGS:-} &
     pids+=($!)
 }
 chat chat1 27601; CHAT1=$!
@@ -49,7 +50,7 @@ done
 sleep 3   # the balancer's first discovery poll and health checks
 if [ -n "${STORM_PROFILE:-}" ]; then  # py-spy raw profile of chat2 from the kill on
     (while kill -0 "$CHAT1" 2>/dev/null; do sleep 0.05; done
-     "$(dirname "$PY")/py-spy" record -r 200 --threads -f raw -d ${STORM_PROFILE_S:-20} -p "$CHAT2" -o "$STORM_PROFILE" >/dev/null 2>&1) &
+     "$(dirname "$PY")/py-spy" record -r 200 --threads ${STORM_PROFILE_ARGS:-} -f raw -d ${STORM_PROFILE_S:-20} -p "$CHAT2" -o "$STORM_PROFILE" >/dev/null 2>&1) &
 fi
 "$PY" bench/chatload.py --target 127.0.0.1:27700 --storm "$USERS" --kill-pid "$CHAT1" --pid "$CHAT2"
 echo "logs: $TMP"

@@ -60,6 +60,7 @@ class Options(IniOptions):
         "token-ttl": str(7 * 86400),
         "backlog": "1024",
         "pipeline-depth": "64",
+        "gc-intervals": "1,10,30",
     }
     optParameters = [
         ["config", "c", None, "ini file with a [chat] section"],
@@ -95,6 +96,12 @@ class Options(IniOptions):
             None,
             None,
             "chats of one connection sent on before the earlier ones are answered, at most (default 64; 1: one at a time)",
+        ],
+        [
+            "gc-intervals",
+            None,
+            None,
+            "minimum seconds between garbage collections of generations 0,1,2 (default 1,10,30; off: Python's automatic collection)",
         ],
     ]
 
@@ -140,6 +147,12 @@ class Options(IniOptions):
         number(self, "kdf-queue", int, 0, 100_000)
         number(self, "token-ttl", float, 60, 365 * day)
         number(self, "backlog", int, 1, 65535)
+        from chatproto.gcschedule import parseIntervals
+
+        try:
+            self["gc-intervals"] = parseIntervals(self["gc-intervals"])
+        except ValueError as e:
+            raise usage.UsageError(f"--gc-intervals: {e}") from None
         self["db-url"] = parseDatabaseURL(self["db"])
         checkDatabasePath(self["db-url"])
         self["redis-url"] = parseRedisURL(self["redis"]) if self["redis"] else None
@@ -381,6 +394,10 @@ def makeService(options, reactor=None) -> service.MultiService:
     top = service.MultiService()
     if not options["no-lean-dispatch"]:
         LeanDispatch(reactor).setServiceParent(top)
+    if options["gc-intervals"] is not None:
+        from chatproto.gcschedule import CollectionSchedule
+
+        CollectionSchedule(reactor, options["gc-intervals"]).setServiceParent(top)
     # Stopped last: hashing still running for a session is waited for.
     kdf.setServiceParent(top)
     # Added before the listeners, stopped after them: listeners close
