@@ -290,6 +290,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--target", action="append", help="HOST:PORT of a chat server or balancer (repeatable)")
     ap.add_argument("--pid", action="append", type=int, default=[], help="server pid(s), for RSS/CPU figures")
     ap.add_argument("--spawn", action="store_true", help="start a private chat server")
+    ap.add_argument(
+        "--server-arg", action="append", default=[], metavar="ARG",
+        help="--spawn: pass ARG to the chat server (repeatable), e.g. --server-arg=--gc-intervals=off",
+    )
     ap.add_argument("--clients", type=int, default=1000, help="logged-in connections (default 1000)")
     ap.add_argument("--pairs", type=int, default=100, help="sender/receiver pairs (default 100)")
     ap.add_argument("--window", type=int, default=4, help="messages in flight per sender, closed loop (default 4)")
@@ -349,10 +353,10 @@ def main(argv=None) -> dict:
     redisPrefix = None
     if args.spawn:
         port = freePort()
-        extra = []
+        extra = list(args.server_arg)
         if args.spawn_redis:
             redisPrefix = f"chatload:{os.getpid()}:{time.monotonic_ns() % 10**9}:"
-            extra = ["--redis", args.spawn_redis, "--redis-prefix", redisPrefix, "--name", "chatload"]
+            extra += ["--redis", args.spawn_redis, "--redis-prefix", redisPrefix, "--name", "chatload"]
         args.spawnArgs = (port, workdir, extra)
         args.server = spawnServer(port, workdir, extra)
         args.target = [f"127.0.0.1:{port}"]
