@@ -314,8 +314,9 @@ class StatusLimitTests(SynchronousTestCase):
         )
 
     def test_connection_cap(self):
-        (p1, t1), (p2, t2) = self.connect(), self.connect()
+        (p1, _), (p2, _) = self.connect(), self.connect()
         self.assertIsNotNone(p1)
+        self.assertIsNotNone(p2)
         self.assertEqual(self.connect(), (None, None))
         self.assertEqual(self.site.refused, 1)
         p1.connectionLost(None)

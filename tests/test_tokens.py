@@ -127,6 +127,7 @@ class TokenStoreContract:
         whose reply was lost), then stops."""
         first = await self.store.issue(7)
         second = await self.store.resume(7, first)
+        self.assertIsNotNone(second)
         self.clock.advance(GRACE - 1)
         third = await self.store.resume(7, first)
         self.assertIsNotNone(third)
