@@ -54,10 +54,13 @@ class ClaimResult:
     @ivar won: the caller's session now owns the account.
     @ivar previous: the live session that owned it before (to be kicked when
         C{won}), or the live owner that made the claim fail.
+    @ivar listening: C{False}: nobody listens on C{previous}'s server's
+        channel (killed, or reconnecting), so no kick is sent.
     """
 
     won: bool
     previous: Location | None = None
+    listening: bool = True
 
 
 @dataclass(frozen=True)

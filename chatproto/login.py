@@ -133,7 +133,7 @@ class LoginFlow:
             session.loggingIn = None
         if not claim.won:
             raise RequestError(m.E_ONLINE, "this account is online elsewhere")
-        if claim.previous is not None and claim.previous.session != session.sid:
+        if claim.previous is not None and claim.previous.session != session.sid and claim.listening:
             self.kick(claim.previous, uid, "logged in elsewhere")
         if not session.connected:
             # Gone (or kicked by a newer login) while claiming.

@@ -48,6 +48,9 @@ class RedisPresence:
                 # Taken by another server than we named: name it (its
                 # logins count moves in the same script).
                 previous = parseLocation(owner).server
+            elif status == 3:
+                # won from a server nobody listens for: no kick to send
+                return ClaimResult(True, parseLocation(owner), listening=False)
             else:
                 return ClaimResult(status == 1, parseLocation(owner))
         raise PresenceUnavailable(f"the claim of {uid} kept changing hands")

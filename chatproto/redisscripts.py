@@ -46,12 +46,15 @@ end
 #: server the caller expects as the previous owner ("" at first).
 #: Returns {-1, ""} (this server is not registered), {0, owner} (lost to a
 #: live owner), {2, owner} (the owner is another server than expected:
-#: call again naming it, so that its C{logins} can move) or
-#: {1, previous owner or ""}.  In reject mode an owner
-#: whose server is registered but has nobody subscribed to its channel
-#: (killed, or its subscriber is reconnecting) does not block the login:
-#: the previous owner is still returned, so that a kick is sent, and that
-#: server's own check closes the session if the kick is lost.
+#: call again naming it, so that its C{logins} can move), {3, owner} (won
+#: from an owner whose server is registered but has nobody subscribed to
+#: its channel: killed and its entry not expired yet, or its subscriber is
+#: reconnecting; a kick would reach nobody, and that server's own check
+#: closes the session if it comes back) or {1, previous owner or ""}.  An
+#: owner not listening never blocks a login, in reject mode either, and
+#: its server's C{logins} is not moved here (its own next refresh rewrites
+#: it, or the hash expires with the server), so a reconnect storm after a
+#: server died costs one call per login.
 CLAIM = (
     _LIVE_OWNER
     + """
@@ -63,19 +66,21 @@ local value = me .. '\\t' .. sess
 local current = redis.call('GET', key)
 if current == value then return {1, ''} end
 local owner = liveOwner(liveKey, current, {}, now)
-if owner and replace ~= '1' then
-  local listening = owner == me or redis.call('PUBSUB', 'NUMSUB', relay .. owner)[2] > 0
-  if listening then return {0, current} end
+local listening = true
+if owner and owner ~= me then
+  listening = redis.call('PUBSUB', 'NUMSUB', relay .. owner)[2] > 0
 end
-if owner and owner ~= me and ARGV[5] ~= owner then
+if owner and listening and replace ~= '1' then return {0, current} end
+if owner and listening and owner ~= me and ARGV[5] ~= owner then
   -- The previous owner's hash is not in KEYS: the caller calls again with it.
   return {2, current}
 end
 redis.call('SET', key, value)
 if owner ~= me then
   if redis.call('EXISTS', mine) == 1 then redis.call('HINCRBY', mine, 'logins', 1) end
-  if owner and redis.call('EXISTS', KEYS[4]) == 1 then redis.call('HINCRBY', KEYS[4], 'logins', -1) end
+  if owner and listening and redis.call('EXISTS', KEYS[4]) == 1 then redis.call('HINCRBY', KEYS[4], 'logins', -1) end
 end
+if owner and not listening then return {3, current} end
 if owner then return {1, current} end
 return {1, ''}
 """

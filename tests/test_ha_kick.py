@@ -43,8 +43,9 @@ class KickRepairTests(ClusterMixin, unittest.TestCase):
         await a.subscriber.stop()
         await until(lambda: self.subscribers("a") == 0, 5, what="a's subscriber to go")
         claim = await b.presence.claim(1, "t1", True)
-        self.assertEqual(claim, ClaimResult(True, Location("a", "s1")))
-        self.assertFalse(await b.relay.kick(claim.previous, 1, "logged in elsewhere"), "the kick was lost")
+        # nobody listens for a: no kick is to be sent
+        self.assertEqual(claim, ClaimResult(True, Location("a", "s1"), listening=False))
+        self.assertFalse(await b.relay.kick(claim.previous, 1, "logged in elsewhere"), "a kick would be lost")
         self.assertEqual(receiver.kicked, [])
         a.subscriber.start()
         await until(lambda: receiver.kicked, 5, what="the repair")
@@ -129,16 +130,47 @@ class KickRepairTests(ClusterMixin, unittest.TestCase):
     async def test_rejectOwnerNotListening(self):
         """--on-relogin reject: a registered owner with nobody subscribed
         to its channel (killed: its entry has not expired yet) does not
-        block the login; the previous owner is still returned, so a kick
-        is sent (and repaired by a's check if a comes back)."""
+        block the login; the previous owner is returned as not listening
+        (no kick: a's check closes the session if a comes back)."""
         receiver = SessionsReceiver({1: "s1"})
         a = await self.startCluster("a", receiver)
         b = await self.startCluster("b")
         await a.presence.claim(1, "s1", False)
         await a.subscriber.stop()
         await until(lambda: self.subscribers("a") == 0, 5, what="a's subscriber to go")
-        self.assertEqual(await b.presence.claim(1, "t1", False), ClaimResult(True, Location("a", "s1")))
+        self.assertEqual(
+            await b.presence.claim(1, "t1", False), ClaimResult(True, Location("a", "s1"), listening=False)
+        )
         self.assertEqual(await b.presence.locate([1]), {1: Location("b", "t1")})
         a.subscriber.start()
         await until(lambda: receiver.kicked, 5, what="a's check")
         self.assertEqual(receiver.kicked, [(1, "s1", "logged in elsewhere")])
+
+    async def test_ownerNotListeningOneCall(self):
+        """The reconnect storm after a server died: a takeover from a
+        registered server nobody listens for is one script call (not a
+        second one naming that server, and no kick), and a's ``logins``
+        is left for a's own refresh."""
+        a = await self.startCluster("a")
+        b = await self.startCluster("b")
+        await a.presence.claim(1, "s1", False)
+        await a.subscriber.stop()
+        await until(lambda: self.subscribers("a") == 0, 5, what="a's subscriber to go")
+        calls = []
+        realEval = b.eval
+        b.eval = lambda script, args: (calls.append(args), realEval(script, args))[1]
+        claim = await b.presence.claim(1, "t1", True)
+        self.assertEqual(claim, ClaimResult(True, Location("a", "s1"), listening=False))
+        self.assertEqual(len(calls), 1)
+        self.assertEqual(self.redis("HGET", f"{self.prefix}server:a", "logins"), "1")
+        self.assertEqual(self.redis("HGET", f"{self.prefix}server:b", "logins"), "1")
+        self.assertEqual(await b.presence.locate([1]), {1: Location("b", "t1")})
+        # a listening again: a takeover from it is the two calls that move
+        # its count, and a kick is due
+        a.subscriber.start()
+        await until(lambda: self.subscribers("a") == 1, 5, what="a's subscriber")
+        await a.presence.claim(2, "s2", False)
+        calls.clear()
+        claim = await b.presence.claim(2, "t2", True)
+        self.assertEqual(claim, ClaimResult(True, Location("a", "s2")))
+        self.assertEqual(len(calls), 2)

@@ -310,6 +310,23 @@ class ReloginTests(unittest.TestCase):
         old.disconnect()
         self.assertEqual(second.request({"msgid": 1, "id": uid, "password": "secret"})["errno"], 0)
 
+    def test_kickOnlyWhereSomebodyListens(self):
+        """A login that took the account over from another server sends
+        that server a kick, unless presence says nobody listens for it
+        (killed: the kick would reach nobody)."""
+        from chatproto.interfaces import ClaimResult, Location
+
+        h = Harness(onRelogin="kick")
+        uid = h.register("alice")
+        kicks = []
+        h.service.loginFlow.relay.kick = lambda location, uid, reason: kicks.append((location, uid)) or defer.succeed(True)
+        for listening in (True, False):
+            claimed = ClaimResult(True, Location("other", f"s-{listening}"), listening=listening)
+            h.presence.claim = lambda uid, session, replace: defer.succeed(claimed)
+            client = h.login(uid)
+            client.disconnect()
+        self.assertEqual(kicks, [(Location("other", "s-True"), uid)])
+
     def test_lastClaimWins(self):
         """
         Two logins in flight at once: the one that claims the account last
