@@ -343,7 +343,11 @@ stream {{
             return None
         time.sleep(0.5)
         before = rssKib(pids)
-        socks = openIdle(n, PORTS[target][0], lambda i: f"127.0.0.{2 + i // 20000}")
+        # each target's clients from addresses of their own: the previous
+        # targets' closed connections hold their source ports in TIME_WAIT
+        self.idleTargets = getattr(self, "idleTargets", 0) + 1
+        net = self.idleTargets
+        socks = openIdle(n, PORTS[target][0], lambda i: f"127.{net}.0.{2 + i // 20000}")
         try:
             time.sleep(1.0)
             after = rssKib(pids)
