@@ -115,10 +115,6 @@ def cpuTimes(pids: list[int]) -> tuple[float, float]:
     return user / tick, system / tick
 
 
-def cpuSeconds(pids: list[int]) -> float:
-    return sum(cpuTimes(pids))
-
-
 def rssKib(pids: list[int]) -> int:
     total = 0
     for pid in pids:
@@ -178,6 +174,7 @@ class Bench:
         self.tmp = tempfile.mkdtemp(prefix="balancer-bench-")
         self.procs: list[subprocess.Popen] = []
         self.pids: dict[str, list[int]] = {}
+        self.idleTargets = 0  # targets whose idle connections were opened
 
     # -- processes -------------------------------------------------------------
 
@@ -284,17 +281,22 @@ stream {{
         ).stdout
         return list(csv.DictReader(io.StringIO(out)))
 
-    def withCpu(self, target: str, n: int, *extra: str) -> tuple[list[dict[str, str]], float | None]:
-        """redis-benchmark through C{target}, and the proxy's CPU us per C{n} (None: direct)"""
+    def withCpu(self, target: str, n: int, *extra: str) -> tuple[list[dict[str, str]], float | None, float | None]:
+        """redis-benchmark through C{target}, and the proxy's CPU and user
+        CPU us per C{n} (None: direct)"""
         pids = self.pids[target]
-        cpu0 = cpuSeconds(pids) if pids else 0.0
+        if not pids:
+            return self.redisBenchmark(PORTS[target][0], *extra), None, None
+        user0, system0 = cpuTimes(pids)
         rows = self.redisBenchmark(PORTS[target][0], *extra)
-        return rows, ((cpuSeconds(pids) - cpu0) * 1e6 / n if pids else None)
+        user1, system1 = cpuTimes(pids)
+        user = (user1 - user0) * 1e6 / n
+        return rows, user + (system1 - system0) * 1e6 / n, user
 
-    def small(self, target: str) -> tuple[float, float | None]:
+    def small(self, target: str) -> tuple[float, float | None, float | None]:
         n = self.args.requests
-        rows, cpu = self.withCpu(target, 3 * n, "-c", "50", "-n", str(n), "-t", "ping_inline,set,get")
-        return statistics.mean(float(r["rps"]) for r in rows), cpu
+        rows, cpu, user = self.withCpu(target, 3 * n, "-c", "50", "-n", str(n), "-t", "ping_inline,set,get")
+        return statistics.mean(float(r["rps"]) for r in rows), cpu, user
 
     def pipelined(self, target: str) -> float:
         rows = self.redisBenchmark(PORTS[target][0], "-c", "50", "-P", "16",
@@ -320,9 +322,7 @@ stream {{
             setAffinity(others, allCpus - proxyCpu)
             setAffinity(pids, proxyCpu)
         try:
-            user0 = cpuTimes(pids)[0] if pids else 0.0
-            rows, cpu = self.withCpu(target, n, "-c", "50", "-k", "0", "-n", str(n), "-t", "ping_inline")
-            user = (cpuTimes(pids)[0] - user0) * 1e6 / n if pids else None
+            rows, cpu, user = self.withCpu(target, n, "-c", "50", "-k", "0", "-n", str(n), "-t", "ping_inline")
         finally:
             if pinned:
                 setAffinity(others + pids, allCpus)
@@ -345,7 +345,7 @@ stream {{
         before = rssKib(pids)
         # each target's clients from addresses of their own: the previous
         # targets' closed connections hold their source ports in TIME_WAIT
-        self.idleTargets = getattr(self, "idleTargets", 0) + 1
+        self.idleTargets += 1
         net = self.idleTargets
         socks = openIdle(n, PORTS[target][0], lambda i: f"127.{net}.0.{2 + i // 20000}")
         try:
@@ -436,11 +436,10 @@ def main() -> int:
                         continue
                     value = getattr(bench, name)(target)
                     if cpuName is not None:
-                        value, cpu, *user = value
+                        value, cpu, user = value
                         if cpu is not None:
                             r.setdefault(cpuName, []).append(cpu)
-                        if user and user[0] is not None:
-                            r.setdefault(cpuName + "_user", []).append(user[0])
+                            r.setdefault(cpuName + "_user", []).append(user)
                     r.setdefault(name, []).append(value)
                 print(f"round {rnd + 1} {target}: " + ", ".join(
                     f"{k}={v[-1]:.4g}" for k, v in r.items()), flush=True)

@@ -44,13 +44,12 @@ def parseIntervals(text: str) -> tuple[float, float, float] | None:
     """
     if text.strip().lower() == "off":
         return None
-    parts = text.split(",")
-    if len(parts) != 3:
-        raise ValueError(f"expected 'off' or three seconds like 1,10,30, not {text!r}")
     try:
-        intervals = tuple(float(p) for p in parts)
+        intervals = tuple(float(p) for p in text.split(","))
     except ValueError:
-        raise ValueError(f"expected 'off' or three seconds like 1,10,30, not {text!r}") from None
+        intervals = ()
+    if len(intervals) != 3:
+        raise ValueError(f"expected 'off' or three seconds like 1,10,30, not {text!r}")
     if not all(0 <= i <= 3600 for i in intervals):
         raise ValueError(f"each interval must be from 0 to 3600 seconds, not {text!r}")
     if not intervals[0] <= intervals[1] <= intervals[2]:
